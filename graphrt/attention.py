@@ -1,0 +1,133 @@
+"""Attention over a static KV length, with device-side sequence lengths.
+
+Three backends, all on the ``[B, L, H, D]`` layout Wan uses:
+
+- ``"sdpa"``: PyTorch SDPA. Unmasked when the bucket is exact (every key is valid), else a
+  boolean mask built on the device from ``seqlens``. Works everywhere.
+- ``"flex"``: FlexAttention with a ``score_mod`` that reads ``seqlens`` on the device
+  (compiled on CUDA; the unfused reference elsewhere).
+- ``"flash"``: flash-attn's ``flash_attn_with_kvcache`` reading the slab pool in place through
+  ``block_table`` and ``cache_seqlens`` (one block per batch row), when flash-attn is importable.
+
+``"auto"`` resolves to the best backend available for the device; :func:`resolve` says which
+and why a backend cannot serve a request.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from graphrt.errors import BackendUnavailableError
+
+BACKENDS = ("sdpa", "flex", "flash")
+
+
+@functools.cache
+def _has_flash_attn() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+@functools.cache
+def _has_flex() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why ``backend`` cannot run on ``device``/``dtype``, or None when it can."""
+    device = torch.device(device)
+    if backend == "sdpa":
+        return None
+    if backend == "flex":
+        return None if _has_flex() else f"FlexAttention is not in torch {torch.__version__} (needs >= 2.5)"
+    if backend == "flash":
+        if device.type != "cuda":
+            return f"flash-attn runs on CUDA only, the model is on {device}"
+        if dtype not in (torch.float16, torch.bfloat16):
+            return f"flash-attn needs float16 or bfloat16, the model is {dtype}"
+        if not _has_flash_attn():
+            return "flash-attn is not installed (pip install 'graphrt[cuda]')"
+        return None
+    return f"unknown attention backend {backend!r}; known: {BACKENDS + ('auto',)}"
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Map ``"auto"`` to a concrete backend, or check that the named one can run here.
+
+    ``auto`` is flash-attn where it runs, else SDPA (which on CUDA dispatches to its own
+    flash / cuDNN / memory-efficient kernels).
+    """
+    if backend == "auto":
+        return "flash" if unavailable_reason("flash", device, dtype) is None else "sdpa"
+    why = unavailable_reason(backend, device, dtype)
+    if why:
+        raise BackendUnavailableError(f"attention backend {backend!r} cannot run here", got=why,
+                                      fix="pick another backend (attention='sdpa' works everywhere) or 'auto'")
+    return backend
+
+
+def valid_key_mask(seqlens: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """Boolean [B, 1, 1, kv_len]: key j of row b is valid when ``j < seqlens[b]`` (device-only)."""
+    return (torch.arange(kv_len, device=seqlens.device) < seqlens[:, None])[:, None, None, :]
+
+
+def attend(q, k, v, seqlens: torch.Tensor | None = None, backend: str = "sdpa"):
+    """Attention of ``q`` [B, Lq, H, D] over ``k``, ``v`` [B, Lk, H, D] -> [B, Lq, H, D].
+
+    ``seqlens`` (int [B], on the device) masks keys at or past each row's length; None means
+    every key is valid (the exact-bucket case: no mask, fastest kernels).
+    """
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if backend == "sdpa":
+        mask = None if seqlens is None else valid_key_mask(seqlens, k.shape[1])
+        return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask).transpose(1, 2)
+    if backend == "flex":
+        return _flex(qt, kt, vt, seqlens).transpose(1, 2)
+    if backend == "flash":
+        if seqlens is not None:
+            raise BackendUnavailableError("masked dense K/V is not a flash-attn path",
+                                          fix="read the cache with attend_paged(...), or use attention='sdpa'")
+        from flash_attn import flash_attn_func
+
+        return flash_attn_func(q, k, v)
+    raise BackendUnavailableError(f"unknown attention backend {backend!r}", expected=BACKENDS, got=backend)
+
+
+def _flex(q, k, v, seqlens):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    fn = _compiled_flex() if q.is_cuda else flex_attention
+    if seqlens is None:
+        score_mod = None
+    else:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return torch.where(kv_idx < seqlens[b], score, -float("inf"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return fn(q, k, v, score_mod=score_mod)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def attend_paged(q, k_pool, v_pool, block_table, seqlens):
+    """flash-attn over the slab pool in place: one block (slab) per batch row.
+
+    ``k_pool``/``v_pool`` [num_slabs, slab_tokens, H, D] (slab_tokens a multiple of 256),
+    ``block_table`` int32 [B], ``seqlens`` int32 [B] (valid tokens per row).
+    """
+    from flash_attn import flash_attn_with_kvcache
+
+    return flash_attn_with_kvcache(q, k_pool, v_pool, cache_seqlens=seqlens,
+                                   block_table=block_table[:, None], causal=False)

@@ -1,0 +1,77 @@
+"""One error hierarchy for graphrt.
+
+A message says what went wrong, where, expected vs got, and how to fix it. ``_msg`` builds
+that shape so every error reads the same way.
+"""
+from __future__ import annotations
+
+
+def _msg(what: str, *, expected=None, got=None, where: str | None = None, fix: str | None = None) -> str:
+    lines = [what]
+    if where:
+        lines.append(f"  where:    {where}")
+    if expected is not None:
+        lines.append(f"  expected: {expected}")
+    if got is not None:
+        lines.append(f"  got:      {got}")
+    if fix:
+        lines.append(f"  fix:      {fix}")
+    return "\n".join(lines)
+
+
+class GraphrtError(Exception):
+    """Base class of every error graphrt raises on purpose."""
+
+    def __init__(self, what: str, **parts):
+        super().__init__(_msg(what, **parts))
+
+
+class ConfigError(GraphrtError, ValueError):
+    """A configuration that cannot work (shapes that do not divide, unknown preset, ...)."""
+
+
+class InputError(GraphrtError, ValueError):
+    """An argument of the wrong shape, dtype or device."""
+
+
+class CheckpointError(GraphrtError, KeyError):
+    """A checkpoint whose keys or shapes do not match the model."""
+
+    def __str__(self):  # KeyError would repr() the message
+        return self.args[0]
+
+
+class CacheError(GraphrtError, RuntimeError):
+    """A cache request that cannot be served: no free slab, a session past ``max_frames``, ..."""
+
+
+class BackendUnavailableError(GraphrtError, RuntimeError):
+    """An attention or graph backend that cannot serve this request on this machine."""
+
+
+class HostReadError(GraphrtError, RuntimeError):
+    """A forward that reads device values on the host, so it cannot be captured as a graph."""
+
+    def __init__(self, report):
+        self.report = report
+        RuntimeError.__init__(self, f"{report.count} host read(s) in a forward that must be "
+                                    f"graph-safe:\n{report}")
+
+
+class CaptureError(GraphrtError, RuntimeError):
+    """Capture was asked for something it cannot do (sealed set of graphs, bad spec, ...)."""
+
+
+class BucketMissError(GraphrtError, KeyError):
+    """A request that no captured bucket serves."""
+
+    def __str__(self):
+        return self.args[0]
+
+
+class SignatureError(InputError):
+    """A replay whose inputs do not match the captured signature (shape, dtype, device)."""
+
+
+class ReplayMismatchError(GraphrtError, AssertionError):
+    """A graph replay that differs from the eager forward on the same inputs."""

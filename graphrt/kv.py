@@ -1,0 +1,274 @@
+"""KV caches for chunk-by-chunk DiTs: static slabs, a rolling window, and cross-attention K/V.
+
+A cache owns every tensor that changes from chunk to chunk, all on the device:
+
+- ``k``/``v`` [layers, slabs + 1, slab_tokens, H, D]: a pool of slabs, one per session; the last
+  slab is scratch, where padded batch rows write so they never touch a real session.
+- ``block_table`` int32 [max_batch]: batch row -> slab (one block per row), so sessions join
+  and leave without copying caches.
+- ``frames`` int32 [slabs + 1]: committed latent frames per slab (the session's position).
+- ``seqlens`` int32 [max_batch]: valid tokens per row after the latest write.
+- ``cross_k``/``cross_v`` [layers, slabs + 1, text_len, H, D]: the text context's K/V, computed
+  once per session (per prompt).
+
+A forward asks :meth:`step` once for the device indices every layer uses, writes with
+``index_copy_`` and reads a static number of tokens chosen by its bucket. Nothing here reads
+a device value on the host; slab bookkeeping (which slab a session owns) is host-side Python.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from graphrt.errors import CacheError, InputError
+
+
+@dataclass(frozen=True)
+class CacheStep:
+    """Device indices for one forward, built once and used by every layer."""
+
+    batch: int
+    kv_tokens: int                   # static KV length this forward reads (bucket-level)
+    write_index: torch.Tensor        # int64 [B * query_tokens] into the flat slab-token axis
+    read_index: torch.Tensor         # int64 [B * kv_tokens]
+    block_table: torch.Tensor        # int32 [B] view of the cache's table
+    positions: torch.Tensor          # int [B] first frame this forward writes, per row
+    seqlens: torch.Tensor            # int32 [B] view of the cache's seqlens
+    exact: bool                      # every row has exactly kv_tokens valid: attend unmasked
+
+
+class SlabKVCache:
+    """Pool of per-session slabs; subclasses decide where token position ``p`` lands in a slab."""
+
+    def __init__(self, *, num_layers: int, num_heads: int, head_dim: int, frame_tokens: int,
+                 slab_frames: int, num_slabs: int = 1, max_batch: int | None = None, text_len: int = 0,
+                 device=None, dtype=torch.float32, align: int = 1):
+        if num_slabs < 1:
+            raise CacheError("a cache needs at least one slab", got=num_slabs)
+        self.num_layers, self.num_heads, self.head_dim = num_layers, num_heads, head_dim
+        self.frame_tokens = frame_tokens
+        self.slab_frames = slab_frames
+        self.slab_tokens = slab_frames * frame_tokens
+        self.stride = -(-self.slab_tokens // align) * align   # allocated tokens per slab
+        self.num_slabs = num_slabs
+        self.scratch = num_slabs
+        self.max_batch = max_batch or num_slabs
+        self.text_len = text_len
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype
+        shape = (num_layers, num_slabs + 1, self.stride, num_heads, head_dim)
+        kw = dict(device=self.device, dtype=dtype)
+        self.k = torch.zeros(shape, **kw)
+        self.v = torch.zeros(shape, **kw)
+        cshape = (num_layers, num_slabs + 1, text_len, num_heads, head_dim)
+        self.cross_k = torch.zeros(cshape, **kw)
+        self.cross_v = torch.zeros(cshape, **kw)
+        ikw = dict(device=self.device, dtype=torch.int32)
+        self.block_table = torch.full((self.max_batch,), self.scratch, **ikw)
+        self.frames = torch.zeros(num_slabs + 1, **ikw)
+        self.seqlens = torch.zeros(self.max_batch, **ikw)
+        self._ones = torch.ones(self.max_batch, **ikw)
+        self._arange = torch.arange(self.slab_tokens, device=self.device)
+        self._free = list(range(num_slabs))
+
+    @classmethod
+    def for_model(cls, model, *, num_slabs: int = 1, max_batch: int | None = None,
+                  frame_tokens: int | None = None, **kw):
+        """A cache shaped for a Wan model (its config, device and dtype)."""
+        cfg = model.cfg
+        p = next(model.parameters())
+        return cls(num_layers=cfg.num_layers, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
+                   frame_tokens=frame_tokens or cfg.frame_tokens, num_slabs=num_slabs, max_batch=max_batch,
+                   text_len=cfg.text_len, device=p.device, dtype=p.dtype, **cls._model_kw(cfg, kw))
+
+    @staticmethod
+    def _model_kw(cfg, kw):
+        return kw
+
+    # -- where tokens land -----------------------------------------------------------------
+    def _slot(self, p: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _filled(self, end_tokens: torch.Tensor) -> torch.Tensor:
+        """Valid tokens in a slab whose timeline ends at ``end_tokens``."""
+        raise NotImplementedError
+
+    # -- host-side slab bookkeeping ----------------------------------------------------------
+    def acquire(self) -> int:
+        """Take a free slab for a new session; its position starts at frame 0."""
+        if not self._free:
+            raise CacheError(f"all {self.num_slabs} slabs are in use", fix="release a finished session's slab or "
+                             "build the cache with more num_slabs")
+        slab = self._free.pop(0)
+        self.frames[slab] = 0
+        return slab
+
+    def release(self, slab: int, wipe: bool = True) -> None:
+        """Give a slab back. ``wipe`` zeroes its K/V so nothing of the session stays behind."""
+        if not 0 <= slab < self.num_slabs or slab in self._free:
+            raise CacheError(f"slab {slab} is not held", expected=f"a slab taken with acquire() (0..{self.num_slabs - 1})")
+        self.frames[slab] = 0
+        if wipe:
+            for t in (self.k, self.v, self.cross_k, self.cross_v):
+                t[:, slab].zero_()
+        self._free.append(slab)
+        self._free.sort()
+
+    def bind(self, slabs) -> None:
+        """Point batch rows 0.. at ``slabs`` (host ints); the rest point at the scratch slab."""
+        slabs = list(slabs)
+        if len(slabs) > self.max_batch:
+            raise CacheError(f"{len(slabs)} rows bound, the cache serves at most {self.max_batch}")
+        if any(not 0 <= s <= self.scratch for s in slabs):
+            raise CacheError("slab index out of range", expected=f"0..{self.num_slabs - 1} (or scratch {self.scratch})",
+                             got=slabs)
+        rows = slabs + [self.scratch] * (self.max_batch - len(slabs))
+        self.block_table.copy_(torch.tensor(rows, dtype=torch.int32))
+
+    def set_cross(self, slab: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store a session's cross-attention K/V ([layers, text_len, H, D]) in its slab."""
+        expected = (self.num_layers, self.text_len, self.num_heads, self.head_dim)
+        if tuple(k.shape) != expected or tuple(v.shape) != expected:
+            raise InputError("cross-attention K/V have the wrong shape", expected=list(expected), got=list(k.shape))
+        self.cross_k[:, slab].copy_(k)
+        self.cross_v[:, slab].copy_(v)
+
+    # -- one forward ---------------------------------------------------------------------------
+    def step(self, batch: int, query_frames: int, frame_tokens: int, kv_frames: int | None = None,
+             exact: bool = False, positions: torch.Tensor | None = None) -> CacheStep:
+        """Indices for a forward of ``batch`` rows writing ``query_frames`` frames at each row's position.
+
+        ``kv_frames`` (static, from the bucket) is how many frames the forward attends; None
+        reads the whole slab, masked. ``exact`` promises that every row has exactly that many
+        valid frames (the normal chunk-by-chunk case), so attention runs unmasked.
+        ``positions`` (int [B] on the device) overrides the slab positions.
+        """
+        if frame_tokens != self.frame_tokens:
+            raise InputError("latents do not match the cache's tokens per frame", expected=self.frame_tokens,
+                             got=frame_tokens, fix="build the cache for this latent size (frame_tokens=...)")
+        if not 1 <= batch <= self.max_batch:
+            raise InputError("batch larger than the cache serves", expected=f"<= {self.max_batch}", got=batch,
+                             fix="build the cache with a larger max_batch")
+        if query_frames > self.slab_frames:
+            raise InputError("chunk longer than a slab", expected=f"<= {self.slab_frames} frames", got=query_frames)
+        kv_frames = self.slab_frames if kv_frames is None else min(kv_frames, self.slab_frames)
+        if kv_frames < query_frames:
+            raise InputError("kv_frames is shorter than the chunk it must include",
+                             expected=f">= {query_frames}", got=kv_frames)
+        T = self.frame_tokens
+        bt = self.block_table[:batch]
+        pos = self.frames.index_select(0, bt) if positions is None else positions
+        base = bt.long()[:, None] * self.stride
+        start = pos.long()[:, None] * T
+        write_index = (base + self._slot(start + self._arange[:query_frames * T])).flatten()
+        kv_tokens = kv_frames * T
+        read_index = (base + self._arange[:kv_tokens]).flatten()
+        seqlens = self.seqlens[:batch]
+        seqlens.copy_(self._filled(start[:, 0] + query_frames * T))
+        return CacheStep(batch, kv_tokens, write_index, read_index, bt, pos, seqlens, exact)
+
+    def write(self, layer: int, step: CacheStep, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write this forward's K/V ([B, query_tokens, H, D]) at the step's device indices."""
+        shape = (-1, self.num_heads, self.head_dim)
+        self.k[layer].view(shape).index_copy_(0, step.write_index, k.reshape(shape).to(self.dtype))
+        self.v[layer].view(shape).index_copy_(0, step.write_index, v.reshape(shape).to(self.dtype))
+
+    def read(self, layer: int, step: CacheStep) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gathered K/V [B, kv_tokens, H, D] for the step's rows."""
+        shape = (-1, self.num_heads, self.head_dim)
+        out = (step.batch, step.kv_tokens, self.num_heads, self.head_dim)
+        return (self.k[layer].view(shape).index_select(0, step.read_index).view(out),
+                self.v[layer].view(shape).index_select(0, step.read_index).view(out))
+
+    def cross(self, layer: int, step: CacheStep) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows' cross-attention K/V [B, text_len, H, D]."""
+        return (self.cross_k[layer].index_select(0, step.block_table),
+                self.cross_v[layer].index_select(0, step.block_table))
+
+    def commit(self, batch: int, frames: int) -> None:
+        """Advance the rows' slabs by ``frames`` (the chunk just written is now context)."""
+        self.frames.index_add_(0, self.block_table[:batch], self._ones[:batch], alpha=frames)
+        self.frames[self.scratch:].zero_()
+
+    # -- runtime state ------------------------------------------------------------------------
+    def state(self) -> dict[str, torch.Tensor]:
+        """The small tensors that say where every session stands (not the K/V data)."""
+        return {"block_table": self.block_table, "frames": self.frames, "seqlens": self.seqlens}
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: t.clone() for k, t in self.state().items()}
+
+    def restore(self, snap: dict[str, torch.Tensor]) -> None:
+        for k, t in self.state().items():
+            t.copy_(snap[k])
+
+    def reset(self) -> None:
+        """Empty every session (positions, lengths, block table) for new videos; keeps the memory."""
+        self.frames.zero_()
+        self.seqlens.zero_()
+        self.block_table.fill_(self.scratch)
+        self._free = list(range(self.num_slabs))
+
+    @contextlib.contextmanager
+    def capture_guard(self):
+        """Run warm-up and capture against the scratch slab, then put the state back.
+
+        Inside, every batch row points at the scratch slab, so K/V writes of warm-up runs land
+        there; on exit the block table, positions and lengths are restored, so capture leaves no
+        trace in any session. The captured graph reads the table on the device at replay.
+        """
+        snap = self.snapshot()
+        try:
+            self.block_table.fill_(self.scratch)
+            yield
+        finally:
+            self.restore(snap)
+            self.frames[self.scratch:].zero_()
+
+
+class StaticKVCache(SlabKVCache):
+    """One slab per session holding its whole timeline (``max_frames`` frames)."""
+
+    def __init__(self, *, max_frames: int, **kw):
+        super().__init__(slab_frames=max_frames, **kw)
+        self.max_frames = max_frames
+
+    @staticmethod
+    def _model_kw(cfg, kw):
+        return {"max_frames": cfg.max_frames, **kw}
+
+    def _slot(self, p):
+        return p
+
+    def _filled(self, end_tokens):
+        return end_tokens.to(torch.int32)
+
+
+class RollingKVCache(SlabKVCache):
+    """Attention sink plus a ring buffer, for videos longer than the window.
+
+    A slab holds ``window_frames`` frames: the first ``sink_frames`` of the video stay forever,
+    the rest is a ring. Token ``p`` past the sink lands at ``sink + (p - sink) % ring`` (computed
+    on the device), so once the window is full the newest chunk overwrites the oldest non-sink
+    chunk in place. Keys are stored after RoPE, so slot order does not change attention.
+    """
+
+    def __init__(self, *, window_frames: int, sink_frames: int = 0, **kw):
+        if not 0 <= sink_frames < window_frames:
+            raise CacheError("the sink must be shorter than the window", got=f"sink={sink_frames}, window={window_frames}")
+        super().__init__(slab_frames=window_frames, **kw)
+        self.window_frames, self.sink_frames = window_frames, sink_frames
+        self.sink_tokens = sink_frames * self.frame_tokens
+        self.ring_tokens = self.slab_tokens - self.sink_tokens
+
+    @classmethod
+    def for_model(cls, model, *, window_frames: int, sink_frames: int = 0, **kw):
+        return super().for_model(model, window_frames=window_frames, sink_frames=sink_frames, **kw)
+
+    def _slot(self, p):
+        return torch.where(p < self.sink_tokens, p, self.sink_tokens + (p - self.sink_tokens) % self.ring_tokens)
+
+    def _filled(self, end_tokens):
+        return end_tokens.clamp(max=self.slab_tokens).to(torch.int32)

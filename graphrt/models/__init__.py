@@ -1,0 +1,1 @@
+"""Models graphrt ships: the causal Wan DiT."""

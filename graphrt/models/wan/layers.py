@@ -1,0 +1,224 @@
+"""Modules and math shared by the reference and the graph-safe Wan DiT.
+
+Parameter names follow the original Wan 2.1 checkpoint layout (``blocks.N.self_attn.q``,
+``blocks.N.norm3``, ``head.modulation``, ...) so a real checkpoint loads with
+``load_state_dict``. Precision follows Wan: modulation, norms and residual adds in float32,
+matmuls in the model dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from graphrt.errors import InputError
+from graphrt.models.wan.config import WanConfig
+
+ROPE_MAX_LEN = 1024  # positions per axis in the RoPE tables, as in Wan
+
+
+def sinusoidal_embedding_1d(dim: int, position: torch.Tensor) -> torch.Tensor:
+    """Wan's timestep embedding: float64 sinusoid, cos first. ``position`` [N] -> [N, dim]."""
+    half = dim // 2
+    position = position.to(torch.float64)
+    freqs = torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=position.device).div(half))
+    sinusoid = torch.outer(position, freqs)
+    return torch.cat([torch.cos(sinusoid), torch.sin(sinusoid)], dim=1)
+
+
+def rope_angles(max_len: int, dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """RoPE angles [max_len, dim // 2] in float64, as Wan's ``rope_params`` before ``polar``."""
+    inv = 1.0 / torch.pow(theta, torch.arange(0, dim, 2, dtype=torch.float64).div(dim))
+    return torch.outer(torch.arange(max_len, dtype=torch.float64), inv)
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Complex pairs per axis (time, height, width) for a head of ``head_dim``."""
+    c = head_dim // 2
+    return c - 2 * (c // 3), c // 3, c // 3
+
+
+class WanRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class WanLayerNorm(nn.LayerNorm):
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False):
+        super().__init__(dim, elementwise_affine=elementwise_affine, eps=eps)
+
+    def forward(self, x):
+        return super().forward(x.float()).type_as(x)
+
+
+class WanAttention(nn.Module):
+    """Projections of one attention layer (``q``, ``k``, ``v``, ``o``, ``norm_q``, ``norm_k``).
+
+    The attention itself is done by the model that owns the block: the reference and the
+    graph-safe model differ exactly there.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+
+    def project_q(self, x):
+        return self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, self.head_dim))
+
+    def project_kv(self, x):
+        k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, self.head_dim))
+        v = self.v(x).unflatten(-1, (self.num_heads, self.head_dim))
+        return k, v
+
+    def out(self, x):
+        return self.o(x.flatten(-2))
+
+
+class WanBlock(nn.Module):
+    """One DiT block: modulated self-attention, cross-attention over text, modulated FFN.
+
+    ``forward`` takes the two attention callables so the reference and the graph-safe model
+    share every other line of the block.
+    """
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.norm1 = WanLayerNorm(dim, cfg.eps)
+        self.self_attn = WanAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm3 = WanLayerNorm(dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = WanAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm2 = WanLayerNorm(dim, cfg.eps)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
+
+    def forward(self, x, e0, self_attn, cross_attn):
+        """``x`` [B, L, dim]; ``e0`` [B, 6, dim] float32; ``self_attn(h) / cross_attn(h)`` -> [B, L, dim]."""
+        shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation + e0.float()).chunk(6, dim=1)
+        h = (self.norm1(x.float()) * (1 + scale) + shift).type_as(x)
+        x = (x.float() + self_attn(h) * gate).type_as(x)
+        x = x + cross_attn(self.norm3(x.float()).type_as(x))
+        h = (self.norm2(x.float()) * (1 + c_scale) + c_shift).type_as(x)
+        return (x.float() + self.ffn(h).float() * c_gate).type_as(x)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.norm = WanLayerNorm(cfg.dim, cfg.eps)
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim ** 0.5)
+
+    def forward(self, x, e):
+        shift, scale = (self.modulation + e.float().unsqueeze(1)).chunk(2, dim=1)
+        return self.head((self.norm(x.float()) * (1 + scale) + shift).type_as(x))
+
+
+class WanModelBase(nn.Module):
+    """Parameters of the Wan 2.1 DiT and the parts of its forward that hold no cache logic."""
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        self.blocks = nn.ModuleList([WanBlock(cfg) for _ in range(cfg.num_layers)])
+        self.head = Head(cfg)
+        self.cond_embedding = nn.Linear(cfg.cond_dim, dim) if cfg.cond_dim else None
+        self._rope: tuple[torch.Tensor, ...] | None = None
+
+    # -- shapes --------------------------------------------------------------------------
+    def check_inputs(self, x, t, context=None):
+        """Shape, dtype and device checks on the host (shapes only; no tensor is read)."""
+        cfg = self.cfg
+        p = self.patch_embedding.weight
+        if x.dim() != 5 or x.shape[1] != cfg.in_dim:
+            raise InputError("latents have the wrong shape", expected=f"[B, {cfg.in_dim}, F, H, W]",
+                             got=list(x.shape), fix="pass latents laid out as [batch, channels, frames, height, width]")
+        _, ph, pw = cfg.patch_size
+        if x.shape[3] % ph or x.shape[4] % pw:
+            raise InputError("latent height/width not divisible by the patch", expected=f"multiples of {(ph, pw)}",
+                             got=tuple(x.shape[3:]))
+        if x.device != p.device:
+            raise InputError("latents are on another device than the model", expected=str(p.device), got=str(x.device),
+                             fix="move the inputs with .to(model device)")
+        if t.shape != (x.shape[0],):
+            raise InputError("timestep must be one value per batch row", expected=[x.shape[0]], got=list(t.shape))
+        if context is not None and (context.dim() != 3 or context.shape[0] != x.shape[0]
+                                    or context.shape[2] != cfg.text_dim):
+            raise InputError("text context has the wrong shape", expected=f"[{x.shape[0]}, L, {cfg.text_dim}]",
+                             got=list(context.shape))
+
+    # -- embeddings ----------------------------------------------------------------------
+    def embed(self, x):
+        """Latents [B, C, F, H, W] -> tokens [B, F*h*w, dim] and the grid (f, h, w) as Python ints."""
+        x = self.patch_embedding(x)
+        grid = tuple(x.shape[2:])
+        return x.flatten(2).transpose(1, 2).contiguous(), grid
+
+    def add_cond(self, x, cond, grid):
+        """Add per-frame conditioning ``cond`` [B, F, cond_dim] to each frame's tokens."""
+        if cond is None:
+            if self.cond_embedding is not None:
+                raise InputError("this model takes per-frame conditioning", expected=f"cond [B, F, {self.cfg.cond_dim}]",
+                                 got=None, fix="pass cond=... (for example camera poses per latent frame)")
+            return x
+        if self.cond_embedding is None:
+            raise InputError("cond was passed to a model built with cond_dim=0", got=list(cond.shape),
+                             fix="build the model with WanConfig(cond_dim=...)")
+        b, f = x.shape[0], grid[0]
+        if tuple(cond.shape) != (b, f, self.cfg.cond_dim):
+            raise InputError("cond has the wrong shape", expected=[b, f, self.cfg.cond_dim], got=list(cond.shape))
+        c = self.cond_embedding(cond.to(x.dtype))
+        return (x.unflatten(1, (f, -1)) + c.unsqueeze(2)).flatten(1, 2)
+
+    def embed_time(self, t, dtype):
+        """Timesteps [B] -> (e [B, dim], e0 [B, 6, dim]) in float32, as in Wan."""
+        e = self.time_embedding(sinusoidal_embedding_1d(self.cfg.freq_dim, t).to(dtype)).float()
+        e0 = self.time_projection(e.to(dtype)).float().unflatten(1, (6, self.cfg.dim))
+        return e, e0
+
+    def embed_text(self, context):
+        return self.text_embedding(context)
+
+    def unpatchify(self, x, grid):
+        """Tokens [B, L, p*c] -> latents [B, c, F, H, W]."""
+        f, h, w = grid
+        pt, ph, pw = self.cfg.patch_size
+        c = self.cfg.out_dim
+        x = x.reshape(x.shape[0], f, h, w, pt, ph, pw, c)
+        x = torch.einsum("bfhwpqrc->bcfphqwr", x)
+        return x.reshape(x.shape[0], c, f * pt, h * ph, w * pw)
+
+    def finish(self, x, e, grid, out_dtype):
+        return self.unpatchify(self.head(x, e), grid).to(out_dtype)
+
+    # -- RoPE ----------------------------------------------------------------------------
+    def rope_tables(self, device):
+        """Float64 RoPE angles per axis (time, height, width), built once per device.
+
+        Kept outside the module's buffers so ``model.to(bfloat16)`` never rounds them.
+        """
+        if self._rope is None or self._rope[0].device != device:
+            d = self.cfg.head_dim
+            self._rope = tuple(rope_angles(ROPE_MAX_LEN, 2 * n).to(device) for n in rope_split(d))
+        return self._rope
