@@ -1,5 +1,24 @@
-"""graphrt: a CUDA-graph / torch.compile static-shape runtime for autoregressive video DiTs."""
-from graphrt.errors import GraphrtError
+"""graphrt: a CUDA-graph / torch.compile static-shape runtime for autoregressive video DiTs.
+
+Public API: :func:`compile` (one graph per bucket, replayed), :func:`check` (find every host
+read in a forward), the KV caches, the bucket spec and the errors.
+"""
+from graphrt.attention import attend
+from graphrt.capture.buckets import BucketKey, Buckets
+from graphrt.errors import (BackendUnavailableError, BucketMissError, CacheError, CaptureError, CheckpointError,
+                            ConfigError, GraphrtError, HostReadError, InputError, ReplayMismatchError,
+                            SignatureError)
+from graphrt.kv import RollingKVCache, StaticKVCache
+from graphrt.replay.graphed import GraphedModule, GraphStats, compile
 
 __version__ = "0.1.0"
-__all__ = ["GraphrtError"]
+
+try:  # the host-read checker
+    from graphrt.capture.hostreads import HostReadReport, HostReadSite, check
+except ImportError:  # pragma: no cover
+    pass
+
+__all__ = ["compile", "check", "GraphedModule", "GraphStats", "Buckets", "BucketKey", "StaticKVCache",
+           "RollingKVCache", "attend", "HostReadReport", "HostReadSite", "GraphrtError", "ConfigError",
+           "InputError", "CheckpointError", "CacheError", "BackendUnavailableError", "HostReadError",
+           "CaptureError", "BucketMissError", "SignatureError", "ReplayMismatchError"]

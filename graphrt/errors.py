@@ -54,8 +54,11 @@ class HostReadError(GraphrtError, RuntimeError):
 
     def __init__(self, report):
         self.report = report
-        RuntimeError.__init__(self, f"{report.count} host read(s) in a forward that must be "
-                                    f"graph-safe:\n{report}")
+        first = report.sites[0] if report.sites else None
+        super().__init__(f"{report.count} host read(s) in a forward that must be graph-safe",
+                         where=first and first.where, expected="no host reads",
+                         got=f"{report.count} read(s) at {len(report.sites)} site(s)",
+                         fix=f"remove each read as its hint says (python -m graphrt.check lists them):\n{report}")
 
 
 class CaptureError(GraphrtError, RuntimeError):

@@ -197,12 +197,20 @@ class SlabKVCache:
         """The small tensors that say where every session stands (not the K/V data)."""
         return {"block_table": self.block_table, "frames": self.frames, "seqlens": self.seqlens}
 
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        return {k: t.clone() for k, t in self.state().items()}
+    def snapshot(self, data: bool = False) -> dict[str, torch.Tensor]:
+        """Clones of the state; ``data=True`` adds the K/V pool (costly: used to verify replays)."""
+        tensors = dict(self.state())
+        if data:
+            tensors.update(k=self.k, v=self.v, cross_k=self.cross_k, cross_v=self.cross_v)
+        return {k: t.clone() for k, t in tensors.items()}
 
     def restore(self, snap: dict[str, torch.Tensor]) -> None:
-        for k, t in self.state().items():
-            t.copy_(snap[k])
+        for k, t in snap.items():
+            getattr(self, k).copy_(t)
+
+    def mask_rows(self, start: int, stop: int) -> None:
+        """Point batch rows ``start:stop`` (padding) at the scratch slab."""
+        self.block_table[start:stop].fill_(self.scratch)
 
     def reset(self) -> None:
         """Empty every session (positions, lengths, block table) for new videos; keeps the memory."""
@@ -213,18 +221,18 @@ class SlabKVCache:
 
     @contextlib.contextmanager
     def capture_guard(self):
-        """Run warm-up and capture against the scratch slab, then put the state back.
+        """Point every batch row at the scratch slab while warm-up and capture run.
 
-        Inside, every batch row points at the scratch slab, so K/V writes of warm-up runs land
-        there; on exit the block table, positions and lengths are restored, so capture leaves no
-        trace in any session. The captured graph reads the table on the device at replay.
+        K/V writes of warm-up runs then land in scratch, never in a session's slab; the runtime
+        restores positions and lengths from its snapshot. The captured graph reads the block
+        table on the device at replay, so what it holds during capture does not matter.
         """
-        snap = self.snapshot()
+        table = self.block_table.clone()
+        self.block_table.fill_(self.scratch)
         try:
-            self.block_table.fill_(self.scratch)
             yield
         finally:
-            self.restore(snap)
+            self.block_table.copy_(table)
             self.frames[self.scratch:].zero_()
 
 

@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+torch.set_num_threads(1)  # tiny CPU ops: threads only add contention
+
 from graphrt.models.wan import CausalWan, ReferenceWan, WanConfig
 
 

@@ -145,6 +145,7 @@ class WanModelBase(nn.Module):
         self.head = Head(cfg)
         self.cond_embedding = nn.Linear(cfg.cond_dim, dim) if cfg.cond_dim else None
         self._rope: tuple[torch.Tensor, ...] | None = None
+        self.rope_tables(self.patch_embedding.weight.device)
 
     # -- shapes --------------------------------------------------------------------------
     def check_inputs(self, x, t, context=None):
@@ -213,10 +214,18 @@ class WanModelBase(nn.Module):
         return self.unpatchify(self.head(x, e), grid).to(out_dtype)
 
     # -- RoPE ----------------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        """Move the RoPE tables along with the parameters (their dtype stays float64)."""
+        out = super()._apply(fn, recurse)
+        self._rope = None
+        self.rope_tables(self.patch_embedding.weight.device)
+        return out
+
     def rope_tables(self, device):
         """Float64 RoPE angles per axis (time, height, width), built once per device.
 
-        Kept outside the module's buffers so ``model.to(bfloat16)`` never rounds them.
+        Kept outside the module's buffers so ``model.to(bfloat16)`` never rounds them, and
+        rebuilt when the model moves, so no forward ever copies them to the device.
         """
         if self._rope is None or self._rope[0].device != device:
             d = self.cfg.head_dim

@@ -1,0 +1,206 @@
+"""Bucket keys: which captured graph serves a request, and the one rule that maps it there.
+
+A request is the bound call ``fn(*args, **kwargs)`` flattened with ``torch.utils._pytree``.
+Its leaves are tensors (copied into static buffers), runtime-state objects such as a KV cache
+(matched by identity) and plain Python values (frozen into the graph, so part of the key).
+
+Without a spec every distinct signature (shapes, dtypes, devices, Python values) is its own
+bucket. With ``Buckets(batch_sizes=..., batch_args=..., static_args=...)`` the batch is padded
+up to the next batch size, and the named static arguments (for example ``kv_frames``) must take
+one of the listed values; the key is then (batch bucket, static values, the rest of the
+signature with the batch dimension left out).
+"""
+from __future__ import annotations
+
+import inspect
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+
+from graphrt.errors import InputError
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    batched: bool = False  # dim 0 is the batch bucket
+
+    @classmethod
+    def of(cls, t: torch.Tensor, batch: int | None = None) -> "TensorSpec":
+        if batch is None:
+            return cls(tuple(t.shape), t.dtype, t.device)
+        return cls((batch,) + tuple(t.shape[1:]), t.dtype, t.device, True)
+
+    def with_batch(self, batch: int) -> "TensorSpec":
+        return TensorSpec((batch,) + self.shape[1:], self.dtype, self.device, True) if self.batched else self
+
+    def __str__(self):
+        return f"{str(self.dtype).removeprefix('torch.')}{list(self.shape)} on {self.device}"
+
+
+@dataclass(frozen=True)
+class StateRef:
+    """A runtime-state leaf (a KV cache, ...), matched by identity."""
+
+    kind: str
+    ident: int
+
+    def __str__(self):
+        return f"<{self.kind}>"
+
+
+def is_runtime_state(obj) -> bool:
+    """Objects that own runtime state: ``snapshot(data=False)``/``restore(snap)`` around capture and
+    verification, ``reset()`` for a new video; optional ``capture_guard()`` (redirect writes while
+    capturing) and ``mask_rows(start, stop)`` (send padded batch rows to scratch)."""
+    return not isinstance(obj, type) and all(callable(getattr(obj, m, None)) for m in ("snapshot", "restore", "reset"))
+
+
+@dataclass(frozen=True)
+class BucketKey:
+    """Frozen, hashable name of one captured graph."""
+
+    batch: int | None
+    statics: tuple[tuple[str, Any], ...]
+    signature: tuple[tuple[str, Any], ...] = field(repr=False)
+
+    def __str__(self):
+        parts = [] if self.batch is None else [f"batch={self.batch}"]
+        parts += [f"{k}={v}" for k, v in self.statics]
+        if self.batch is None and not self.statics:
+            parts += [f"{p}={v}" for p, v in self.signature]
+        return " ".join(parts) or "<no arguments>"
+
+    def sort_key(self):
+        """Larger buckets first: batch, then numeric static values."""
+        nums = tuple(v if isinstance(v, (int, float)) else 0 for _, v in self.statics)
+        return (self.batch or 0,) + nums
+
+
+@dataclass
+class Request:
+    """One call, bound to the function's signature and flattened."""
+
+    paths: list[str]
+    leaves: list[Any]
+    spec: pytree.TreeSpec
+    names: list[str]            # top-level argument name of each leaf
+    batch: int | None = None    # rows in the request (before padding)
+
+    def rebuild(self, leaves) -> tuple[tuple, dict]:
+        args, kwargs = pytree.tree_unflatten(list(leaves), self.spec)
+        return args, kwargs
+
+    def tensors(self):
+        return [(i, x) for i, x in enumerate(self.leaves) if isinstance(x, torch.Tensor)]
+
+
+def bind(signature: inspect.Signature | None, args: tuple, kwargs: dict) -> Request:
+    """Bind a call to ``signature`` (defaults applied, so defaults are part of the key) and flatten it."""
+    if signature is not None:
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise InputError(f"arguments do not fit the function: {e}") from None
+        bound.apply_defaults()
+        args, kwargs = (), dict(bound.arguments)
+        var_kw = [p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD]
+        for name in var_kw:
+            kwargs.update(kwargs.pop(name))
+        var_pos = [p.name for p in signature.parameters.values() if p.kind is p.VAR_POSITIONAL]
+        for name in var_pos:  # *args stay positional
+            args = tuple(kwargs.pop(name))
+    flat, spec = pytree.tree_flatten_with_path((args, kwargs))
+    names = [p[1].key if isinstance(p[1], pytree.MappingKey) else f"arg{p[1].idx}" for p, _ in flat]
+    paths = [name + pytree.keystr(p[2:]) for name, (p, _) in zip(names, flat)]
+    return Request(paths, [x for _, x in flat], spec, names)
+
+
+def _leaf_key(x):
+    if isinstance(x, torch.Tensor):
+        raise AssertionError("tensors are keyed by spec")
+    if is_runtime_state(x):
+        return StateRef(type(x).__name__, id(x))
+    try:
+        hash(x)
+    except TypeError:
+        raise InputError(f"argument of type {type(x).__name__} is neither a tensor nor a hashable value",
+                         fix="pass tensors, Python scalars, or tuples/lists/dicts of them") from None
+    return x
+
+
+class Buckets:
+    """Which graphs may exist and the rule that maps a request to one.
+
+    - ``batch_sizes``: batch buckets; a request of B rows runs in the smallest bucket >= B, its
+      padded rows zero-filled and pointed at the cache's scratch slab. None: no padding, the
+      batch is part of the signature.
+    - ``batch_args``: names of the arguments batched on dim 0 (latents, timestep, context, ...).
+    - ``static_args``: argument name -> the values it may take; each combination with each batch
+      size is one bucket (``prewarm`` captures them all). Other Python values are keyed as-is.
+    """
+
+    def __init__(self, batch_sizes: Sequence[int] | None = None, *, batch_args: Sequence[str] = (),
+                 static_args: Mapping[str, Sequence[Any]] | None = None):
+        self.batch_sizes = tuple(sorted(batch_sizes)) if batch_sizes else None
+        if self.batch_sizes and not batch_args:
+            raise InputError("batch_sizes needs batch_args: the names of the arguments batched on dim 0")
+        self.batch_args = tuple(batch_args)
+        self.static_args = {k: tuple(v) for k, v in (static_args or {}).items()}
+
+    def __repr__(self):
+        return f"Buckets(batch_sizes={self.batch_sizes}, batch_args={self.batch_args}, static_args={self.static_args})"
+
+    def _batched(self, req: Request, i: int) -> bool:
+        return self.batch_sizes is not None and req.names[i] in self.batch_args
+
+    def request_batch(self, req: Request) -> int | None:
+        if self.batch_sizes is None:
+            return None
+        sizes = {x.shape[0] for i, x in req.tensors() if self._batched(req, i)}
+        if len(sizes) > 1:
+            raise InputError("batched arguments disagree on the batch size", expected="one size on dim 0",
+                             got={req.paths[i]: x.shape[0] for i, x in req.tensors() if self._batched(req, i)})
+        if not sizes:
+            raise InputError("none of the batch_args was passed as a tensor", expected=self.batch_args)
+        return sizes.pop()
+
+    def key(self, req: Request) -> BucketKey:
+        """The bucket a request maps to (which may or may not exist)."""
+        req.batch = b = self.request_batch(req)
+        bucket = None if b is None else next((s for s in self.batch_sizes if s >= b), b)
+        statics, sig = [], []
+        for i, (path, x) in enumerate(zip(req.paths, req.leaves)):
+            if req.names[i] in self.static_args and not isinstance(x, torch.Tensor):
+                statics.append((path, x))
+            elif isinstance(x, torch.Tensor):
+                sig.append((path, TensorSpec.of(x, bucket if self._batched(req, i) else None)))
+            else:
+                sig.append((path, _leaf_key(x)))
+        return BucketKey(bucket, tuple(statics), tuple(sig))
+
+    def allows(self, key: BucketKey) -> str | None:
+        """Why the spec has no such bucket, or None when it does."""
+        if self.batch_sizes is not None and key.batch not in self.batch_sizes:
+            return f"batch {key.batch} is larger than the largest batch bucket {self.batch_sizes[-1]}"
+        for name, value in key.statics:
+            allowed = self.static_args.get(name)
+            if allowed is not None and value not in allowed:
+                return f"{name}={value!r} is not one of {allowed}"
+        return None
+
+    def expand(self, key: BucketKey) -> list[BucketKey]:
+        """Every bucket of the spec that shares ``key``'s signature (what ``prewarm`` captures)."""
+        names = [n for n, _ in key.statics]
+        choices = [self.static_args.get(n, (v,)) for n, v in key.statics]
+        batches = self.batch_sizes or (key.batch,)
+        out = []
+        for b, combo in itertools.product(batches, itertools.product(*choices)):
+            sig = tuple((p, v.with_batch(b) if isinstance(v, TensorSpec) else v) for p, v in key.signature)
+            out.append(BucketKey(b, tuple(zip(names, combo)), sig))
+        return sorted(set(out), key=BucketKey.sort_key, reverse=True)

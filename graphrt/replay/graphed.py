@@ -1,0 +1,329 @@
+"""What ``graphrt.compile`` returns: dispatch, copy-in, replay, outputs, stats, reset, verify.
+
+One call: bind and flatten the arguments, map them to a bucket key, copy the tensors into that
+bucket's static buffers (skipped when the caller passed the static buffer itself), replay, and
+hand back the static outputs in the model's own structure (views valid until the next replay,
+unless ``clone_outputs``). Static buffers are allocated once per argument at the largest batch
+bucket; each bucket uses a view.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from graphrt.capture.buckets import Buckets, BucketKey, Request, StateRef, TensorSpec, bind, is_runtime_state
+from graphrt.capture.capture import Captured, Runtime, capture, resolve_backend, state_guard
+from graphrt.errors import BucketMissError, CaptureError, InputError, ReplayMismatchError, SignatureError
+from graphrt.tolerance import max_rel_err, tolerance
+
+
+@dataclass
+class GraphStats:
+    """Counters of a compiled module."""
+
+    captures: int = 0
+    replays: int = 0
+    eager_fallbacks: int = 0
+    verified: int = 0
+    capture_seconds: float = 0.0
+    pool_bytes: int = 0
+
+
+@dataclass
+class _Bucket:
+    key: BucketKey
+    leaves: list                      # static leaves: buffers for tensors, values otherwise
+    request: Request                  # the structure the leaves fill
+    captured: Captured
+    replays: int = 0
+
+    def tensor_positions(self):
+        return [i for i, x in enumerate(self.leaves) if isinstance(x, torch.Tensor)]
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
+class GraphedModule:
+    """A function or module captured as one graph per bucket. Build it with :func:`graphrt.compile`."""
+
+    def __init__(self, fn: Callable, *, buckets: Buckets | None = None, backend: str = "auto",
+                 inductor: bool = False, verify: int = 0, fallback: str = "error", clone_outputs: bool = False,
+                 states=(), check: bool = True, progress: bool = True):
+        if fallback not in ("error", "eager"):
+            raise InputError("fallback must be 'error' or 'eager'", got=fallback)
+        self.fn = fn
+        self.module = fn if isinstance(fn, torch.nn.Module) else None
+        target = fn.forward if self.module is not None else fn
+        try:
+            self.signature = inspect.signature(target)
+        except (TypeError, ValueError):
+            self.signature = None
+        self.buckets = buckets or Buckets()
+        self.backend = backend
+        self.inductor = inductor
+        self.verify = verify
+        self.fallback = fallback
+        self.clone_outputs = clone_outputs
+        self.check = check
+        self.progress = progress
+        self.stats = GraphStats()
+        self.runtime: Runtime | None = None
+        self.sealed = False
+        self._graphs: dict[BucketKey, _Bucket] = {}
+        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._states: dict[int, Any] = {id(s): s for s in states}
+
+    # -- public --------------------------------------------------------------------------------
+    @property
+    def keys(self) -> list[BucketKey]:
+        """Captured buckets, largest first."""
+        return sorted(self._graphs, key=BucketKey.sort_key, reverse=True)
+
+    def __call__(self, *args, **kwargs):
+        req = bind(self.signature, args, kwargs)
+        self._register_states(req)
+        key = self.buckets.key(req)
+        entry = self._graphs.get(key)
+        if entry is None:
+            why = self.buckets.allows(key)
+            if self.sealed or why:
+                return self._miss(req, key, why)
+            entry = self._capture(key, req)
+        self._load(entry, req)
+        with torch.no_grad():
+            if entry.replays < self.verify:
+                outs = self._verified_replay(entry)
+            else:
+                outs = entry.captured.graph.replay()
+        entry.replays += 1
+        self.stats.replays += 1
+        return self._outputs(entry, req, outs)
+
+    def prewarm(self, *args, **kwargs) -> "GraphedModule":
+        """Capture every bucket up front, largest first, then seal the set of graphs.
+
+        With a :class:`Buckets` spec, one example call (``prewarm(x, t, cache=..., ...)``) is
+        enough: every batch size and static value of the spec is captured from its signature.
+        Without arguments, the buckets of the calls seen so far are expanded the same way.
+        """
+        if args or kwargs:
+            req = bind(self.signature, args, kwargs)
+            self._register_states(req)
+            templates = [(self.buckets.key(req), req)]
+        else:
+            templates = [(k, e.request) for k, e in self._graphs.items()]
+            if not templates:
+                raise CaptureError("prewarm() without an example call has nothing to capture",
+                                   fix="call prewarm(*example_args, **example_kwargs) once")
+        todo: dict[BucketKey, Request] = {}
+        for key, req in templates:
+            for k in self.buckets.expand(key):
+                if k not in self._graphs and self.buckets.allows(k) is None:
+                    todo.setdefault(k, req)
+        order = sorted(todo, key=BucketKey.sort_key, reverse=True)
+        from rich.progress import Progress
+
+        with Progress(transient=True, disable=not self.progress) as bar:
+            task = bar.add_task("capturing graphs", total=len(order))
+            for k in order:
+                bar.update(task, description=f"capturing {k}")
+                self._capture(k, todo[k], load=todo[k] is templates[0][1] and k == templates[0][0])
+                bar.advance(task)
+        self.sealed = True
+        return self
+
+    def reset(self) -> None:
+        """Return every runtime state (positions, lengths, block tables) to empty; graphs are kept."""
+        for s in self._states.values():
+            s.reset()
+
+    def static_inputs(self, *args, **kwargs) -> tuple[tuple, dict]:
+        """The static buffers of the bucket this call maps to, as ``(args, kwargs)`` bound to the
+        function's parameter names. Writing into them and passing them back skips the copy-in.
+        """
+        req = bind(self.signature, args, kwargs)
+        key = self.buckets.key(req)
+        if key not in self._graphs:
+            return self._miss(req, key, self.buckets.allows(key), raise_only=True)
+        entry = self._graphs[key]
+        return entry.request.rebuild(entry.leaves)
+
+    # -- capture -------------------------------------------------------------------------------
+    def _register_states(self, req: Request):
+        for x in req.leaves:
+            if is_runtime_state(x):
+                self._states.setdefault(id(x), x)
+
+    def _device(self, req: Request) -> torch.device:
+        for _, x in req.tensors():
+            return x.device
+        if self.module is not None:
+            for p in self.module.parameters():
+                return p.device
+        return torch.device("cpu")
+
+    def _buffer(self, path: str, spec: TensorSpec) -> torch.Tensor:
+        """Static buffer for an argument: one per (path, shape, dtype, device), batched ones at max batch."""
+        if spec.batched:
+            full = (max(self.buckets.batch_sizes),) + spec.shape[1:]
+            k = (path, spec.shape[1:], spec.dtype, spec.device, True)
+        else:
+            full, k = spec.shape, (path, spec.shape, spec.dtype, spec.device, False)
+        if k not in self._buffers:
+            self._buffers[k] = torch.zeros(full, dtype=spec.dtype, device=spec.device)
+        buf = self._buffers[k]
+        return buf[:spec.shape[0]] if spec.batched else buf
+
+    def _capture(self, key: BucketKey, req: Request, load: bool = True) -> _Bucket:
+        if self.runtime is None:
+            self.runtime = Runtime(resolve_backend(self.backend, self._device(req)), inductor=self.inductor,
+                                   check_host_reads=self.check)
+        sig = dict(key.signature)
+        statics = dict(key.statics)
+        leaves = []
+        for path, x in zip(req.paths, req.leaves):
+            if path in statics:
+                leaves.append(statics[path])
+            elif isinstance(sig[path], TensorSpec):
+                leaves.append(self._buffer(path, sig[path]))
+            elif isinstance(sig[path], StateRef):
+                leaves.append(self._states[sig[path].ident])
+            else:
+                leaves.append(sig[path])
+        entry = _Bucket(key, leaves, req, captured=None)
+        if load:
+            self._load(entry, req)
+        positions = entry.tensor_positions()
+
+        def rebuild(tensors):
+            filled = list(leaves)
+            for i, t in zip(positions, tensors):
+                filled[i] = t
+            return req.rebuild(filled)
+
+        cuda = self.runtime.backend == "cuda-graph"
+        reserved = torch.cuda.memory_reserved() if cuda else 0
+        entry.captured = capture(self.runtime, self.fn, rebuild, [leaves[i] for i in positions],
+                                 list(self._states.values()), where=f"bucket [{key}]")
+        if cuda:
+            self.stats.pool_bytes += torch.cuda.memory_reserved() - reserved
+        self.stats.captures += 1
+        self.stats.capture_seconds += entry.captured.seconds
+        self._graphs[key] = entry
+        return entry
+
+    # -- replay --------------------------------------------------------------------------------
+    def _load(self, entry: _Bucket, req: Request):
+        """Copy the request's tensors into the static buffers; zero padded rows, point them at scratch."""
+        pad_from = None
+        for i, dst in enumerate(entry.leaves):
+            if not isinstance(dst, torch.Tensor):
+                continue
+            src = req.leaves[i]
+            n = src.shape[0] if self.buckets._batched(req, i) else None
+            if n is None:
+                if not _same_memory(src, dst):
+                    dst.copy_(src)
+                continue
+            if not _same_memory(src, dst[:n]):
+                dst[:n].copy_(src)
+            if n < dst.shape[0]:
+                dst[n:].zero_()
+                pad_from = n
+        if pad_from is not None:
+            for s in self._states.values():
+                if hasattr(s, "mask_rows"):
+                    s.mask_rows(pad_from, entry.key.batch)
+
+    def _outputs(self, entry: _Bucket, req: Request, tensors):
+        b, bucket = req.batch, entry.key.batch
+        if b is not None and b < bucket:
+            tensors = [t[:b] if t.dim() and t.shape[0] == bucket else t for t in tensors]
+        if self.clone_outputs:
+            tensors = [t.clone() for t in tensors]
+        return entry.captured.outputs(tensors)
+
+    def _verified_replay(self, entry: _Bucket):
+        """Replay, then rerun eagerly from the same state and compare outputs and state."""
+        states = list(self._states.values())
+        before = [s.snapshot(data=True) for s in states]
+        outs = [o.clone() for o in entry.captured.graph.replay()]
+        after = [s.snapshot(data=True) for s in states]
+        for s, snap in zip(states, before):
+            s.restore(snap)
+        args, kwargs = entry.request.rebuild(entry.leaves)
+        import torch.utils._pytree as pytree
+
+        eager = [x for x in pytree.tree_flatten(self.fn(*args, **kwargs))[0] if isinstance(x, torch.Tensor)]
+        exact = not self.runtime.inductor
+        pairs = [(f"output {i}", g, e) for i, (g, e) in enumerate(zip(outs, eager))]
+        for s, snap in zip(states, after):
+            live = s.snapshot(data=True)
+            pairs += [(f"{type(s).__name__}.{name}", snap[name], live[name]) for name in snap
+                      if isinstance(snap[name], torch.Tensor)]
+        for what, g, e in pairs:
+            same = torch.equal(g, e) if exact or not g.is_floating_point() else \
+                max_rel_err(g, e) <= tolerance(g.dtype)
+            if not same:
+                err = max_rel_err(g, e) if g.is_floating_point() else "integers differ"
+                raise ReplayMismatchError(
+                    f"graph replay differs from the eager forward in bucket [{entry.key}] ({what})",
+                    expected="bit-identical" if exact else f"max rel err <= {tolerance(g.dtype)}", got=err,
+                    fix="a Python value that changes between calls was frozen into the graph: keep it in a "
+                        "device tensor (positions, lengths, indices) or make it part of the bucket key")
+        for s, snap in zip(states, after):
+            s.restore(snap)              # the state the graph left
+        self.stats.verified += 1
+        return outs
+
+    def _miss(self, req: Request, key: BucketKey, why: str | None, raise_only: bool = False):
+        if self.fallback == "eager" and not raise_only:
+            self.stats.eager_fallbacks += 1
+            args, kwargs = req.rebuild(req.leaves)
+            with torch.no_grad():
+                return self.fn(*args, **kwargs)
+        near = [k for k in self._graphs if k.batch == key.batch and k.statics == key.statics]
+        if near and why is None:
+            want = dict(near[0].signature)
+            diffs = [(p, want.get(p), v) for p, v in key.signature if want.get(p) != v]
+            raise SignatureError(
+                f"inputs do not match the captured signature of bucket [{near[0]}]",
+                expected="; ".join(f"{p}: {w}" for p, w, _ in diffs),
+                got="; ".join(f"{p}: {g}" for p, _, g in diffs),
+                fix="pass inputs of the captured shape/dtype/device, or capture this signature before prewarm() "
+                    "seals the graphs")
+        existing = ", ".join(f"[{k}]" for k in self.keys) or "none"
+        raise BucketMissError(
+            f"no captured graph serves this request: [{key}]",
+            got=why or "the graphs are sealed (prewarm() ran) and this bucket was not captured",
+            expected=f"one of the captured buckets: {existing}",
+            fix="add the batch size / static value to the Buckets spec and prewarm again, or compile with "
+                "fallback='eager' to run such requests eagerly (counted in stats.eager_fallbacks)")
+
+
+def compile(model_or_fn: Callable, *, buckets: Buckets | None = None, backend: str = "auto",
+            inductor: bool = False, verify: int = 0, fallback: str = "error", clone_outputs: bool = False,
+            states=(), check: bool = True, progress: bool = True) -> GraphedModule:
+    """Capture ``model_or_fn`` as one graph per bucket and replay it.
+
+    - ``buckets``: a :class:`~graphrt.Buckets` spec; None keys every distinct input signature.
+    - ``backend``: ``"cuda-graph"``, ``"cpu-graph"`` (CPU emulation that freezes host values as a
+      CUDA graph does), ``"eager"`` (no graph), or ``"auto"`` (by the inputs' device).
+    - ``inductor``: ``torch.compile(fullgraph=True, dynamic=False)`` each bucket before capture.
+    - ``verify``: the first N replays of each bucket also run eagerly from the same state and
+      must match (bit for bit without inductor); raises :class:`ReplayMismatchError`.
+    - ``fallback``: after ``prewarm()`` seals the graphs, a request no bucket serves raises
+      :class:`BucketMissError` (``"error"``) or runs eagerly and is counted (``"eager"``).
+    - ``clone_outputs``: return clones instead of the static outputs (valid until the next replay).
+    - ``states``: runtime-state objects the function uses without taking them as arguments
+      (caches passed as arguments are found automatically).
+    - ``check``: refuse to capture a forward with host reads (see :func:`graphrt.check`).
+    """
+    return GraphedModule(model_or_fn, buckets=buckets, backend=backend, inductor=inductor, verify=verify,
+                         fallback=fallback, clone_outputs=clone_outputs, states=states, check=check,
+                         progress=progress)

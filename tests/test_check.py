@@ -1,0 +1,192 @@
+"""The host-read checker: each planted read is named at its line with its kind, counts add up,
+clean forwards report nothing, the reference Wan reads every chunk and CausalWan never does."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import planted_reads as planted
+from graphrt.capture.hostreads import HostReadRecorder, check, main
+from graphrt.errors import HostReadError
+from graphrt.kv import StaticKVCache
+
+SCALAR, SHAPE, D2H, H2D = "scalar read", "data-dependent shape", "device-to-host copy", "host-to-device copy"
+ITEM = "aten._local_scalar_dense.default"
+
+PLANTED = [  # (function, marker, kind, op)
+    (planted.item, "item", SCALAR, ITEM),
+    (planted.int_of, "int", SCALAR, ITEM),
+    (planted.if_tensor, "bool", SCALAR, ITEM),
+    (planted.tolist, "tolist", SCALAR, "Tensor.tolist"),
+    (planted.nonzero, "nonzero", SHAPE, "aten.nonzero.default"),
+    (planted.bool_mask, "mask", SHAPE, "aten.index.Tensor"),
+    (planted.mask_assign, "mask_assign", SHAPE, "aten.index_put_.default"),
+    (planted.masked_select, "masked_select", SHAPE, "aten.masked_select.default"),
+    (planted.unique, "unique", SHAPE, "aten._unique2.default"),
+    (planted.repeat_interleave, "repeat_interleave", SHAPE, "aten.repeat_interleave.Tensor"),
+    (planted.numpy, "numpy", D2H, "Tensor.numpy"),
+    (planted.cpu, "cpu", D2H, "Tensor.cpu"),
+    (planted.to_cpu, "to_cpu", D2H, "Tensor.to"),
+    (planted.repr_, "repr", D2H, "Tensor.__repr__"),
+]
+
+
+def plant_line(marker: str) -> int:
+    with open(planted.__file__) as f:
+        lines = [i for i, text in enumerate(f, 1) if text.rstrip().endswith(f"# PLANT: {marker}")]
+    assert len(lines) == 1, f"marker {marker!r} must appear exactly once in planted_reads.py"
+    return lines[0]
+
+
+@pytest.mark.parametrize("fn, marker, kind, op", PLANTED, ids=[p[1] for p in PLANTED])
+def test_each_planted_read_is_named_at_its_line(fn, marker, kind, op):
+    report = check(fn, torch.randn(6))
+    assert [(s.kind, s.op, s.count) for s in report.sites] == [(kind, op, 1)]
+    site = report.sites[0]
+    assert os.path.samefile(site.file, planted.__file__)
+    assert site.line == plant_line(marker)
+    assert f"# PLANT: {marker}" in site.code and site.hint
+    assert (report.count, report.calls, report.ok) == (1, 1, False)
+
+
+def test_a_read_in_a_loop_is_one_site_counted_three_times():
+    report = check(planted.loop, torch.randn(4))
+    assert len(report.sites) == 1
+    assert (report.sites[0].count, report.sites[0].line, report.count) == (3, plant_line("loop"), 3)
+
+
+def test_clean_forward_reports_nothing():
+    for fn in (planted.clean, planted.repeat_interleave_sized):
+        report = check(fn, torch.randn(6))
+        assert report.ok and report.count == 0 and report.sites == [] and report.per_call == (0,)
+        assert report.raise_if_any() is report
+        assert "no host reads" in str(report)
+
+
+def test_raise_if_any_carries_the_table():
+    report = check(planted.item, torch.randn(3))
+    with pytest.raises(HostReadError) as err:
+        report.raise_if_any()
+    assert err.value.report is report
+    message = str(err.value)
+    for text in (SCALAR, ITEM, f"planted_reads.py:{plant_line('item')}", "# PLANT: item", "pass a Python int"):
+        assert text in message
+    assert "expected: no host reads" in message
+
+
+def test_recorder_counts_per_call():
+    recorder = HostReadRecorder()
+    for n in (1, 2, 0):
+        with recorder:
+            for _ in range(n):
+                planted.item(torch.ones(2))
+    report = recorder.report()
+    assert report.per_call == (1, 2, 0) and report.count == 3 and report.calls == 3
+    assert [s.count for s in report.sites] == [3]
+
+
+# -- the Wan models, chunk by chunk as in a generation -------------------------------------------------
+STEPS = (1000.0, 500.0, 0.0)  # two denoising forwards, then the clean pass that writes the cache
+
+
+def _chunks(cfg, n):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(1, cfg.in_dim, cfg.chunk_frames, cfg.height, cfg.width, generator=g) for _ in range(n)]
+
+
+@torch.no_grad()
+def test_reference_reads_the_host_every_chunk_the_same_number_of_times(cfg, models):
+    ref, _ = models
+    context = torch.randn(1, cfg.text_len, cfg.text_dim)
+    kv, cross = ref.init_caches(1)
+    recorder = HostReadRecorder()
+    for c, x in enumerate(_chunks(cfg, 3)):
+        with recorder:  # one call = one chunk
+            for t in STEPS:
+                ref(x, torch.full((1,), t), context, kv, cross, current_start=c * cfg.chunk_frames * cfg.frame_tokens)
+    report = recorder.report()
+    assert report.per_call[0] > 0 and len(set(report.per_call)) == 1
+    assert {s.kind for s in report.sites} == {SCALAR}
+    assert all(s.file.endswith(os.path.join("models", "wan", "reference.py")) for s in report.sites)
+    assert any(".item()" in s.code for s in report.sites) and any(".tolist()" in s.code for s in report.sites)
+
+
+@torch.no_grad()
+def test_causal_wan_with_a_cache_reads_nothing(cfg, models):
+    _, causal = models
+    cache = StaticKVCache.for_model(causal)
+    slab = cache.acquire()
+    cache.bind([slab])
+    k, v = causal.encode_prompt(torch.randn(1, cfg.text_len, cfg.text_dim))
+    cache.set_cross(slab, k[:, 0], v[:, 0])
+    recorder = HostReadRecorder()
+    for c, x in enumerate(_chunks(cfg, 3)):
+        with recorder:
+            for t in STEPS:
+                causal(x, torch.full((1,), t), cache=cache, kv_frames=(c + 1) * cfg.chunk_frames, kv_exact=True)
+                causal(x, torch.full((1,), t), cache=cache, kv_frames=None)  # masked over the whole slab
+        cache.commit(1, cfg.chunk_frames)
+    report = recorder.report()
+    assert report.ok, str(report)
+    assert report.per_call == (0, 0, 0)
+
+
+# -- the CLI -------------------------------------------------------------------------------------------
+def test_cli_exit_status_says_whether_the_model_is_graph_safe(capsys):
+    assert main(["--model", "wan-tiny", "--reference", "--chunks", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "reference.py:" in out and SCALAR in out and "reads per chunk: 39 (x2)" in out
+    assert main(["--model", "wan-tiny", "--chunks", "2"]) == 0
+    assert "no host reads" in capsys.readouterr().out
+
+
+def test_cli_bad_spec_exits_2(capsys, tmp_path):
+    assert main([]) == 2
+    assert main(["--model", "wan-tiny", "--chunks", "0"]) == 2
+    assert main(["no_colon.py"]) == 2
+    assert main([f"{tmp_path / 'missing.py'}:factory"]) == 2
+    (tmp_path / "f.py").write_text("def factory():\n    return 42\n")
+    assert main([f"{tmp_path / 'f.py'}:factory"]) == 2
+    assert main([f"{tmp_path / 'f.py'}:nothing"]) == 2
+    err = capsys.readouterr().err
+    assert "expected: path/to/file.py:factory" in err and "check target file not found" in err
+
+
+def test_cli_factory_form(capsys, tmp_path):
+    target = tmp_path / "forward.py"
+    target.write_text(
+        "import torch\n\n"
+        "def leaky(x, scale=1.0):\n"
+        "    return x * x.max().item() * scale\n\n"
+        "def factory():\n"
+        "    return leaky, (torch.randn(3),), {'scale': 2.0}\n\n"
+        "def clean_factory():\n"
+        "    return torch.nn.functional.relu, [torch.randn(3)]\n")
+    assert main([f"{target}:factory"]) == 1
+    out = capsys.readouterr().out
+    assert "forward.py:4" in out and "x.max().item()" in out
+    assert main([f"{target}:clean_factory"]) == 0
+
+
+def test_module_entry_point_runs():
+    done = subprocess.run([sys.executable, "-m", "graphrt.check", "--model", "wan-tiny", "--chunks", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "no host reads" in done.stdout
+
+
+# -- CUDA: copies between host and device ---------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("fn, marker, kind, op", [
+    (planted.device_to_host, "d2h", D2H, "aten.copy_.default"),
+    (planted.host_to_device, "h2d", H2D, "aten.lift_fresh.default"),
+    (planted.host_to_device_copy, "h2d_copy", H2D, "aten._to_copy.default"),
+    (planted.cpu, "cpu", D2H, "Tensor.cpu"),
+    (planted.tolist, "tolist", SCALAR, "Tensor.tolist"),
+    (planted.item, "item", SCALAR, ITEM),
+], ids=["d2h", "h2d", "h2d_copy", "cpu", "tolist", "item"])
+def test_cuda_copies_are_named_once(fn, marker, kind, op):
+    report = check(fn, torch.randn(4, device="cuda"))
+    assert [(s.kind, s.op, s.count, s.line) for s in report.sites] == [(kind, op, 1, plant_line(marker))]

@@ -1,0 +1,324 @@
+"""graphrt.compile: one graph per bucket, replay == eager, state untouched by capture, clear errors."""
+import pytest
+import torch
+from torch import nn
+
+import graphrt
+from conftest import rel_err
+from graphrt import Buckets, BucketMissError, ReplayMismatchError, SignatureError
+from graphrt.kv import RollingKVCache, StaticKVCache
+from graphrt.models.wan import CausalWan
+
+STEPS = (1000.0, 750.0, 500.0, 250.0, 0.0)
+
+
+def wan_buckets(cfg, batch_sizes=(1, 2), exact=(True, False)):
+    kv = tuple(range(cfg.chunk_frames, cfg.max_frames + 1, cfg.chunk_frames))
+    return Buckets(batch_sizes, batch_args=("x", "t"), static_args={"kv_frames": kv, "kv_exact": exact})
+
+
+def _cache(model, cls=StaticKVCache, slabs=2, **kw):
+    return cls.for_model(model, num_slabs=slabs, max_batch=2, **kw)
+
+
+def _prompt(model, cache, slab, ctx):
+    k, v = model.encode_prompt(ctx)
+    cache.set_cross(slab, k[:, 0], v[:, 0])
+
+
+def _twin_caches(model, cfg, n_sessions, cls=StaticKVCache, **kw):
+    """Two identical caches (one for the graphs, one for eager) with n sessions and prompts."""
+    caches = [_cache(model, cls, **kw) for _ in range(2)]
+    ctx = torch.randn(n_sessions, cfg.text_len, cfg.text_dim)
+    for c in caches:
+        for i in range(n_sessions):
+            _prompt(model, c, c.acquire(), ctx[i:i + 1])
+    return caches
+
+
+@pytest.mark.parametrize("case", ["b1", "b2-heterogeneous", "rolling"])
+@torch.no_grad()
+def test_cpu_graph_replay_is_bit_identical(cfg, case):
+    """7 chunks x 5 forwards: cpu-graph replay == the eager graph-safe forward, every chunk, every row."""
+    model = CausalWan(cfg, attention="sdpa").eval()
+    kw = dict(cls=RollingKVCache, window_frames=9, sink_frames=3) if case == "rolling" else {}
+    gcache, ecache = _twin_caches(model, cfg, 2, **kw)
+    g = graphrt.compile(model, buckets=wan_buckets(cfg), backend="cpu-graph", progress=False)
+    hetero = case == "b2-heterogeneous"
+    for cache in (gcache, ecache):
+        cache.bind([1])                     # session 1 runs two chunks alone first
+    chunks = [(1, [1], c) for c in range(2)] if hetero else []
+    chunks += [((2, [0, 1], c) if hetero else (1, [0], c)) for c in range(7 - (2 if hetero else 0))]
+    for b, slabs, c in chunks:
+        for cache in (gcache, ecache):
+            cache.bind(slabs)
+        kv_frames = ((c + 2 if hetero and b == 2 else c) + 1) * cfg.chunk_frames
+        exact = b == 1
+        for t in STEPS:
+            x = torch.randn(b, cfg.in_dim, cfg.chunk_frames, cfg.height, cfg.width)
+            tt = torch.full((b,), t)
+            got = g(x, tt, cache=gcache, kv_frames=kv_frames, kv_exact=exact)
+            want = model(x, tt, cache=ecache, kv_frames=kv_frames, kv_exact=exact)
+            assert torch.equal(got, want), (b, c, t)
+        gcache.commit(b, cfg.chunk_frames)
+        ecache.commit(b, cfg.chunk_frames)
+    assert torch.equal(gcache.frames, ecache.frames)
+    assert torch.equal(gcache.k[:, :2], ecache.k[:, :2])
+    assert g.stats.replays == len(chunks) * len(STEPS)
+    assert g.stats.captures == len({(b, c, b == 1) for b, _, c in chunks})
+
+
+class LeakyCache(nn.Module):
+    """Planted footgun: the driver advances a Python-int write position between chunks."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("kv", torch.zeros(8, 4))
+        self.pos = 0
+
+    def forward(self, x):
+        self.kv[self.pos] = x[0]             # Python-int slice: frozen into a graph
+        return self.kv[: self.pos + 1].sum(0, keepdim=True)
+
+    def advance(self):
+        self.pos += 1
+
+    def snapshot(self, data=False):
+        return {"kv": self.kv.clone(), "pos": self.pos}
+
+    def restore(self, snap):
+        self.kv.copy_(snap["kv"])
+        self.pos = snap["pos"]
+
+    def reset(self):
+        self.kv.zero_()
+        self.pos = 0
+
+
+class FixedCache(LeakyCache):
+    """The fix: the position lives on the device; writes use index_copy_, reads a device mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("dpos", torch.zeros(1, dtype=torch.long))
+
+    def forward(self, x):
+        self.kv.index_copy_(0, self.dpos, x)
+        valid = torch.arange(self.kv.shape[0]) <= self.dpos
+        return (self.kv * valid[:, None]).sum(0, keepdim=True)
+
+    def advance(self):
+        self.dpos.add_(1)
+
+    def snapshot(self, data=False):
+        return {"kv": self.kv.clone(), "dpos": self.dpos.clone()}
+
+    def restore(self, snap):
+        self.kv.copy_(snap["kv"])
+        self.dpos.copy_(snap["dpos"])
+
+    def reset(self):
+        self.kv.zero_()
+        self.dpos.zero_()
+
+
+def _drive(model, fn, xs):
+    outs = []
+    for x in xs:
+        outs.append(fn(x).clone())
+        model.advance()
+    return outs
+
+
+@torch.no_grad()
+def test_planted_footgun_is_caught_by_verify():
+    xs = [torch.full((1, 4), float(i + 1)) for i in range(4)]
+    eager = LeakyCache()
+    want = _drive(eager, eager, xs)                      # running sums 1, 3, 6, 10
+    leaky = LeakyCache()
+    got = _drive(leaky, graphrt.compile(leaky, backend="cpu-graph", progress=False), xs)
+    assert torch.equal(got[0], want[0])
+    assert not torch.equal(got[1], want[1])              # the emulation froze pos=0, as a CUDA graph would
+
+    leaky = LeakyCache()
+    g = graphrt.compile(leaky, backend="cpu-graph", verify=4, progress=False)
+    with pytest.raises(ReplayMismatchError, match="frozen into the graph"):
+        _drive(leaky, g, xs)
+
+    fixed = FixedCache()
+    g = graphrt.compile(fixed, backend="cpu-graph", verify=4, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(_drive(fixed, g, xs), want))
+    assert g.stats.verified == 4 and g.stats.captures == 1
+
+
+@torch.no_grad()
+def test_prewarm_leaves_no_trace_and_reset_replays_the_same_video(cfg):
+    model = CausalWan(cfg, attention="sdpa").eval()
+    cache = _cache(model)
+    slab = cache.acquire()
+    _prompt(model, cache, slab, torch.randn(1, cfg.text_len, cfg.text_dim))
+    cache.bind([slab])
+    g = graphrt.compile(model, buckets=wan_buckets(cfg, exact=(True,)), progress=False)
+    x = torch.randn(1, cfg.in_dim, cfg.chunk_frames, cfg.height, cfg.width)
+    x0 = x.clone()
+    # a session already in progress: one committed chunk
+    model(x, torch.zeros(1), cache=cache, kv_frames=3, kv_exact=True)
+    cache.commit(1, cfg.chunk_frames)
+    before = cache.snapshot(data=True)
+    g.prewarm(x, torch.zeros(1), cache=cache, kv_frames=3, kv_exact=True)
+    after = cache.snapshot(data=True)
+    for name in before:
+        real = slice(None) if before[name].dim() == 1 else (slice(None), slice(0, cache.num_slabs))
+        if name == "frames":
+            real = slice(0, cache.num_slabs)
+        assert torch.equal(before[name][real], after[name][real]), name
+    assert g.stats.captures == 14 and g.sealed
+    assert torch.equal(x, x0)
+
+    def video():
+        torch.manual_seed(7)
+        outs = []
+        for c in range(3):
+            for t in STEPS:
+                outs.append(g(torch.randn_like(x), torch.full((1,), t), cache=cache, kv_frames=(c + 1) * 3,
+                              kv_exact=True).clone())
+            cache.commit(1, cfg.chunk_frames)
+        return outs
+
+    g.reset()
+    cache.bind([cache.acquire()])
+    _prompt(model, cache, 0, torch.ones(1, cfg.text_len, cfg.text_dim))
+    first = video()
+    g.reset()
+    cache.bind([cache.acquire()])
+    _prompt(model, cache, 0, torch.ones(1, cfg.text_len, cfg.text_dim))
+    second = video()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert g.stats.captures == 14
+
+
+@torch.no_grad()
+def test_padding_dispatch_and_scratch(cfg):
+    """A B=1 request runs in the batch-2 bucket; its padded row writes only to scratch."""
+    model = CausalWan(cfg, attention="sdpa").eval()
+    cache = _cache(model)
+    a, b = cache.acquire(), cache.acquire()
+    ctx = torch.randn(2, cfg.text_len, cfg.text_dim)
+    _prompt(model, cache, a, ctx[:1])
+    _prompt(model, cache, b, ctx[1:])
+    g = graphrt.compile(model, buckets=Buckets((2,), batch_args=("x", "t"),
+                                               static_args={"kv_frames": (3,), "kv_exact": (True,)}),
+                        progress=False)
+    cache.bind([a, b])                       # a stale binding of two rows ...
+    slab_b = cache.k[:, b].clone()
+    x = torch.randn(1, cfg.in_dim, 3, cfg.height, cfg.width)
+    out = g(x, torch.zeros(1), cache=cache, kv_frames=3, kv_exact=True)   # ... but one row requested
+    assert out.shape[0] == 1
+    assert torch.equal(cache.k[:, b], slab_b)                             # row 1 went to scratch
+    assert g.keys[0].batch == 2
+    ref_cache = _cache(model)
+    _prompt(model, ref_cache, ref_cache.acquire(), ctx[:1])
+    ref_cache.bind([0])
+    want = model(x, torch.zeros(1), cache=ref_cache, kv_frames=3, kv_exact=True)
+    assert rel_err(out, want) <= 1e-5
+
+
+@torch.no_grad()
+def test_miss_sealed_and_signature_errors(cfg):
+    model = CausalWan(cfg, attention="sdpa").eval()
+    cache = _cache(model)
+    _prompt(model, cache, cache.acquire(), torch.randn(1, cfg.text_len, cfg.text_dim))
+    cache.bind([0])
+    spec = Buckets((1,), batch_args=("x", "t"), static_args={"kv_frames": (3, 6), "kv_exact": (True,)})
+    g = graphrt.compile(model, buckets=spec, progress=False)
+    x = torch.randn(1, cfg.in_dim, 3, cfg.height, cfg.width)
+    g.prewarm(x, torch.zeros(1), cache=cache, kv_frames=3, kv_exact=True)
+    assert len(g.keys) == 2
+    with pytest.raises(BucketMissError, match=r"kv_frames=9 is not one of \(3, 6\)") as e:
+        g(x, torch.zeros(1), cache=cache, kv_frames=9, kv_exact=True)
+    assert "batch=1 kv_frames=6 kv_exact=True" in str(e.value) and "fallback='eager'" in str(e.value)
+    with pytest.raises(BucketMissError, match="larger than the largest batch bucket 1"):
+        g(torch.cat([x, x]), torch.zeros(2), cache=cache, kv_frames=3, kv_exact=True)
+    with pytest.raises(SignatureError, match=r"x: float64\[1, 4, 3, 8, 8\]") as e:
+        g(x.double(), torch.zeros(1), cache=cache, kv_frames=3, kv_exact=True)
+    assert "float32[1, 4, 3, 8, 8]" in str(e.value)
+
+    g = graphrt.compile(model, buckets=spec, fallback="eager", progress=False)
+    g.prewarm(x, torch.zeros(1), cache=cache, kv_frames=3, kv_exact=True)
+    out = g(x, torch.zeros(1), cache=cache, kv_frames=3, kv_exact=False)
+    assert out.shape == x.shape and g.stats.eager_fallbacks == 1
+
+
+def test_nested_inputs_python_values_and_output_structure():
+    def fn(pair, extra, *, scale=2, options=None):
+        a, b = pair
+        out = {"sum": (a + b) * scale, "parts": [a * extra["w"], b]}
+        return out if options != "tuple" else (out["sum"],)
+
+    g = graphrt.compile(fn, verify=2, progress=False)
+    a, b, w = torch.randn(3), torch.randn(3), torch.randn(3)
+    for _ in range(2):
+        got = g((a, b), {"w": w}, scale=3)
+        assert set(got) == {"sum", "parts"} and torch.equal(got["sum"], (a + b) * 3)
+        assert torch.equal(got["parts"][0], a * w)
+    assert isinstance(g((a, b), {"w": w}, options="tuple"), tuple)
+    assert g.stats.captures == 2          # scale=3 and options="tuple" are separate buckets
+    g((a, b), {"w": w}, scale=4)
+    assert g.stats.captures == 3
+
+
+def test_static_buffer_passed_back_skips_copy():
+    g = graphrt.compile(lambda x: x * 2, progress=False)
+    x = torch.randn(4)
+    g(x)
+    _, bound = g.static_inputs(x)            # bound to the function's parameter names
+    static = bound["x"]
+    static.copy_(torch.arange(4.0))
+    assert torch.equal(g(static), torch.arange(4.0) * 2)
+    assert static.data_ptr() != x.data_ptr()
+
+
+def test_outputs_are_static_unless_cloned():
+    g = graphrt.compile(lambda x: x + 1, progress=False)
+    first = g(torch.zeros(2))
+    g(torch.ones(2))
+    assert torch.equal(first, torch.full((2,), 2.0))     # overwritten by the next replay
+    g = graphrt.compile(lambda x: x + 1, clone_outputs=True, progress=False)
+    first = g(torch.zeros(2))
+    g(torch.ones(2))
+    assert torch.equal(first, torch.ones(2))
+
+
+def test_diffusers_wan_transformer_replays_exactly(cfg):
+    diffusers = pytest.importorskip("diffusers")
+    model = diffusers.WanTransformer3DModel(
+        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+        in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers).eval()
+    g = graphrt.compile(model, verify=1, progress=False)
+    ctx = torch.randn(1, cfg.text_len, cfg.text_dim)
+    with torch.no_grad():
+        for t in (999, 500, 3):
+            x = torch.randn(1, cfg.in_dim, 3, cfg.height, cfg.width)
+            tt = torch.tensor([t])
+            got = g(x, tt, ctx, return_dict=False)
+            assert isinstance(got, tuple) and torch.equal(got[0], model(x, tt, ctx, return_dict=False)[0])
+        out = g(x, tt, ctx)
+        assert type(out).__name__ == "Transformer2DModelOutput" and torch.equal(out.sample, got[0])
+    assert g.stats.captures == 2 and g.stats.replays == 4
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_inductor_inside_the_cpu_graph(cfg):
+    model = CausalWan(cfg, attention="sdpa").eval()
+    gcache, ecache = _twin_caches(model, cfg, 1)
+    for c in (gcache, ecache):
+        c.bind([0])
+    g = graphrt.compile(model, inductor=True, verify=1, progress=False)
+    for t in (1000.0, 0.0):
+        x = torch.randn(1, cfg.in_dim, 3, cfg.height, cfg.width)
+        got = g(x, torch.full((1,), t), cache=gcache, kv_frames=3, kv_exact=True)
+        want = model(x, torch.full((1,), t), cache=ecache, kv_frames=3, kv_exact=True)
+        assert rel_err(got, want) <= 1e-5
+    assert g.stats.captures == 1 and g.runtime.inductor
