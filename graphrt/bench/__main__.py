@@ -1,0 +1,126 @@
+"""``python -m graphrt.bench``: every mode side by side in one run; the last line printed is JSON."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from graphrt.bench.core import MODES, PRESETS, BenchConfig, ModeResult, run
+from graphrt.errors import GraphrtError
+
+
+def _args(argv):
+    p = argparse.ArgumentParser(prog="python -m graphrt.bench", description=__doc__)
+    p.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
+                   help="auto: tiny on the CPU, wan-1.3b-480p on CUDA")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    p.add_argument("--batch", type=int, default=1, help="videos generated together (sessions in one batch)")
+    p.add_argument("--chunks", type=int, help="chunks per video (default: the preset's)")
+    p.add_argument("--steps", type=int, help="denoising steps per chunk (default 4), plus the cache pass")
+    p.add_argument("--repeats", type=int, help="extra videos timed after the first (steady-state samples)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the preset's")
+    p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flex", "flash"])
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--checkpoint", help="a Wan 2.1 safetensors file or folder (default: random weights)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", dest="json_path", help="also write the JSON summary here")
+    p.add_argument("--plot", help="draw speedup per mode to this image (needs matplotlib)")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def _fmt(v, unit=""):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.3g}{unit}" if abs(v) < 1e-2 else f"{v:,.2f}{unit}"
+    return f"{v:,}{unit}"
+
+
+def table(summary: dict) -> Table:
+    c = summary["config"]
+    t = Table(title=f"graphrt.bench: {summary['preset']} on {summary['device']}, torch {summary['torch']} "
+                    f"({c['chunks']} chunks x ({c['steps']} steps + cache pass), batch {c['batch']}, {c['dtype']}, "
+                    f"attention {c['attention']})")
+    cols = [("mode", "left"), ("1st chunk ms", "right"), ("chunk ms", "right"), ("p90", "right"),
+            ("denoise", "right"), ("cache pass", "right"), ("fps", "right"), ("host reads", "right"),
+            ("graphs", "right"), ("capture s", "right"), ("peak MiB", "right"), ("GPU busy", "right"),
+            ("err vs ref", "right"), ("x ref", "right"), ("x eager", "right")]
+    for name, just in cols:
+        t.add_column(name, justify=just)
+    for mode, r in summary["modes"].items():
+        if "skipped" in r:
+            t.add_row(mode, f"[yellow]skipped: {r['skipped']}[/]", *[""] * (len(cols) - 2))
+            continue
+        mem = None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2 ** 20
+        busy = None if r["gpu_busy"] is None else f"{100 * r['gpu_busy']:.0f}%"
+        t.add_row(mode, _fmt(r["first_chunk_ms"]), _fmt(r["chunk_ms_median"]), _fmt(r["chunk_ms_p90"]),
+                  _fmt(r["denoise_ms_median"]), _fmt(r["cache_pass_ms_median"]), _fmt(r["fps"]),
+                  _fmt(r["host_reads_per_chunk"]), _fmt(r["graphs"]), _fmt(r["capture_s"]), _fmt(mem), busy or "-",
+                  _fmt(r["max_err_vs_reference"]), _fmt(r["speedup_vs_reference"], "x"),
+                  _fmt(r["speedup_vs_eager"], "x"))
+    return t
+
+
+def plot(summary: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m, r in summary["modes"].items() if "skipped" not in r and r.get("speedup_vs_reference")]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(modes, [summary["modes"][m]["speedup_vs_reference"] for m in modes])
+    ax.set_ylabel("speedup vs reference (steady chunk)")
+    ax.set_title(f"{summary['preset']} on {summary['device']}")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    opts = _args(argv)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 220)
+    cfg = BenchConfig(preset=opts.preset, device=opts.device, batch=opts.batch, chunks=opts.chunks, steps=opts.steps,
+                      dtype=opts.dtype, attention=opts.attention, checkpoint=opts.checkpoint, repeats=opts.repeats,
+                      seed=opts.seed, modes=tuple(m.strip() for m in opts.modes.split(",") if m.strip()),
+                      progress=False)
+    try:
+        cfg.resolve()
+    except GraphrtError as e:
+        console.print(f"[red]error:[/] {e}", markup=True)
+        return 2
+    with Progress(console=console, transient=True, disable=opts.no_progress) as bar:
+        task = bar.add_task("bench", total=len(cfg.modes))
+        bar.update(task, description=f"mode {cfg.modes[0]}")
+
+        def on_mode(mode: str, r: ModeResult):
+            state = f"skipped ({r.skipped})" if r.skipped else f"{r.chunk_ms_median:.2f} ms/chunk"
+            bar.console.print(f"  {mode}: {state}")
+            bar.advance(task)
+            i = cfg.modes.index(mode) + 1
+            if i < len(cfg.modes):
+                bar.update(task, description=f"mode {cfg.modes[i]}")
+
+        summary = run(cfg, on_mode)
+    console.print(table(summary))
+    if opts.plot:
+        plot(summary, opts.plot)
+    text = json.dumps(summary)
+    if opts.json_path:
+        with open(opts.json_path, "w") as f:
+            json.dump(summary, f, indent=2)
+    sys.stdout.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
