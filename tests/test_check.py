@@ -137,7 +137,7 @@ def test_causal_wan_with_a_cache_reads_nothing(cfg, models):
 def test_cli_exit_status_says_whether_the_model_is_graph_safe(capsys):
     assert main(["--model", "wan-tiny", "--reference", "--chunks", "2"]) == 1
     out = capsys.readouterr().out
-    assert "reference.py:" in out and SCALAR in out and "reads per chunk: 39 (x2)" in out
+    assert "reference.py:" in out and SCALAR in out and "reads per chunk: 65 (x2)" in out
     assert main(["--model", "wan-tiny", "--chunks", "2"]) == 0
     assert "no host reads" in capsys.readouterr().out
 

@@ -17,6 +17,7 @@ peak memory, max error against ``reference`` and speedups against ``reference`` 
 """
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -157,6 +158,8 @@ class Driver:
         model = causal
         if mode == "compile":
             cuda = next(causal.parameters()).is_cuda
+            # one recompile per KV length (like one graph per bucket); never fall back to eager silently
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             model = torch.compile(causal, mode="reduce-overhead" if cuda else None, dynamic=False)
             self.notes.append(("torch.compile(mode='reduce-overhead')" if cuda else "torch.compile (default mode)")
                               + "; first chunk includes one warm-up video that compiles every shape")
@@ -323,8 +326,12 @@ def run(cfg: BenchConfig, on_mode: Callable[[str, ModeResult], None] | None = No
                 results[mode] = ModeResult(skipped=f"{type(e).__name__}: {str(e).splitlines()[0]}")
             if on_mode is not None:
                 on_mode(mode, results[mode])
+            driver = None                # free this mode's cache and graphs before the next one
+            gc.collect()
             if mode in ("compile", "graphs+inductor"):
                 torch._dynamo.reset()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     for mode, r in results.items():
         if r.skipped:
             continue
