@@ -70,8 +70,10 @@ class SlabKVCache:
         self.frames = torch.zeros(num_slabs + 1, **ikw)
         self.seqlens = torch.zeros(self.max_batch, **ikw)
         self._ones = torch.ones(self.max_batch, **ikw)
+        self._saved_rows = torch.zeros(self.max_batch, **ikw)
         self._arange = torch.arange(self.slab_tokens, device=self.device)
         self._free = list(range(num_slabs))
+        self._bound: list[int] | None = None   # host mirror of the block table, to skip redundant copies
 
     @classmethod
     def for_model(cls, model, *, num_slabs: int = 1, max_batch: int | None = None,
@@ -79,9 +81,19 @@ class SlabKVCache:
         """A cache shaped for a Wan model (its config, device and dtype)."""
         cfg = model.cfg
         p = next(model.parameters())
+        if getattr(model, "attention_backend", None) == "flash":
+            kw.setdefault("align", 256)          # flash-attn's paged KV wants pages of 256 tokens
         return cls(num_layers=cfg.num_layers, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
                    frame_tokens=frame_tokens or cfg.frame_tokens, num_slabs=num_slabs, max_batch=max_batch,
                    text_len=cfg.text_len, device=p.device, dtype=p.dtype, **cls._model_kw(cfg, kw))
+
+    def check_model(self, cfg, dtype: torch.dtype, device: torch.device) -> None:
+        """Raise :class:`InputError` when this cache was built for another model, dtype or device."""
+        want = (cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.text_len, dtype, torch.device(device))
+        got = (self.num_layers, self.num_heads, self.head_dim, self.text_len, self.dtype, self.device)
+        if want[:5] != got[:5] or want[5].type != got[5].type:
+            raise InputError("the cache does not fit this model", expected="layers, heads, head_dim, text_len, "
+                             f"dtype, device = {want}", got=got, fix="build it with Cache.for_model(model, ...)")
 
     @staticmethod
     def _model_kw(cfg, kw):
@@ -94,6 +106,10 @@ class SlabKVCache:
     def _filled(self, end_tokens: torch.Tensor) -> torch.Tensor:
         """Valid tokens in a slab whose timeline ends at ``end_tokens``."""
         raise NotImplementedError
+
+    def _ring_tokens(self) -> int:
+        """Tokens one write may span without overwriting itself."""
+        return self.slab_tokens
 
     # -- host-side slab bookkeeping ----------------------------------------------------------
     def acquire(self) -> int:
@@ -125,7 +141,13 @@ class SlabKVCache:
             raise CacheError("slab index out of range", expected=f"0..{self.num_slabs - 1} (or scratch {self.scratch})",
                              got=slabs)
         rows = slabs + [self.scratch] * (self.max_batch - len(slabs))
-        self.block_table.copy_(torch.tensor(rows, dtype=torch.int32))
+        if rows == self._bound:
+            return
+        src = torch.tensor(rows, dtype=torch.int32)
+        if self.device.type == "cuda":
+            src = src.pin_memory()   # an async copy: the host does not wait for queued chunks
+        self.block_table.copy_(src, non_blocking=True)
+        self._bound = rows
 
     def set_cross(self, slab: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store a session's cross-attention K/V ([layers, text_len, H, D]) in its slab."""
@@ -151,8 +173,9 @@ class SlabKVCache:
         if not 1 <= batch <= self.max_batch:
             raise InputError("batch larger than the cache serves", expected=f"<= {self.max_batch}", got=batch,
                              fix="build the cache with a larger max_batch")
-        if query_frames > self.slab_frames:
-            raise InputError("chunk longer than a slab", expected=f"<= {self.slab_frames} frames", got=query_frames)
+        if query_frames * self.frame_tokens > self._ring_tokens():
+            raise InputError("chunk longer than the slab's ring", expected=f"<= {self._ring_tokens() // frame_tokens} "
+                             "frames", got=query_frames, fix="use a larger window (minus sink) than a chunk")
         kv_frames = self.slab_frames if kv_frames is None else min(kv_frames, self.slab_frames)
         if kv_frames < query_frames:
             raise InputError("kv_frames is shorter than the chunk it must include",
@@ -162,7 +185,10 @@ class SlabKVCache:
         pos = self.frames.index_select(0, bt) if positions is None else positions
         base = bt.long()[:, None] * self.stride
         start = pos.long()[:, None] * T
-        write_index = (base + self._slot(start + self._arange[:query_frames * T])).flatten()
+        slot = self._slot(start + self._arange[:query_frames * T])
+        # a row past the end of its slab writes to scratch, never into a neighbour's slab
+        write_index = torch.where(slot < self.slab_tokens, base + slot,
+                                  self.scratch * self.stride + slot % self.slab_tokens).flatten()
         kv_tokens = kv_frames * T
         read_index = (base + self._arange[:kv_tokens]).flatten()
         seqlens = self.seqlens[:batch]
@@ -208,15 +234,24 @@ class SlabKVCache:
         for k, t in snap.items():
             getattr(self, k).copy_(t)
 
-    def mask_rows(self, start: int, stop: int) -> None:
-        """Point batch rows ``start:stop`` (padding) at the scratch slab."""
+    @contextlib.contextmanager
+    def pad_rows(self, start: int, stop: int):
+        """Point batch rows ``start:stop`` (padding) at the scratch slab for one replay, then put
+        the caller's rows back (through a preallocated buffer: nothing is allocated)."""
+        saved = self._saved_rows[start:stop]
+        saved.copy_(self.block_table[start:stop])
         self.block_table[start:stop].fill_(self.scratch)
+        try:
+            yield
+        finally:
+            self.block_table[start:stop].copy_(saved)
 
     def reset(self) -> None:
         """Empty every session (positions, lengths, block table) for new videos; keeps the memory."""
         self.frames.zero_()
         self.seqlens.zero_()
         self.block_table.fill_(self.scratch)
+        self._bound = None
         self._free = list(range(self.num_slabs))
 
     @contextlib.contextmanager
@@ -274,6 +309,9 @@ class RollingKVCache(SlabKVCache):
     @classmethod
     def for_model(cls, model, *, window_frames: int, sink_frames: int = 0, **kw):
         return super().for_model(model, window_frames=window_frames, sink_frames=sink_frames, **kw)
+
+    def _ring_tokens(self):
+        return self.ring_tokens
 
     def _slot(self, p):
         return torch.where(p < self.sink_tokens, p, self.sink_tokens + (p - self.sink_tokens) % self.ring_tokens)

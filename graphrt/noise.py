@@ -1,7 +1,9 @@
 """Counter-based Gaussian noise on the device: graph-safe, seeded per row, batch-independent.
 
 ``gaussian(seeds, positions, step, shape)`` hashes (seed, frame position, step, element) with a
-32-bit integer hash (lowbias32) and turns pairs of hashes into normals (Box-Muller). There is
+32-bit integer hash (lowbias32), one input at a time (``k = hash(k + input)``: order matters, so
+seed 3 at position 5 is not seed 5 at position 3), and turns pairs of hashes into normals
+(Box-Muller). There is
 no generator state to advance: a captured graph draws fresh noise every chunk because the
 positions it reads change on the device, and a session's noise depends only on its own seed
 and position, so the same seed gives the same video whatever else runs in the batch.
@@ -43,9 +45,11 @@ def gaussian(seeds: torch.Tensor, positions: torch.Tensor, step: int, shape: tup
     """
     n = math.prod(shape)
     seeds = seeds.long()
-    key = hash32(hash32((seeds ^ (seeds >> 32)) & _M32) ^ hash32((positions.long() * 1009 + step) & _M32))
-    idx = torch.arange(n, device=seeds.device)
-    a = hash32(key[:, None] ^ hash32(2 * idx))
-    b = hash32(key[:, None] ^ hash32(2 * idx + 1))
+    key = hash32(seeds & _M32)
+    for part in (seeds >> 32, positions.long(), step):
+        key = hash32((key + part) & _M32)
+    idx = hash32(torch.arange(2 * n, device=seeds.device))       # element streams, decorrelated per key
+    a = hash32(key[:, None] ^ idx[0::2])
+    b = hash32(key[:, None] ^ idx[1::2])
     z = torch.sqrt(-2.0 * torch.log(_uniform(a))) * torch.cos(2.0 * math.pi * _uniform(b))
     return z.view(seeds.shape[0], *shape)

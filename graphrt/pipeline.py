@@ -63,7 +63,7 @@ def denoise_chunk(forward: Callable, seeds: torch.Tensor, positions: torch.Tenso
     x = gaussian(seeds, positions, 0, shape)
     for i in range(n):
         sigma = sigma_rows[:, i].view(-1, *([1] * len(shape)))
-        flow = forward(x, t_rows[:, i])
+        flow = forward(x, t_rows[:, i].contiguous())
         x0 = (x.float() - sigma * flow.float())
         if i + 1 < n:
             nxt = sigma_rows[:, i + 1].view_as(sigma)
@@ -124,6 +124,9 @@ class Engine:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         kw = dict(num_slabs=max_sessions, max_batch=self.batch_sizes[-1])
+        if window is not None and window[0] - window[1] < cfg.chunk_frames:
+            raise CacheError(f"window={window}: the ring (window minus sink frames) must hold a whole chunk "
+                             f"of {cfg.chunk_frames} frames", fix="use a larger window or a smaller sink")
         if window is None:
             self.cache = StaticKVCache.for_model(model, **kw)
         else:
@@ -164,24 +167,33 @@ class Engine:
         def forward(x, t):
             return self._forward(x.to(self.dtype), t, **kw)
 
+        mark = None if self.mode == "chunk" else self.mark      # nothing host-side inside a captured chunk
         x0 = denoise_chunk(forward, self.seeds.index_select(0, bt), pos, self.t_table.index_select(0, bt),
-                           self.sigma_table.index_select(0, bt), self.shape, self.mark)
+                           self.sigma_table.index_select(0, bt), self.shape, mark)
         clean = x0.to(self.dtype)
         self._forward(clean, self.context_t[:batch], **kw)      # writes the clean K/V
         cache.commit(batch, self.cfg.chunk_frames)
         return clean
 
     # -- sessions -----------------------------------------------------------------------------
-    def _prompt_kv(self, context: torch.Tensor, prompt: str | None):
+    def _prompt_kv(self, context: torch.Tensor | None, prompt: str | None):
+        """Cross-attention K/V for a context; with a ``prompt`` key they are cached, and a repeat
+        skips the encoding. A key reused for a different context is an error, never a silent hit."""
         if prompt is not None and prompt in self._prompts:
+            cached_ctx, k, v = self._prompts[prompt]
+            if context is not None:
+                context = context.to(self.device, self.dtype)
+                if context.shape != cached_ctx.shape or not torch.equal(context, cached_ctx):
+                    raise InputError(f"prompt key {prompt!r} was cached for a different text context",
+                                     fix="use one key per distinct context (or pass context=None to reuse it)")
             self.stats.prompt_hits += 1
-            return self._prompts[prompt]
+            return k, v
         self.stats.prompt_misses += 1
-        k, v = self.model.encode_prompt(context.to(self.device, self.dtype))
-        kv = (k[:, 0], v[:, 0])
+        context = context.to(self.device, self.dtype)
+        k, v = self.model.encode_prompt(context)
         if prompt is not None:
-            self._prompts[prompt] = kv
-        return kv
+            self._prompts[prompt] = (context, k[:, 0], v[:, 0])
+        return k[:, 0], v[:, 0]
 
     def open(self, context: torch.Tensor | None = None, *, seed: int = 0, prompt: str | None = None,
              num_chunks: int | None = None, schedule: FlowMatchSchedule | None = None) -> Session:
@@ -202,6 +214,8 @@ class Engine:
             raise CacheError(f"a video of {num_chunks} chunks does not fit max_frames={cfg.max_frames} "
                              f"({limit} chunks of {cfg.chunk_frames} frames)",
                              fix="build the Engine with window=(frames, sink_frames) for longer videos")
+        if not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+            raise InputError("seed must be an int in [0, 2**63)", got=seed)
         schedule = schedule or self.schedule
         if len(schedule.steps) != len(self.schedule.steps):
             raise InputError("every session must take the same number of denoising steps",
@@ -233,27 +247,30 @@ class Engine:
         active = [s for s in (sessions if sessions is not None else self.sessions.values()) if not s.done]
         if not active:
             return {}
+        cond = cond or {}
+        groups = _chunks(active, self.batch_sizes[-1])
+        inputs = [self._cond(g, cond) for g in groups]  # every check before any work: an error disturbs no one
+        rolling = isinstance(self.cache, RollingKVCache)
+        for s in active:
+            if self.sessions.get(s.id) is not s:
+                raise InputError(f"session {s.id} is not open in this engine")
+            if not rolling and (s.chunk + 1) * self.cfg.chunk_frames > self.cfg.max_frames:
+                raise CacheError(f"session {s.id} is at the end of its slab ({self.cfg.max_frames} frames)",
+                                 fix="close it, or build the Engine with window=(frames, sink_frames)")
         out: dict[int, torch.Tensor] = {}
-        for group in _chunks(active, self.batch_sizes[-1]):
-            out.update(self._step_group(group, cond or {}))
+        for group, cond_t in zip(groups, inputs):
+            out.update(self._step_group(group, cond_t))
         self.stats.steps += 1
         return out
 
-    def _step_group(self, group: list[Session], cond: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        cfg, frames = self.cfg, self.cfg.chunk_frames
-        rolling = isinstance(self.cache, RollingKVCache)
-        for s in group:
-            if s.id not in self.sessions:
-                raise InputError(f"session {s.id} is closed")
-            if not rolling and (s.chunk + 1) * frames > cfg.max_frames:
-                raise CacheError(f"session {s.id} is at the end of its slab ({cfg.max_frames} frames)",
-                                 fix="close it, or build the Engine with window=(frames, sink_frames)")
+    def _step_group(self, group: list[Session], cond_t: torch.Tensor | None) -> dict[int, torch.Tensor]:
+        frames = self.cfg.chunk_frames
         batch = next(b for b in self.batch_sizes if b >= len(group))
         kv = [min((s.chunk + 1) * frames, self.cache.slab_frames) for s in group]
         # exact: every real row attends exactly kv_frames frames (padded rows read scratch; discarded)
         kv_frames, exact = max(kv), len(set(kv)) == 1
         self.cache.bind([s.slab for s in group])
-        x0 = self._chunk_fn(self._cond(group, cond), batch=batch, kv_frames=kv_frames, exact=exact)
+        x0 = self._chunk_fn(cond_t, batch=batch, kv_frames=kv_frames, exact=exact)
         self.stats.dispatches += 1 if self.mode == "chunk" else len(self.schedule.steps) + 1
         self.stats.chunks += len(group)
         self.stats.rows_padded += batch - len(group)
@@ -277,8 +294,11 @@ class Engine:
                 raise InputError(f"session {s.id} needs cond for this chunk", expected=list(shape),
                                  got=None if c is None else list(c.shape))
             rows.append(c)
-        rows += [torch.zeros(shape)] * (self.batch_sizes[-1] - len(group))
-        return torch.stack([r.to(self.device, self.dtype) for r in rows])
+        rows += [torch.zeros(shape, dtype=self.dtype, device=rows[0].device)] * (self.batch_sizes[-1] - len(group))
+        out = torch.stack([r.to(rows[0].device, self.dtype) for r in rows])
+        if out.device.type == "cpu" and self.device.type == "cuda":
+            out = out.pin_memory()        # an async copy: the host does not wait for queued chunks
+        return out.to(self.device, non_blocking=True)
 
     # -- whole videos -----------------------------------------------------------------------------
     def stream(self, context: torch.Tensor, num_chunks: int, seed: int | Sequence[int] = 0,
@@ -286,8 +306,13 @@ class Engine:
         """Generate ``num_chunks`` chunks for ``context`` [B, L, text_dim], yielding each chunk's
         latents [B, C, F, H, W] as soon as it is done. ``seed``: one int (row i gets seed + i) or
         one per row; ``prompt``: a key (or one per row) for the prompt cache."""
+        if not isinstance(context, torch.Tensor) or context.dim() != 3:
+            raise InputError("context must be [B, L, text_dim]", got=getattr(context, "shape", type(context).__name__),
+                             fix="add the batch dimension: context[None]")
         rows = context.shape[0]
         seeds = [seed + i for i in range(rows)] if isinstance(seed, int) else list(seed)
+        if isinstance(prompt, str) and rows > 1:
+            raise InputError("one prompt key per context row", expected=f"a list of {rows} keys", got=prompt)
         prompts = [prompt] * rows if prompt is None or isinstance(prompt, str) else list(prompt)
         if len(seeds) != rows or len(prompts) != rows:
             raise InputError("one seed and one prompt key per context row", expected=rows,

@@ -27,6 +27,7 @@ PLANTED = [  # (function, marker, kind, op)
     (planted.unique, "unique", SHAPE, "aten._unique2.default"),
     (planted.repeat_interleave, "repeat_interleave", SHAPE, "aten.repeat_interleave.Tensor"),
     (planted.numpy, "numpy", D2H, "Tensor.numpy"),
+    (planted.asarray, "asarray", D2H, "Tensor.__array__"),
     (planted.cpu, "cpu", D2H, "Tensor.cpu"),
     (planted.to_cpu, "to_cpu", D2H, "Tensor.to"),
     (planted.repr_, "repr", D2H, "Tensor.__repr__"),

@@ -105,3 +105,17 @@ def test_shared_pool_is_smaller_than_separate_graphs(cfg):
         g.prewarm(x, t, cache=cache, kv_frames=kv, kv_exact=True)
         separate += g.stats.pool_bytes
     assert shared.stats.pool_bytes < 0.6 * separate, (shared.stats.pool_bytes, separate)
+
+
+@torch.no_grad()
+def test_engine_chunk_graph_runs_as_a_cuda_graph(cfg):
+    """The whole-chunk function takes no tensors: the cache's device must still pick cuda-graph."""
+    from graphrt.pipeline import Engine
+
+    model = CausalWan(cfg).to("cuda", torch.bfloat16).eval()
+    ctx = torch.randn(2, cfg.text_len, cfg.text_dim, device="cuda", dtype=torch.bfloat16)
+    graphed = Engine(model, max_sessions=2, batch_sizes=(1, 2), mode="chunk", progress=False)
+    eager = Engine(model, max_sessions=2, batch_sizes=(1, 2), mode="eager", progress=False)
+    got = graphed.generate(ctx, 3, seed=1)
+    assert graphed.graphs.runtime.backend == "cuda-graph"
+    assert torch.equal(got, eager.generate(ctx, 3, seed=1))

@@ -27,13 +27,20 @@ class EagerGraph:
         return self.fn(*self.inputs)
 
 
+def trace(flat_fn, inputs, inductor: bool):
+    """The aten ops of one call over ``inputs``, every Python value frozen (``make_fx``, real
+    tensors: it runs once), optionally compiled by inductor. Each bucket gets its own GraphModule,
+    so compiling many buckets never hits dynamo's recompile limit."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(flat_fn, tracing_mode="real")(*inputs)
+    return torch.compile(gm, fullgraph=True, dynamic=False) if inductor else gm
+
+
 class CpuGraph:
     def __init__(self, flat_fn, inputs, runtime):
-        from torch.fx.experimental.proxy_tensor import make_fx
-
         self.inputs = inputs
-        self.gm = make_fx(flat_fn, tracing_mode="real")(*inputs)
-        self.run = torch.compile(self.gm, fullgraph=True, dynamic=False) if runtime.inductor else self.gm
+        self.run = trace(flat_fn, inputs, runtime.inductor)
         self.outputs = [o.clone() for o in self.run(*inputs)]   # static outputs (and the compile, if any)
 
     def replay(self):
@@ -44,7 +51,7 @@ class CpuGraph:
 
 class CudaGraph:
     def __init__(self, flat_fn, inputs, runtime):
-        fn = torch.compile(flat_fn, fullgraph=True, dynamic=False) if runtime.inductor else flat_fn
+        fn = trace(flat_fn, inputs, inductor=True) if runtime.inductor else flat_fn
         stream = runtime.side_stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

@@ -51,7 +51,24 @@ class StateRef:
     ident: int
 
     def __str__(self):
-        return f"<{self.kind}>"
+        return f"<{self.kind} at {self.ident:#x}>"
+
+
+@dataclass(frozen=True)
+class PyValue:
+    """A Python value frozen into a graph, keyed with its type (so 2, 2.0 and True differ, and
+    floats by their exact bits, so -0.0 and 0.0 differ)."""
+
+    type: str
+    key: Any
+    value: Any = field(compare=False, hash=False)
+
+    @classmethod
+    def of(cls, x) -> "PyValue":
+        return cls(type(x).__qualname__, x.hex() if isinstance(x, float) else x, x)
+
+    def __str__(self):
+        return repr(self.value)
 
 
 def is_runtime_state(obj) -> bool:
@@ -66,8 +83,9 @@ class BucketKey:
     """Frozen, hashable name of one captured graph."""
 
     batch: int | None
-    statics: tuple[tuple[str, Any], ...]
+    statics: tuple[tuple[str, PyValue], ...]
     signature: tuple[tuple[str, Any], ...] = field(repr=False)
+    structure: Any = field(default=None, repr=False)   # the call's TreeSpec: a list is not a tuple
 
     def __str__(self):
         parts = [] if self.batch is None else [f"batch={self.batch}"]
@@ -78,7 +96,7 @@ class BucketKey:
 
     def sort_key(self):
         """Larger buckets first: batch, then numeric static values."""
-        nums = tuple(v if isinstance(v, (int, float)) else 0 for _, v in self.statics)
+        nums = tuple(v.value if isinstance(v.value, (int, float)) else 0 for _, v in self.statics)
         return (self.batch or 0,) + nums
 
 
@@ -89,7 +107,7 @@ class Request:
     paths: list[str]
     leaves: list[Any]
     spec: pytree.TreeSpec
-    names: list[str]            # top-level argument name of each leaf
+    names: list[str]            # the parameter each leaf belongs to
     batch: int | None = None    # rows in the request (before padding)
 
     def rebuild(self, leaves) -> tuple[tuple, dict]:
@@ -100,38 +118,55 @@ class Request:
         return [(i, x) for i, x in enumerate(self.leaves) if isinstance(x, torch.Tensor)]
 
 
+def parameter_names(signature: inspect.Signature | None) -> set[str] | None:
+    """Names a bucket spec may refer to, or None when any name may come (``**kwargs``, no signature)."""
+    if signature is None or any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+        return None
+    return set(signature.parameters)
+
+
 def bind(signature: inspect.Signature | None, args: tuple, kwargs: dict) -> Request:
-    """Bind a call to ``signature`` (defaults applied, so defaults are part of the key) and flatten it."""
+    """Bind a call to ``signature`` (defaults applied, so defaults are part of the key) and flatten it.
+
+    Positional arguments stay positional (``f(a, *rest)`` works); keyword arguments are sorted,
+    so the caller's keyword order never changes the key.
+    """
+    positional: list[str] = []
     if signature is not None:
         try:
             bound = signature.bind(*args, **kwargs)
         except TypeError as e:
             raise InputError(f"arguments do not fit the function: {e}") from None
         bound.apply_defaults()
-        args, kwargs = (), dict(bound.arguments)
-        var_kw = [p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD]
-        for name in var_kw:
-            kwargs.update(kwargs.pop(name))
-        var_pos = [p.name for p in signature.parameters.values() if p.kind is p.VAR_POSITIONAL]
-        for name in var_pos:  # *args stay positional
-            args = tuple(kwargs.pop(name))
+        args, kwargs = bound.args, dict(sorted(bound.kwargs.items()))
+        params = signature.parameters.values()
+        positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        var_pos = next((p.name for p in params if p.kind is p.VAR_POSITIONAL), "args")
     flat, spec = pytree.tree_flatten_with_path((args, kwargs))
-    names = [p[1].key if isinstance(p[1], pytree.MappingKey) else f"arg{p[1].idx}" for p, _ in flat]
-    paths = [name + pytree.keystr(p[2:]) for name, (p, _) in zip(names, flat)]
+    paths, names = [], []
+    for p, _ in flat:
+        head, rest = p[1], pytree.keystr(p[2:])
+        if isinstance(head, pytree.MappingKey):
+            name, path = head.key, f"{head.key}{rest}"
+        elif head.idx < len(positional):
+            name, path = positional[head.idx], f"{positional[head.idx]}{rest}"
+        else:
+            name = var_pos if signature is not None else f"arg{head.idx}"
+            path = f"{var_pos}[{head.idx - len(positional)}]{rest}" if signature is not None else f"{name}{rest}"
+        paths.append(path)
+        names.append(name)
     return Request(paths, [x for _, x in flat], spec, names)
 
 
-def _leaf_key(x):
-    if isinstance(x, torch.Tensor):
-        raise AssertionError("tensors are keyed by spec")
+def _leaf_key(x, path: str):
     if is_runtime_state(x):
         return StateRef(type(x).__name__, id(x))
     try:
         hash(x)
     except TypeError:
-        raise InputError(f"argument of type {type(x).__name__} is neither a tensor nor a hashable value",
+        raise InputError(f"argument {path} of type {type(x).__name__} is neither a tensor nor a hashable value",
                          fix="pass tensors, Python scalars, or tuples/lists/dicts of them") from None
-    return x
+    return PyValue.of(x)
 
 
 class Buckets:
@@ -176,13 +211,13 @@ class Buckets:
         bucket = None if b is None else next((s for s in self.batch_sizes if s >= b), b)
         statics, sig = [], []
         for i, (path, x) in enumerate(zip(req.paths, req.leaves)):
-            if req.names[i] in self.static_args and not isinstance(x, torch.Tensor):
-                statics.append((path, x))
-            elif isinstance(x, torch.Tensor):
+            if isinstance(x, torch.Tensor):
                 sig.append((path, TensorSpec.of(x, bucket if self._batched(req, i) else None)))
+            elif req.names[i] in self.static_args:
+                statics.append((path, _leaf_key(x, path)))
             else:
-                sig.append((path, _leaf_key(x)))
-        return BucketKey(bucket, tuple(statics), tuple(sig))
+                sig.append((path, _leaf_key(x, path)))
+        return BucketKey(bucket, tuple(statics), tuple(sig), req.spec)
 
     def allows(self, key: BucketKey) -> str | None:
         """Why the spec has no such bucket, or None when it does."""
@@ -190,17 +225,27 @@ class Buckets:
             return f"batch {key.batch} is larger than the largest batch bucket {self.batch_sizes[-1]}"
         for name, value in key.statics:
             allowed = self.static_args.get(name)
-            if allowed is not None and value not in allowed:
-                return f"{name}={value!r} is not one of {allowed}"
+            if allowed is not None and value not in [PyValue.of(a) for a in allowed]:
+                return f"{name}={value} is not one of {allowed}"
         return None
+
+    def check_names(self, names: set[str] | None) -> None:
+        """Refuse a spec that names arguments the function does not have (a typo would never match)."""
+        if names is None:
+            return
+        unknown = sorted((set(self.batch_args) | set(self.static_args)) - names)
+        if unknown:
+            raise InputError(f"the bucket spec names argument(s) the function does not have: {unknown}",
+                             expected=sorted(names), fix="spell batch_args / static_args as the function's parameters")
 
     def expand(self, key: BucketKey) -> list[BucketKey]:
         """Every bucket of the spec that shares ``key``'s signature (what ``prewarm`` captures)."""
         names = [n for n, _ in key.statics]
-        choices = [self.static_args.get(n, (v,)) for n, v in key.statics]
+        choices = [[PyValue.of(a) for a in self.static_args[n]] if n in self.static_args else [v]
+                   for n, v in key.statics]
         batches = self.batch_sizes or (key.batch,)
         out = []
         for b, combo in itertools.product(batches, itertools.product(*choices)):
             sig = tuple((p, v.with_batch(b) if isinstance(v, TensorSpec) else v) for p, v in key.signature)
-            out.append(BucketKey(b, tuple(zip(names, combo)), sig))
+            out.append(BucketKey(b, tuple(zip(names, combo)), sig, key.structure))
         return sorted(set(out), key=BucketKey.sort_key, reverse=True)

@@ -75,6 +75,7 @@ _PY_READS = {
     torch.Tensor.tolist: (SCALAR, "Tensor.tolist", "keep the values on the device (index with them), "
                                                    "or pass Python ints that depend only on the bucket"),
     torch.Tensor.numpy: (D2H, "Tensor.numpy", _D2H_HINT),
+    torch.Tensor.__array__: (D2H, "Tensor.__array__", _D2H_HINT),   # np.asarray(t), np.array(t)
     torch.Tensor.cpu: (D2H, "Tensor.cpu", _D2H_HINT),
     torch.Tensor.__repr__: (D2H, "Tensor.__repr__", _PRINT_HINT),
     torch.Tensor.__format__: (D2H, "Tensor.__format__", _PRINT_HINT),

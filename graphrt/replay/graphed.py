@@ -8,15 +8,20 @@ bucket; each bucket uses a view.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+import torch.utils._pytree as pytree
 
-from graphrt.capture.buckets import Buckets, BucketKey, Request, StateRef, TensorSpec, bind, is_runtime_state
-from graphrt.capture.capture import Captured, Runtime, capture, resolve_backend, state_guard
-from graphrt.errors import BucketMissError, CaptureError, InputError, ReplayMismatchError, SignatureError
+from graphrt.capture.backends import BACKENDS
+from graphrt.capture.buckets import (Buckets, BucketKey, PyValue, Request, StateRef, TensorSpec, bind,
+                                     is_runtime_state, parameter_names)
+from graphrt.capture.capture import Captured, Runtime, capture, resolve_backend
+from graphrt.errors import (BackendUnavailableError, BucketMissError, CaptureError, InputError, ReplayMismatchError,
+                            SignatureError)
 from graphrt.tolerance import max_rel_err, tolerance
 
 
@@ -37,11 +42,31 @@ class _Bucket:
     key: BucketKey
     leaves: list                      # static leaves: buffers for tensors, values otherwise
     request: Request                  # the structure the leaves fill
-    captured: Captured
+    states: list                      # runtime states this bucket touches
+    captured: Captured | None = None
     replays: int = 0
+    verified: int = 0
 
     def tensor_positions(self):
         return [i for i, x in enumerate(self.leaves) if isinstance(x, torch.Tensor)]
+
+
+class ModuleBuffers:
+    """Runtime state of an ``nn.Module`` held in its buffers: snapshot and restored around capture
+    and verification, so warm-up runs leave no trace there either."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def snapshot(self, data: bool = False):
+        return {name: b.clone() for name, b in self.module.named_buffers()}
+
+    def restore(self, snap):
+        for name, b in self.module.named_buffers():
+            b.copy_(snap[name])
+
+    def reset(self):
+        """Module buffers have no "empty" graphrt knows of: give the module the state protocol."""
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -56,6 +81,11 @@ class GraphedModule:
                  states=(), check: bool = True, progress: bool = True):
         if fallback not in ("error", "eager"):
             raise InputError("fallback must be 'error' or 'eager'", got=fallback)
+        if backend not in BACKENDS + ("auto",):
+            raise BackendUnavailableError(f"unknown graph backend {backend!r}", expected=BACKENDS + ("auto",),
+                                          got=backend)
+        if backend == "cuda-graph":
+            Runtime(backend)          # fails now, not at the first call, when there is no CUDA device
         self.fn = fn
         self.module = fn if isinstance(fn, torch.nn.Module) else None
         target = fn.forward if self.module is not None else fn
@@ -64,19 +94,18 @@ class GraphedModule:
         except (TypeError, ValueError):
             self.signature = None
         self.buckets = buckets or Buckets()
-        self.backend = backend
-        self.inductor = inductor
-        self.verify = verify
-        self.fallback = fallback
-        self.clone_outputs = clone_outputs
-        self.check = check
-        self.progress = progress
+        self.buckets.check_names(parameter_names(self.signature))
+        self.backend, self.inductor, self.verify = backend, inductor, verify
+        self.fallback, self.clone_outputs, self.check, self.progress = fallback, clone_outputs, check, progress
         self.stats = GraphStats()
         self.runtime: Runtime | None = None
         self.sealed = False
         self._graphs: dict[BucketKey, _Bucket] = {}
         self._buffers: dict[tuple, torch.Tensor] = {}
-        self._states: dict[int, Any] = {id(s): s for s in states}
+        own = [fn] if is_runtime_state(fn) else \
+            [ModuleBuffers(fn)] if self.module is not None and any(True for _ in fn.buffers()) else []
+        self._fixed_states = list(states) + own          # always guarded
+        self._states: dict[int, Any] = {id(s): s for s in self._fixed_states}   # every state seen, for reset()
 
     # -- public --------------------------------------------------------------------------------
     @property
@@ -89,14 +118,16 @@ class GraphedModule:
         self._register_states(req)
         key = self.buckets.key(req)
         entry = self._graphs.get(key)
+        captured_now = entry is None
         if entry is None:
             why = self.buckets.allows(key)
             if self.sealed or why:
                 return self._miss(req, key, why)
             entry = self._capture(key, req)
         self._load(entry, req)
-        with torch.no_grad():
-            if entry.replays < self.verify:
+        with torch.no_grad(), self._padding(entry, req):
+            # the call that captured ran with the capture's own Python values: verifying it proves nothing
+            if not captured_now and entry.verified < self.verify:
                 outs = self._verified_replay(entry)
             else:
                 outs = entry.captured.graph.replay()
@@ -143,9 +174,8 @@ class GraphedModule:
             s.reset()
 
     def static_inputs(self, *args, **kwargs) -> tuple[tuple, dict]:
-        """The static buffers of the bucket this call maps to, as ``(args, kwargs)`` bound to the
-        function's parameter names. Writing into them and passing them back skips the copy-in.
-        """
+        """The static buffers of the bucket this call maps to, in the call's ``(args, kwargs)``
+        structure. Writing into them and passing them back skips the copy-in."""
         req = bind(self.signature, args, kwargs)
         key = self.buckets.key(req)
         if key not in self._graphs:
@@ -159,11 +189,23 @@ class GraphedModule:
             if is_runtime_state(x):
                 self._states.setdefault(id(x), x)
 
+    def _request_states(self, req: Request) -> list:
+        seen = {id(s): s for s in self._fixed_states}
+        for x in req.leaves:
+            if is_runtime_state(x):
+                seen.setdefault(id(x), x)
+        return list(seen.values())
+
     def _device(self, req: Request) -> torch.device:
+        """Where the work runs: the inputs, else the runtime states (caches), else the parameters."""
         for _, x in req.tensors():
             return x.device
-        if self.module is not None:
-            for p in self.module.parameters():
+        for s in self._request_states(req):
+            if isinstance(getattr(s, "device", None), torch.device):
+                return s.device
+        owner = self.module if self.module is not None else getattr(self.fn, "__self__", None)
+        if isinstance(owner, torch.nn.Module):
+            for p in owner.parameters():
                 return p.device
         return torch.device("cpu")
 
@@ -183,19 +225,17 @@ class GraphedModule:
         if self.runtime is None:
             self.runtime = Runtime(resolve_backend(self.backend, self._device(req)), inductor=self.inductor,
                                    check_host_reads=self.check)
-        sig = dict(key.signature)
-        statics = dict(key.statics)
+        frozen = dict(key.statics) | dict(key.signature)
         leaves = []
-        for path, x in zip(req.paths, req.leaves):
-            if path in statics:
-                leaves.append(statics[path])
-            elif isinstance(sig[path], TensorSpec):
-                leaves.append(self._buffer(path, sig[path]))
-            elif isinstance(sig[path], StateRef):
-                leaves.append(self._states[sig[path].ident])
+        for path in req.paths:
+            v = frozen[path]
+            if isinstance(v, TensorSpec):
+                leaves.append(self._buffer(path, v))
+            elif isinstance(v, StateRef):
+                leaves.append(self._states[v.ident])
             else:
-                leaves.append(sig[path])
-        entry = _Bucket(key, leaves, req, captured=None)
+                leaves.append(v.value)
+        entry = _Bucket(key, leaves, req, self._request_states(req))
         if load:
             self._load(entry, req)
         positions = entry.tensor_positions()
@@ -208,8 +248,8 @@ class GraphedModule:
 
         cuda = self.runtime.backend == "cuda-graph"
         reserved = torch.cuda.memory_reserved() if cuda else 0
-        entry.captured = capture(self.runtime, self.fn, rebuild, [leaves[i] for i in positions],
-                                 list(self._states.values()), where=f"bucket [{key}]")
+        entry.captured = capture(self.runtime, self.fn, rebuild, [leaves[i] for i in positions], entry.states,
+                                 where=f"bucket [{key}]")
         if cuda:
             self.stats.pool_bytes += torch.cuda.memory_reserved() - reserved
         self.stats.captures += 1
@@ -219,26 +259,29 @@ class GraphedModule:
 
     # -- replay --------------------------------------------------------------------------------
     def _load(self, entry: _Bucket, req: Request):
-        """Copy the request's tensors into the static buffers; zero padded rows, point them at scratch."""
-        pad_from = None
+        """Copy the request's tensors into the static buffers; zero the padded rows."""
         for i, dst in enumerate(entry.leaves):
             if not isinstance(dst, torch.Tensor):
                 continue
             src = req.leaves[i]
-            n = src.shape[0] if self.buckets._batched(req, i) else None
-            if n is None:
+            if not self.buckets._batched(req, i):
                 if not _same_memory(src, dst):
                     dst.copy_(src)
                 continue
+            n = src.shape[0]
             if not _same_memory(src, dst[:n]):
                 dst[:n].copy_(src)
             if n < dst.shape[0]:
                 dst[n:].zero_()
-                pad_from = n
-        if pad_from is not None:
-            for s in self._states.values():
-                if hasattr(s, "mask_rows"):
-                    s.mask_rows(pad_from, entry.key.batch)
+
+    def _padding(self, entry: _Bucket, req: Request):
+        """While a padded request replays, its padded rows point at each cache's scratch slab."""
+        stack = contextlib.ExitStack()
+        if req.batch is not None and req.batch < entry.key.batch:
+            for s in entry.states:
+                if hasattr(s, "pad_rows"):
+                    stack.enter_context(s.pad_rows(req.batch, entry.key.batch))
+        return stack
 
     def _outputs(self, entry: _Bucket, req: Request, tensors):
         b, bucket = req.batch, entry.key.batch
@@ -250,15 +293,13 @@ class GraphedModule:
 
     def _verified_replay(self, entry: _Bucket):
         """Replay, then rerun eagerly from the same state and compare outputs and state."""
-        states = list(self._states.values())
+        states = entry.states
         before = [s.snapshot(data=True) for s in states]
         outs = [o.clone() for o in entry.captured.graph.replay()]
         after = [s.snapshot(data=True) for s in states]
         for s, snap in zip(states, before):
             s.restore(snap)
         args, kwargs = entry.request.rebuild(entry.leaves)
-        import torch.utils._pytree as pytree
-
         eager = [x for x in pytree.tree_flatten(self.fn(*args, **kwargs))[0] if isinstance(x, torch.Tensor)]
         exact = not self.runtime.inductor
         pairs = [(f"output {i}", g, e) for i, (g, e) in enumerate(zip(outs, eager))]
@@ -278,6 +319,7 @@ class GraphedModule:
                         "device tensor (positions, lengths, indices) or make it part of the bucket key")
         for s, snap in zip(states, after):
             s.restore(snap)              # the state the graph left
+        entry.verified += 1
         self.stats.verified += 1
         return outs
 
@@ -290,13 +332,16 @@ class GraphedModule:
         near = [k for k in self._graphs if k.batch == key.batch and k.statics == key.statics]
         if near and why is None:
             want = dict(near[0].signature)
-            diffs = [(p, want.get(p), v) for p, v in key.signature if want.get(p) != v]
+            diffs = [(p, want.get(p, "(absent)"), v) for p, v in key.signature if want.get(p) != v]
+            diffs += [(p, w, "(absent)") for p, w in near[0].signature if p not in dict(key.signature)]
+            if not diffs:
+                diffs = [("structure", near[0].structure, key.structure)]
             raise SignatureError(
                 f"inputs do not match the captured signature of bucket [{near[0]}]",
                 expected="; ".join(f"{p}: {w}" for p, w, _ in diffs),
                 got="; ".join(f"{p}: {g}" for p, _, g in diffs),
-                fix="pass inputs of the captured shape/dtype/device, or capture this signature before prewarm() "
-                    "seals the graphs")
+                fix="pass inputs of the captured shape/dtype/device (and the same cache objects), or capture "
+                    "this signature before prewarm() seals the graphs")
         existing = ", ".join(f"[{k}]" for k in self.keys) or "none"
         raise BucketMissError(
             f"no captured graph serves this request: [{key}]",
@@ -315,13 +360,14 @@ def compile(model_or_fn: Callable, *, buckets: Buckets | None = None, backend: s
     - ``backend``: ``"cuda-graph"``, ``"cpu-graph"`` (CPU emulation that freezes host values as a
       CUDA graph does), ``"eager"`` (no graph), or ``"auto"`` (by the inputs' device).
     - ``inductor``: ``torch.compile(fullgraph=True, dynamic=False)`` each bucket before capture.
-    - ``verify``: the first N replays of each bucket also run eagerly from the same state and
-      must match (bit for bit without inductor); raises :class:`ReplayMismatchError`.
+    - ``verify``: the first N replays of each bucket (after the call that captured it) also run
+      eagerly from the same state and must match (bit for bit without inductor); raises
+      :class:`ReplayMismatchError`.
     - ``fallback``: after ``prewarm()`` seals the graphs, a request no bucket serves raises
       :class:`BucketMissError` (``"error"``) or runs eagerly and is counted (``"eager"``).
     - ``clone_outputs``: return clones instead of the static outputs (valid until the next replay).
     - ``states``: runtime-state objects the function uses without taking them as arguments
-      (caches passed as arguments are found automatically).
+      (caches passed as arguments are found automatically; a module's buffers are guarded too).
     - ``check``: refuse to capture a forward with host reads (see :func:`graphrt.check`).
     """
     return GraphedModule(model_or_fn, buckets=buckets, backend=backend, inductor=inductor, verify=verify,

@@ -62,7 +62,10 @@ class CausalWan(WanModelBase):
         b = frame_pos.shape[0]
         at, ah, aw = self.rope_tables(frame_pos.device)
         shape = (b, f, h, w, -1)
-        ang = torch.cat([at.index_select(0, frame_pos.flatten()).view(b, f, 1, 1, -1).expand(shape),
+        # time angles = position x inverse frequency (row 1 of the table), the exact float64 product
+        # the table holds, with no table bound: a rolling cache may run past ROPE_MAX_LEN frames
+        t_ang = frame_pos.to(torch.float64)[..., None] * at[1]
+        ang = torch.cat([t_ang.view(b, f, 1, 1, -1).expand(shape),
                          ah[:h].view(1, 1, h, 1, -1).expand(shape),
                          aw[:w].view(1, 1, 1, w, -1).expand(shape)], dim=-1).reshape(b, f * h * w, 1, -1)
         return ang.cos().float(), ang.sin().float()
@@ -111,6 +114,7 @@ class CausalWan(WanModelBase):
         b, f = tokens.shape[0], grid[0]
         step = None
         if cache is not None:
+            cache.check_model(self.cfg, x.dtype, x.device)
             step = cache.step(b, f, grid[1] * grid[2], kv_frames, kv_exact, positions)
             positions = step.positions
         frames = torch.arange(f, device=x.device)

@@ -149,9 +149,12 @@ class WanModelBase(nn.Module):
 
     # -- shapes --------------------------------------------------------------------------
     def check_inputs(self, x, t, context=None):
-        """Shape, dtype and device checks on the host (shapes only; no tensor is read)."""
+        """Shape, dtype and device checks on the host (metadata only; no tensor is read)."""
         cfg = self.cfg
         p = self.patch_embedding.weight
+        for name, v in (("latents x", x), ("timestep t", t), ("context", context)):
+            if v is not None and not isinstance(v, torch.Tensor):
+                raise InputError(f"{name} must be a tensor", got=type(v).__name__)
         if x.dim() != 5 or x.shape[1] != cfg.in_dim:
             raise InputError("latents have the wrong shape", expected=f"[B, {cfg.in_dim}, F, H, W]",
                              got=list(x.shape), fix="pass latents laid out as [batch, channels, frames, height, width]")
@@ -159,11 +162,16 @@ class WanModelBase(nn.Module):
         if x.shape[3] % ph or x.shape[4] % pw:
             raise InputError("latent height/width not divisible by the patch", expected=f"multiples of {(ph, pw)}",
                              got=tuple(x.shape[3:]))
-        if x.device != p.device:
-            raise InputError("latents are on another device than the model", expected=str(p.device), got=str(x.device),
-                             fix="move the inputs with .to(model device)")
         if t.shape != (x.shape[0],):
             raise InputError("timestep must be one value per batch row", expected=[x.shape[0]], got=list(t.shape))
+        for name, v in (("latents x", x), ("timestep t", t), ("context", context)):
+            if v is not None and v.device.type != p.device.type:
+                raise InputError(f"{name} is on another device than the model", expected=str(p.device),
+                                 got=str(v.device), fix="move the inputs with .to(model device)")
+        for name, v in (("latents x", x), ("context", context)):
+            if v is not None and v.dtype != p.dtype:
+                raise InputError(f"{name} has another dtype than the model", expected=str(p.dtype), got=str(v.dtype),
+                                 fix=f"cast with .to({p.dtype})")
         if context is not None and (context.dim() != 3 or context.shape[0] != x.shape[0]
                                     or context.shape[2] != cfg.text_dim):
             raise InputError("text context has the wrong shape", expected=f"[{x.shape[0]}, L, {cfg.text_dim}]",
@@ -187,8 +195,11 @@ class WanModelBase(nn.Module):
             raise InputError("cond was passed to a model built with cond_dim=0", got=list(cond.shape),
                              fix="build the model with WanConfig(cond_dim=...)")
         b, f = x.shape[0], grid[0]
-        if tuple(cond.shape) != (b, f, self.cfg.cond_dim):
-            raise InputError("cond has the wrong shape", expected=[b, f, self.cfg.cond_dim], got=list(cond.shape))
+        if not isinstance(cond, torch.Tensor) or tuple(cond.shape) != (b, f, self.cfg.cond_dim):
+            raise InputError("cond has the wrong shape", expected=[b, f, self.cfg.cond_dim],
+                             got=list(cond.shape) if isinstance(cond, torch.Tensor) else type(cond).__name__)
+        if cond.device.type != x.device.type:
+            raise InputError("cond is on another device than the model", expected=str(x.device), got=str(cond.device))
         c = self.cond_embedding(cond.to(x.dtype))
         return (x.unflatten(1, (f, -1)) + c.unsqueeze(2)).flatten(1, 2)
 
