@@ -2,8 +2,9 @@
 
 A cache owns every tensor that changes from chunk to chunk, all on the device:
 
-- ``k``/``v`` [layers, slabs + 1, slab_tokens, H, D]: a pool of slabs, one per session; the last
-  slab is scratch, where padded batch rows write so they never touch a real session.
+- ``k``/``v`` [layers, slabs * slab_tokens + scratch_tokens, H, D]: a pool of slabs, one per
+  session, then a scratch region (one chunk by default), where padded batch rows and warm-up runs
+  write so they never touch a real session. A scratch row reads its region cyclically.
 - ``block_table`` int32 [max_batch]: batch row -> slab (one block per row), so sessions join
   and leave without copying caches.
 - ``frames`` int32 [slabs + 1]: committed latent frames per slab (the session's position).
@@ -44,7 +45,7 @@ class SlabKVCache:
 
     def __init__(self, *, num_layers: int, num_heads: int, head_dim: int, frame_tokens: int,
                  slab_frames: int, num_slabs: int = 1, max_batch: int | None = None, text_len: int = 0,
-                 device=None, dtype=torch.float32, align: int = 1):
+                 device=None, dtype=torch.float32, align: int = 1, scratch_frames: int | None = None):
         if num_slabs < 1:
             raise CacheError("a cache needs at least one slab", got=num_slabs)
         self.num_layers, self.num_heads, self.head_dim = num_layers, num_heads, head_dim
@@ -58,7 +59,11 @@ class SlabKVCache:
         self.text_len = text_len
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
-        shape = (num_layers, num_slabs + 1, self.stride, num_heads, head_dim)
+        # flash-attn reads the pool as pages of `stride` tokens: then scratch must be a whole page
+        small = scratch_frames is not None and align == 1
+        self.scratch_tokens = min(scratch_frames * frame_tokens, self.stride) if small else self.stride
+        self.scratch_base = num_slabs * self.stride
+        shape = (num_layers, self.scratch_base + self.scratch_tokens, num_heads, head_dim)
         kw = dict(device=self.device, dtype=dtype)
         self.k = torch.zeros(shape, **kw)
         self.v = torch.zeros(shape, **kw)
@@ -83,6 +88,7 @@ class SlabKVCache:
         p = next(model.parameters())
         if getattr(model, "attention_backend", None) == "flash":
             kw.setdefault("align", 256)          # flash-attn's paged KV wants pages of 256 tokens
+        kw.setdefault("scratch_frames", cfg.chunk_frames)
         return cls(num_layers=cfg.num_layers, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
                    frame_tokens=frame_tokens or cfg.frame_tokens, num_slabs=num_slabs, max_batch=max_batch,
                    text_len=cfg.text_len, device=p.device, dtype=p.dtype, **cls._model_kw(cfg, kw))
@@ -127,8 +133,8 @@ class SlabKVCache:
             raise CacheError(f"slab {slab} is not held", expected=f"a slab taken with acquire() (0..{self.num_slabs - 1})")
         self.frames[slab] = 0
         if wipe:
-            for t in (self.k, self.v, self.cross_k, self.cross_v):
-                t[:, slab].zero_()
+            for t in (*self.slab_kv(slab), self.cross_k[:, slab], self.cross_v[:, slab]):
+                t.zero_()
         self._free.append(slab)
         self._free.sort()
 
@@ -148,6 +154,20 @@ class SlabKVCache:
             src = src.pin_memory()   # an async copy: the host does not wait for queued chunks
         self.block_table.copy_(src, non_blocking=True)
         self._bound = rows
+
+    def slab_kv(self, slab: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of one slab's K and V, [layers, slab tokens, H, D]."""
+        rows = slice(slab * self.stride, (slab + 1) * self.stride)
+        return self.k[:, rows], self.v[:, rows]
+
+    def paged(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of a layer as pages of one slab each, [slabs + 1, stride, H, D] (flash-attn's
+        ``block_table`` layout; needs a whole-page scratch, which ``align > 1`` gives)."""
+        if self.scratch_tokens != self.stride:
+            raise CacheError("this cache's scratch region is not a whole page",
+                             fix="build it with align=256 (as for_model does when flash-attn is the backend)")
+        shape = (self.num_slabs + 1, self.stride, self.num_heads, self.head_dim)
+        return self.k[layer].view(shape), self.v[layer].view(shape)
 
     def set_cross(self, slab: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store a session's cross-attention K/V ([layers, text_len, H, D]) in its slab."""
@@ -173,6 +193,10 @@ class SlabKVCache:
         if not 1 <= batch <= self.max_batch:
             raise InputError("batch larger than the cache serves", expected=f"<= {self.max_batch}", got=batch,
                              fix="build the cache with a larger max_batch")
+        if query_frames * self.frame_tokens > self.scratch_tokens:
+            raise InputError("chunk longer than the cache's scratch region",
+                             expected=f"<= {self.scratch_tokens // frame_tokens} frames", got=query_frames,
+                             fix="build the cache with scratch_frames >= the chunk")
         if query_frames * self.frame_tokens > self._ring_tokens():
             raise InputError("chunk longer than the slab's ring", expected=f"<= {self._ring_tokens() // frame_tokens} "
                              "frames", got=query_frames, fix="use a larger window (minus sink) than a chunk")
@@ -183,14 +207,17 @@ class SlabKVCache:
         T = self.frame_tokens
         bt = self.block_table[:batch]
         pos = self.frames.index_select(0, bt) if positions is None else positions
-        base = bt.long()[:, None] * self.stride
+        rows = bt.long()[:, None]
+        base = rows * self.stride                     # the scratch row's base is scratch_base
+        scratch_row = rows == self.scratch
         start = pos.long()[:, None] * T
         slot = self._slot(start + self._arange[:query_frames * T])
-        # a row past the end of its slab writes to scratch, never into a neighbour's slab
-        write_index = torch.where(slot < self.slab_tokens, base + slot,
-                                  self.scratch * self.stride + slot % self.slab_tokens).flatten()
+        # padding rows, and a row past the end of its slab, write to scratch: never into a neighbour
+        write_index = torch.where(scratch_row | (slot >= self.slab_tokens),
+                                  self.scratch_base + slot % self.scratch_tokens, base + slot).flatten()
         kv_tokens = kv_frames * T
-        read_index = (base + self._arange[:kv_tokens]).flatten()
+        span = self._arange[:kv_tokens]
+        read_index = torch.where(scratch_row, self.scratch_base + span % self.scratch_tokens, base + span).flatten()
         seqlens = self.seqlens[:batch]
         seqlens.copy_(self._filled(start[:, 0] + query_frames * T))
         return CacheStep(batch, kv_tokens, write_index, read_index, bt, pos, seqlens, exact)
@@ -198,15 +225,14 @@ class SlabKVCache:
     def write(self, layer: int, step: CacheStep, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write this forward's K/V ([B, query_tokens, H, D]) at the step's device indices."""
         shape = (-1, self.num_heads, self.head_dim)
-        self.k[layer].view(shape).index_copy_(0, step.write_index, k.reshape(shape).to(self.dtype))
-        self.v[layer].view(shape).index_copy_(0, step.write_index, v.reshape(shape).to(self.dtype))
+        self.k[layer].index_copy_(0, step.write_index, k.reshape(shape).to(self.dtype))
+        self.v[layer].index_copy_(0, step.write_index, v.reshape(shape).to(self.dtype))
 
     def read(self, layer: int, step: CacheStep) -> tuple[torch.Tensor, torch.Tensor]:
         """Gathered K/V [B, kv_tokens, H, D] for the step's rows."""
-        shape = (-1, self.num_heads, self.head_dim)
         out = (step.batch, step.kv_tokens, self.num_heads, self.head_dim)
-        return (self.k[layer].view(shape).index_select(0, step.read_index).view(out),
-                self.v[layer].view(shape).index_select(0, step.read_index).view(out))
+        return (self.k[layer].index_select(0, step.read_index).view(out),
+                self.v[layer].index_select(0, step.read_index).view(out))
 
     def cross(self, layer: int, step: CacheStep) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows' cross-attention K/V [B, text_len, H, D]."""

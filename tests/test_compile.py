@@ -63,7 +63,7 @@ def test_cpu_graph_replay_is_bit_identical(cfg, case):
         gcache.commit(b, cfg.chunk_frames)
         ecache.commit(b, cfg.chunk_frames)
     assert torch.equal(gcache.frames, ecache.frames)
-    assert torch.equal(gcache.k[:, :2], ecache.k[:, :2])
+    assert torch.equal(gcache.k[:, :gcache.scratch_base], ecache.k[:, :ecache.scratch_base])
     assert g.stats.replays == len(chunks) * len(STEPS)
     assert g.stats.captures == len({(b, c, b == 1) for b, _, c in chunks})
 
@@ -167,11 +167,12 @@ def test_prewarm_leaves_no_trace_and_reset_replays_the_same_video(cfg):
     before = cache.snapshot(data=True)
     g.prewarm(x, torch.zeros(1), cache=cache, kv_frames=3, kv_exact=True)
     after = cache.snapshot(data=True)
+    real = {"k": (slice(None), slice(0, cache.scratch_base)), "v": (slice(None), slice(0, cache.scratch_base)),
+            "cross_k": (slice(None), slice(0, cache.num_slabs)), "cross_v": (slice(None), slice(0, cache.num_slabs)),
+            "frames": slice(0, cache.num_slabs)}            # everything but the scratch region
     for name in before:
-        real = slice(None) if before[name].dim() == 1 else (slice(None), slice(0, cache.num_slabs))
-        if name == "frames":
-            real = slice(0, cache.num_slabs)
-        assert torch.equal(before[name][real], after[name][real]), name
+        where = real.get(name, slice(None))
+        assert torch.equal(before[name][where], after[name][where]), name
     assert g.stats.captures == 14 and g.sealed
     assert torch.equal(x, x0)
 
@@ -210,11 +211,11 @@ def test_padding_dispatch_and_scratch(cfg):
                                                static_args={"kv_frames": (3,), "kv_exact": (True,)}),
                         progress=False)
     cache.bind([a, b])                       # a stale binding of two rows ...
-    slab_b = cache.k[:, b].clone()
+    slab_b = cache.slab_kv(b)[0].clone()
     x = torch.randn(1, cfg.in_dim, 3, cfg.height, cfg.width)
     out = g(x, torch.zeros(1), cache=cache, kv_frames=3, kv_exact=True)   # ... but one row requested
     assert out.shape[0] == 1
-    assert torch.equal(cache.k[:, b], slab_b)                             # row 1 went to scratch
+    assert torch.equal(cache.slab_kv(b)[0], slab_b)                       # row 1 went to scratch
     assert g.keys[0].batch == 2
     ref_cache = _cache(model)
     _prompt(model, ref_cache, ref_cache.acquire(), ctx[:1])
@@ -380,9 +381,9 @@ def test_a_row_past_its_slab_never_writes_into_a_neighbour(cfg):
     _prompt(model, cache, a, torch.randn(1, cfg.text_len, cfg.text_dim))
     cache.bind([a])
     cache.frames[a] = cfg.max_frames                                    # a is at the end of its slab
-    before = cache.k[:, b].clone()
+    before = cache.slab_kv(b)[0].clone()
     model(torch.randn(1, cfg.in_dim, 3, cfg.height, cfg.width), torch.zeros(1), cache=cache)
-    assert torch.equal(cache.k[:, b], before)
+    assert torch.equal(cache.slab_kv(b)[0], before)
 
 
 def test_bucket_keys_keep_types_structure_and_positional_arguments():

@@ -79,7 +79,7 @@ class CausalWan(WanModelBase):
             return attn.out(attn_mod.attend(q, k, v, backend=backend))
         cache.write(layer, step, k, v)
         if backend == "flash":
-            out = attn_mod.attend_paged(q, cache.k[layer], cache.v[layer], step.block_table, step.seqlens)
+            out = attn_mod.attend_paged(q, *cache.paged(layer), step.block_table, step.seqlens)
         else:
             ks, vs = cache.read(layer, step)
             out = attn_mod.attend(q, ks, vs, seqlens=None if step.exact else step.seqlens, backend=backend)
