@@ -11,5 +11,5 @@ timeout 300 python -m pytest -q -rs tests/test_cuda.py tests/test_compile.py tes
 for run in "wan-1.3b-480p 1" "wan-1.3b-240p-f1 1" "wan-1.3b-480p 4" "wan-1.3b-240p-f1 4"; do
   set -- $run
   timeout "${BENCH_TIMEOUT:-420}" python -m graphrt.bench --preset "$1" --batch "$2" --repeats 1 --no-progress \
-    --json "$out/$1-b$2.json" > "$out/$1-b$2.txt" 2>&1 || echo "bench $1 batch $2 exited $?" >> "$out/$1-b$2.txt"
+    --json "$out/$1-b$2.json" --md "$out/$1-b$2.md" > "$out/$1-b$2.txt" 2>&1 || echo "bench $1 batch $2 exited $?" >> "$out/$1-b$2.txt"
 done

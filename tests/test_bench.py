@@ -16,7 +16,7 @@ FIELDS = {"first_chunk_ms", "chunk_ms_median", "chunk_ms_p90", "fps", "host_read
 def test_bench_cli_all_modes(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "graphrt.bench", "--preset", "tiny", "--chunks", "2", "--repeats", "1",
-                           "--threads", "1", "--no-progress", "--json", str(out)],
+                           "--threads", "1", "--no-progress", "--json", str(out), "--md", str(tmp_path / "b.md")],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -38,6 +38,8 @@ def test_bench_cli_all_modes(tmp_path):
     assert modes["graphs"]["graphs"] == 2 and modes["chunk-graph"]["graphs"] == 2
     assert modes["reference"]["speedup_vs_reference"] == 1.0
     assert "graphrt.bench: tiny" in proc.stdout                   # the table came first
+    md = (tmp_path / "b.md").read_text()
+    assert "| chunk-graph |" in md and "max err vs reference" in md
 
 
 def test_bench_subset_and_skips():

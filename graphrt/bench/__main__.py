@@ -30,6 +30,7 @@ def _args(argv):
     p.add_argument("--checkpoint", help="a Wan 2.1 safetensors file or folder (default: random weights)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_path", help="also write the JSON summary here")
+    p.add_argument("--md", help="also write the table as markdown here")
     p.add_argument("--plot", help="draw speedup per mode to this image (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -66,6 +67,39 @@ def table(summary: dict) -> Table:
                   _fmt(r["max_err_vs_reference"]), _fmt(r["speedup_vs_reference"], "x"),
                   _fmt(r["speedup_vs_eager"], "x"))
     return t
+
+
+def markdown(summary: dict) -> str:
+    """The summary as a markdown table with its config line and each mode's notes."""
+    c = summary["config"]
+
+    def f(v, digits=2):
+        if v is None:
+            return "-"
+        if isinstance(v, float) and 0 < abs(v) < 1e-2:
+            return f"{v:.2e}"
+        return f"{v:,.{digits}f}" if isinstance(v, float) else str(v)
+
+    head = ["mode", "first chunk ms", "chunk ms p50", "p90", "denoise ms", "cache pass ms", "video fps",
+            "host reads/chunk", "graphs", "capture s", "peak MiB", "GPU busy", "max err vs reference",
+            "x reference", "x eager"]
+    lines = [f"{summary['preset']} on {summary['device']}, torch {summary['torch']}: {c['chunks']} chunks x "
+             f"({c['steps']} steps + cache pass), batch {c['batch']}, {c['dtype']}, attention {c['attention']}",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    notes = []
+    for mode, r in summary["modes"].items():
+        if "skipped" in r:
+            lines.append(f"| {mode} | skipped: {r['skipped']} |" + " |" * (len(head) - 2))
+            continue
+        mem = None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2 ** 20
+        busy = None if r["gpu_busy"] is None else f"{100 * r['gpu_busy']:.0f}%"
+        cells = [mode, f(r["first_chunk_ms"]), f(r["chunk_ms_median"]), f(r["chunk_ms_p90"]),
+                 f(r["denoise_ms_median"]), f(r["cache_pass_ms_median"]), f(r["fps"], 1),
+                 f(r["host_reads_per_chunk"], 0), f(r["graphs"]), f(r["capture_s"]), f(mem, 0), busy or "-",
+                 f(r["max_err_vs_reference"]), f(r["speedup_vs_reference"]) + "x", f(r["speedup_vs_eager"]) + "x"]
+        lines.append("| " + " | ".join(cells) + " |")
+        notes += [f"- {mode}: {n}" for n in r.get("notes", [])]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 def plot(summary: dict, path: str) -> None:
@@ -112,6 +146,9 @@ def main(argv=None) -> int:
 
         summary = run(cfg, on_mode)
     console.print(table(summary))
+    if opts.md:
+        with open(opts.md, "w") as f:
+            f.write(markdown(summary))
     if opts.plot:
         plot(summary, opts.plot)
     text = json.dumps(summary)
