@@ -17,7 +17,7 @@ All three run the same chunk function, so they agree bit for bit on one device.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch

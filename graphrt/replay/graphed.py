@@ -17,7 +17,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from graphrt.capture.backends import BACKENDS
-from graphrt.capture.buckets import (Buckets, BucketKey, PyValue, Request, StateRef, TensorSpec, bind,
+from graphrt.capture.buckets import (Buckets, BucketKey, Request, StateRef, TensorSpec, bind,
                                      is_runtime_state, parameter_names)
 from graphrt.capture.capture import Captured, Runtime, capture, resolve_backend
 from graphrt.errors import (BackendUnavailableError, BucketMissError, CaptureError, InputError, ReplayMismatchError,

@@ -110,4 +110,5 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Write the model's state dict, Wan layout, to one safetensors file."""
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(path))
+    save_file({k: v.detach().contiguous().cpu()  # host-read-ok: saving a checkpoint copies to the host
+               for k, v in model.state_dict().items()}, str(path))

@@ -27,7 +27,7 @@ def _attention(q, k, v, attn_mask=None):
 
 def causal_rope_apply(x, grid_sizes, freqs, start_frame=0):
     """Wan's complex float64 RoPE, offset in time by ``start_frame`` (a Python int)."""
-    n, c = x.size(2), x.size(3) // 2
+    n = x.size(2)
     output = []
     for i, (f, h, w) in enumerate(grid_sizes.tolist()):
         seq_len = f * h * w
