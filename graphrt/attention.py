@@ -124,8 +124,8 @@ def _compiled_flex():
 def attend_paged(q, k_pool, v_pool, block_table, seqlens):
     """flash-attn over the slab pool in place: one block (slab) per batch row.
 
-    ``k_pool``/``v_pool`` [num_slabs, slab_tokens, H, D] (slab_tokens a multiple of 256),
-    ``block_table`` int32 [B], ``seqlens`` int32 [B] (valid tokens per row).
+    ``k_pool``/``v_pool`` [num_slabs + 1, stride, H, D] from ``cache.paged(layer)`` (stride a
+    multiple of 256), ``block_table`` int32 [B], ``seqlens`` int32 [B] (valid tokens per row).
     """
     from flash_attn import flash_attn_with_kvcache
 

@@ -2,9 +2,11 @@
 
 A cache owns every tensor that changes from chunk to chunk, all on the device:
 
-- ``k``/``v`` [layers, slabs * slab_tokens + scratch_tokens, H, D]: a pool of slabs, one per
-  session, then a scratch region (one chunk by default), where padded batch rows and warm-up runs
-  write so they never touch a real session. A scratch row reads its region cyclically.
+- ``k[layer]``/``v[layer]`` [slabs * slab_tokens + scratch_tokens, H, D]: per layer, a pool of slabs,
+  one per session, then a scratch region (one chunk by default), where padded batch rows and warm-up
+  runs write so they never touch a real session. A scratch row reads its region cyclically. One
+  tensor per layer (not one for all layers), so a compiled forward writes in place instead of
+  rewriting a whole stacked pool.
 - ``block_table`` int32 [max_batch]: batch row -> slab (one block per row), so sessions join
   and leave without copying caches.
 - ``frames`` int32 [slabs + 1]: committed latent frames per slab (the session's position).
@@ -24,6 +26,17 @@ from dataclasses import dataclass
 import torch
 
 from graphrt.errors import CacheError, InputError
+
+
+def same_device(a, b) -> bool:
+    """``cuda`` and ``cuda:0`` are one device when 0 is the current one; ``cuda:1`` is another."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    here = torch.cuda.current_device()
+    return (here if a.index is None else a.index) == (here if b.index is None else b.index)
 
 
 @dataclass(frozen=True)
@@ -63,10 +76,12 @@ class SlabKVCache:
         small = scratch_frames is not None and align == 1
         self.scratch_tokens = min(scratch_frames * frame_tokens, self.stride) if small else self.stride
         self.scratch_base = num_slabs * self.stride
-        shape = (num_layers, self.scratch_base + self.scratch_tokens, num_heads, head_dim)
+        if scratch_frames is not None and scratch_frames < 1:
+            raise CacheError("scratch_frames must be at least 1", got=scratch_frames)
+        shape = (self.scratch_base + self.scratch_tokens, num_heads, head_dim)
         kw = dict(device=self.device, dtype=dtype)
-        self.k = torch.zeros(shape, **kw)
-        self.v = torch.zeros(shape, **kw)
+        self.k = [torch.zeros(shape, **kw) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, **kw) for _ in range(num_layers)]
         cshape = (num_layers, num_slabs + 1, text_len, num_heads, head_dim)
         self.cross_k = torch.zeros(cshape, **kw)
         self.cross_v = torch.zeros(cshape, **kw)
@@ -76,14 +91,17 @@ class SlabKVCache:
         self.seqlens = torch.zeros(self.max_batch, **ikw)
         self._ones = torch.ones(self.max_batch, **ikw)
         self._saved_rows = torch.zeros(self.max_batch, **ikw)
+        self._padding = False
         self._arange = torch.arange(self.slab_tokens, device=self.device)
         self._free = list(range(num_slabs))
-        self._bound: list[int] | None = None   # host mirror of the block table, to skip redundant copies
 
     @classmethod
     def for_model(cls, model, *, num_slabs: int = 1, max_batch: int | None = None,
                   frame_tokens: int | None = None, **kw):
-        """A cache shaped for a Wan model (its config, device and dtype)."""
+        """A cache shaped for a Wan model (its config, device and dtype).
+
+        The scratch region holds one chunk (``cfg.chunk_frames``); pass ``scratch_frames`` for
+        forwards that write more frames at once (a prefill)."""
         cfg = model.cfg
         p = next(model.parameters())
         if getattr(model, "attention_backend", None) == "flash":
@@ -97,7 +115,7 @@ class SlabKVCache:
         """Raise :class:`InputError` when this cache was built for another model, dtype or device."""
         want = (cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.text_len, dtype, torch.device(device))
         got = (self.num_layers, self.num_heads, self.head_dim, self.text_len, self.dtype, self.device)
-        if want[:5] != got[:5] or want[5].type != got[5].type:
+        if want[:5] != got[:5] or not same_device(want[5], got[5]):
             raise InputError("the cache does not fit this model", expected="layers, heads, head_dim, text_len, "
                              f"dtype, device = {want}", got=got, fix="build it with Cache.for_model(model, ...)")
 
@@ -133,7 +151,7 @@ class SlabKVCache:
             raise CacheError(f"slab {slab} is not held", expected=f"a slab taken with acquire() (0..{self.num_slabs - 1})")
         self.frames[slab] = 0
         if wipe:
-            for t in (*self.slab_kv(slab), self.cross_k[:, slab], self.cross_v[:, slab]):
+            for t in (*self.slab_views(slab), self.cross_k[:, slab], self.cross_v[:, slab]):
                 t.zero_()
         self._free.append(slab)
         self._free.sort()
@@ -147,18 +165,15 @@ class SlabKVCache:
             raise CacheError("slab index out of range", expected=f"0..{self.num_slabs - 1} (or scratch {self.scratch})",
                              got=slabs)
         rows = slabs + [self.scratch] * (self.max_batch - len(slabs))
-        if rows == self._bound:
-            return
         src = torch.tensor(rows, dtype=torch.int32)
         if self.device.type == "cuda":
             src = src.pin_memory()   # an async copy: the host does not wait for queued chunks
         self.block_table.copy_(src, non_blocking=True)
-        self._bound = rows
 
-    def slab_kv(self, slab: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of one slab's K and V, [layers, slab tokens, H, D]."""
+    def slab_views(self, slab: int) -> list[torch.Tensor]:
+        """Views of one slab's K and V in every layer, [slab tokens, H, D] each (K first, then V)."""
         rows = slice(slab * self.stride, (slab + 1) * self.stride)
-        return self.k[:, rows], self.v[:, rows]
+        return [t[rows] for t in self.k + self.v]
 
     def paged(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of a layer as pages of one slab each, [slabs + 1, stride, H, D] (flash-attn's
@@ -253,31 +268,36 @@ class SlabKVCache:
         """Clones of the state; ``data=True`` adds the K/V pool (costly: used to verify replays)."""
         tensors = dict(self.state())
         if data:
-            tensors.update(k=self.k, v=self.v, cross_k=self.cross_k, cross_v=self.cross_v)
+            tensors.update({f"k.{i}": t for i, t in enumerate(self.k)}, cross_k=self.cross_k, cross_v=self.cross_v)
+            tensors.update({f"v.{i}": t for i, t in enumerate(self.v)})
         return {k: t.clone() for k, t in tensors.items()}
 
     def restore(self, snap: dict[str, torch.Tensor]) -> None:
-        for k, t in snap.items():
-            getattr(self, k).copy_(t)
+        for name, t in snap.items():
+            kind, _, layer = name.partition(".")
+            (getattr(self, kind)[int(layer)] if layer else getattr(self, name)).copy_(t)
 
     @contextlib.contextmanager
     def pad_rows(self, start: int, stop: int):
         """Point batch rows ``start:stop`` (padding) at the scratch slab for one replay, then put
         the caller's rows back (through a preallocated buffer: nothing is allocated)."""
+        if self._padding:
+            raise CacheError("pad_rows() is already active on this cache", fix="do not nest padded replays")
         saved = self._saved_rows[start:stop]
         saved.copy_(self.block_table[start:stop])
         self.block_table[start:stop].fill_(self.scratch)
+        self._padding = True
         try:
             yield
         finally:
             self.block_table[start:stop].copy_(saved)
+            self._padding = False
 
     def reset(self) -> None:
         """Empty every session (positions, lengths, block table) for new videos; keeps the memory."""
         self.frames.zero_()
         self.seqlens.zero_()
         self.block_table.fill_(self.scratch)
-        self._bound = None
         self._free = list(range(self.num_slabs))
 
     @contextlib.contextmanager
@@ -312,7 +332,7 @@ class StaticKVCache(SlabKVCache):
         return p
 
     def _filled(self, end_tokens):
-        return end_tokens.to(torch.int32)
+        return end_tokens.clamp(max=self.slab_tokens).to(torch.int32)
 
 
 class RollingKVCache(SlabKVCache):

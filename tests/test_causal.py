@@ -146,8 +146,8 @@ def test_rolling_cache_matches_reference_eviction(models, cfg, window, sink):
     for c in range(7):
         for s in range(len(STEPS)):
             assert rel_err(got[c][s], expected[c][s]) <= 1e-5, (c, s)
-    assert cache.slab_kv(0)[0].shape[1] == window * cfg.frame_tokens      # the slab never grew
-    assert cache.k.shape[1] == (window + cfg.chunk_frames) * cfg.frame_tokens  # one slab + one chunk of scratch
+    assert cache.slab_views(0)[0].shape[0] == window * cfg.frame_tokens    # the slab never grew
+    assert cache.k[0].shape[0] == (window + cfg.chunk_frames) * cfg.frame_tokens  # one slab + a chunk of scratch
 
 
 def test_slab_reuse_sees_nothing_of_the_old_session(models, cfg):

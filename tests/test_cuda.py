@@ -97,14 +97,18 @@ def test_shared_pool_is_smaller_than_separate_graphs(cfg):
     t = torch.zeros(1, device="cuda")
     shared = graphrt.compile(model, buckets=_spec(cfg), progress=False)
     shared.prewarm(x, t, cache=cache, kv_frames=3, kv_exact=True)
-    separate = 0
+    alone = []                                   # kept alive: each holds its own pool
     for kv in range(3, 22, 3):
         g = graphrt.compile(model, buckets=Buckets((1,), batch_args=("x", "t"),
                                                    static_args={"kv_frames": (kv,), "kv_exact": (True,)}),
                             progress=False)
         g.prewarm(x, t, cache=cache, kv_frames=kv, kv_exact=True)
-        separate += g.stats.pool_bytes
-    assert shared.stats.pool_bytes < 0.6 * separate, (shared.stats.pool_bytes, separate)
+        alone.append(g)
+    separate = sum(g.stats.pool_bytes for g in alone)
+    largest = max(g.stats.pool_bytes for g in alone)
+    assert 0 < shared.stats.pool_bytes < 0.6 * separate, (shared.stats.pool_bytes, separate)
+    print(f"graph pool: shared {shared.stats.pool_bytes} B, largest bucket alone {largest} B, "
+          f"sum of separate pools {separate} B")
 
 
 @torch.no_grad()

@@ -132,13 +132,22 @@ def main(argv=None) -> int:
     except GraphrtError as e:
         console.print(f"[red]error:[/] {e}", markup=True)
         return 2
+    def save(summary: dict):
+        if opts.json_path:
+            with open(opts.json_path, "w") as f:
+                json.dump(summary, f, indent=2)
+        if opts.md:
+            with open(opts.md, "w") as f:
+                f.write(markdown(summary))
+
     with Progress(console=console, transient=True, disable=opts.no_progress) as bar:
         task = bar.add_task("bench", total=len(cfg.modes))
         bar.update(task, description=f"mode {cfg.modes[0]}")
 
-        def on_mode(mode: str, r: ModeResult):
+        def on_mode(mode: str, r: ModeResult, partial: dict):
             state = f"skipped ({r.skipped})" if r.skipped else f"{r.chunk_ms_median:.2f} ms/chunk"
             bar.console.print(f"  {mode}: {state}")
+            save(partial)                    # a run cut short keeps the modes it finished
             bar.advance(task)
             i = cfg.modes.index(mode) + 1
             if i < len(cfg.modes):
@@ -146,16 +155,10 @@ def main(argv=None) -> int:
 
         summary = run(cfg, on_mode)
     console.print(table(summary))
-    if opts.md:
-        with open(opts.md, "w") as f:
-            f.write(markdown(summary))
+    save(summary)
     if opts.plot:
         plot(summary, opts.plot)
-    text = json.dumps(summary)
-    if opts.json_path:
-        with open(opts.json_path, "w") as f:
-            json.dump(summary, f, indent=2)
-    sys.stdout.write(text + "\n")
+    sys.stdout.write(json.dumps(summary) + "\n")
     return 0
 
 

@@ -166,8 +166,8 @@ class Driver:
                              inductor=mode == "graphs+inductor", progress=progress)
         self.engine.mark = self._on_mark
         if mode == "compile":  # the cache is state, not input: let cudagraph trees keep its addresses
-            for t in (*self.engine.cache.state().values(), self.engine.cache.k, self.engine.cache.v,
-                      self.engine.cache.cross_k, self.engine.cache.cross_v):
+            cache = self.engine.cache
+            for t in (*cache.state().values(), *cache.k, *cache.v, cache.cross_k, cache.cross_v):
                 torch._dynamo.mark_static_address(t)
 
     def context(self):
@@ -230,7 +230,8 @@ def _gpu_busy(driver: Driver, context, seed) -> float | None:
     """Kernel time / wall time over one steady chunk, from the profiler (CUDA only)."""
     from torch.profiler import ProfilerActivity, profile
 
-    it = driver.stream(context, 1, seed)
+    it = driver.stream(context, 2, seed)
+    next(it)                                   # session set-up and the first chunk: not profiled
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
@@ -243,7 +244,10 @@ def _gpu_busy(driver: Driver, context, seed) -> float | None:
     for e in prof.events():
         if str(getattr(e, "device_type", "")).endswith("CUDA"):
             kernel_us += getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0))
-    return kernel_us / 1e6 / wall if wall > 0 else None
+    if kernel_us == 0:
+        driver.notes.append("the profiler saw no kernels (graph replays may be invisible to it)")
+        return None
+    return kernel_us / 1e6 / wall
 
 
 def measure(driver: Driver, context, chunks: int, repeats: int, seed: int, clock: Clock, chunk_frames: int,
@@ -273,7 +277,11 @@ def measure(driver: Driver, context, chunks: int, repeats: int, seed: int, clock
     driver.mark = None
     clock.sync()
     res.first_chunk_ms = clock.ms(t0, rows[0][4])
-    steady = [r for r in rows if (r[0], r[1]) != (0, 0)]
+    # steady: every chunk but the first of each video (which also opens the sessions)
+    steady = [r for r in rows if r[1] > 0] or [r for r in rows if (r[0], r[1]) != (0, 0)]
+    if not steady:                 # one chunk, no repeats: the first chunk is all there is
+        steady = rows
+        res.notes.append("a single chunk was timed: steady numbers include capture/compilation")
     totals = [clock.ms(r[2], r[4]) for r in steady]
     res.chunk_ms_median = statistics.median(totals)
     res.chunk_ms_p90 = _percentile(totals, 0.9)
@@ -297,11 +305,18 @@ def measure(driver: Driver, context, chunks: int, repeats: int, seed: int, clock
     else:
         res.notes.append("peak memory is measured on CUDA only")
     res.host_reads_per_chunk = _host_reads_per_chunk(driver, context, seed)
+    if driver.mode == "compile" and device.type == "cuda":
+        skips = torch._dynamo.utils.counters["inductor"].get("cudagraph_skips", 0)
+        if skips:
+            res.notes.append(f"cudagraph trees skipped {skips} graph(s): those ran without CUDA graphs")
     return res, video
 
 
-def run(cfg: BenchConfig, on_mode: Callable[[str, ModeResult], None] | None = None) -> dict:
-    """Run the selected modes on one config and return the JSON summary."""
+def run(cfg: BenchConfig, on_mode: Callable[[str, ModeResult, dict], None] | None = None) -> dict:
+    """Run the selected modes on one config and return the JSON summary.
+
+    ``on_mode(mode, result, summary)`` is called after each mode with the summary so far, so a
+    caller can save partial results of a run that may be cut short."""
     name, preset, device, dtype = cfg.resolve()
     chunks = cfg.chunks or preset.chunks
     steps = cfg.steps or preset.steps
@@ -343,14 +358,20 @@ def run(cfg: BenchConfig, on_mode: Callable[[str, ModeResult], None] | None = No
                                                           wcfg.chunk_frames, device)
             except Exception as e:
                 results[mode] = ModeResult(skipped=f"{type(e).__name__}: {str(e).splitlines()[0]}")
-            if on_mode is not None:
-                on_mode(mode, results[mode])
             driver = None                # free this mode's cache and graphs before the next one
             gc.collect()
             if mode in ("compile", "graphs+inductor"):
                 torch._dynamo.reset()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            summary["modes"] = _compare(results, videos)
+            if on_mode is not None:
+                on_mode(mode, results[mode], summary)
+    return summary
+
+
+def _compare(results: dict[str, ModeResult], videos: dict[str, torch.Tensor]) -> dict:
+    """Errors against reference and speedups against reference and eager, for the modes run so far."""
     for mode, r in results.items():
         if r.skipped:
             continue
@@ -359,5 +380,5 @@ def run(cfg: BenchConfig, on_mode: Callable[[str, ModeResult], None] | None = No
         for base, attr in (("reference", "speedup_vs_reference"), ("eager", "speedup_vs_eager")):
             if base in results and not results[base].skipped:
                 setattr(r, attr, results[base].chunk_ms_median / r.chunk_ms_median)
-    summary["modes"] = {m: r.to_json() for m, r in results.items()}
-    return summary
+    return {m: r.to_json() for m, r in results.items()}
+

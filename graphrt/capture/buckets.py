@@ -74,7 +74,7 @@ class PyValue:
 def is_runtime_state(obj) -> bool:
     """Objects that own runtime state: ``snapshot(data=False)``/``restore(snap)`` around capture and
     verification, ``reset()`` for a new video; optional ``capture_guard()`` (redirect writes while
-    capturing) and ``mask_rows(start, stop)`` (send padded batch rows to scratch)."""
+    capturing) and ``pad_rows(start, stop)`` (send padded batch rows to scratch during a replay)."""
     return not isinstance(obj, type) and all(callable(getattr(obj, m, None)) for m in ("snapshot", "restore", "reset"))
 
 
@@ -214,6 +214,9 @@ class Buckets:
             if isinstance(x, torch.Tensor):
                 sig.append((path, TensorSpec.of(x, bucket if self._batched(req, i) else None)))
             elif req.names[i] in self.static_args:
+                if path != req.names[i]:
+                    raise InputError(f"static argument {req.names[i]!r} must be a single Python value",
+                                     got=f"a container ({path})", fix="pass a scalar, or leave it out of static_args")
                 statics.append((path, _leaf_key(x, path)))
             else:
                 sig.append((path, _leaf_key(x, path)))

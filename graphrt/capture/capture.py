@@ -43,6 +43,14 @@ class Runtime:
             self._pool = torch.cuda.graph_pool_handle()
         return self._pool
 
+    def pool_bytes(self) -> int:
+        """Bytes the allocator holds for this runtime's graph pool (all buckets share it)."""
+        if self._pool is None:
+            return 0
+        pool = tuple(self._pool)
+        return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
+                   if tuple(seg.get("segment_pool_id", ())) == pool)
+
     def side_stream(self):
         if self._stream is None:
             self._stream = torch.cuda.Stream()

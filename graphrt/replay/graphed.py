@@ -102,8 +102,13 @@ class GraphedModule:
         self.sealed = False
         self._graphs: dict[BucketKey, _Bucket] = {}
         self._buffers: dict[tuple, torch.Tensor] = {}
-        own = [fn] if is_runtime_state(fn) else \
-            [ModuleBuffers(fn)] if self.module is not None and any(True for _ in fn.buffers()) else []
+        owner = self.module if self.module is not None else getattr(fn, "__self__", None)
+        if is_runtime_state(fn) or is_runtime_state(owner):
+            own = [fn if is_runtime_state(fn) else owner]
+        elif isinstance(owner, torch.nn.Module) and any(True for _ in owner.buffers()):
+            own = [ModuleBuffers(owner)]    # a module's (or a bound method's module's) buffers
+        else:
+            own = []
         self._fixed_states = list(states) + own          # always guarded
         self._states: dict[int, Any] = {id(s): s for s in self._fixed_states}   # every state seen, for reset()
 
@@ -246,12 +251,9 @@ class GraphedModule:
                 filled[i] = t
             return req.rebuild(filled)
 
-        cuda = self.runtime.backend == "cuda-graph"
-        reserved = torch.cuda.memory_reserved() if cuda else 0
         entry.captured = capture(self.runtime, self.fn, rebuild, [leaves[i] for i in positions], entry.states,
                                  where=f"bucket [{key}]")
-        if cuda:
-            self.stats.pool_bytes += torch.cuda.memory_reserved() - reserved
+        self.stats.pool_bytes = self.runtime.pool_bytes()
         self.stats.captures += 1
         self.stats.capture_seconds += entry.captured.seconds
         self._graphs[key] = entry

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from graphrt.errors import InputError
+from graphrt.kv import same_device
 from graphrt.models.wan.config import WanConfig
 
 ROPE_MAX_LEN = 1024  # positions per axis in the RoPE tables, as in Wan
@@ -165,7 +166,7 @@ class WanModelBase(nn.Module):
         if t.shape != (x.shape[0],):
             raise InputError("timestep must be one value per batch row", expected=[x.shape[0]], got=list(t.shape))
         for name, v in (("latents x", x), ("timestep t", t), ("context", context)):
-            if v is not None and v.device.type != p.device.type:
+            if v is not None and not same_device(v.device, p.device):
                 raise InputError(f"{name} is on another device than the model", expected=str(p.device),
                                  got=str(v.device), fix="move the inputs with .to(model device)")
         for name, v in (("latents x", x), ("context", context)):
@@ -198,7 +199,7 @@ class WanModelBase(nn.Module):
         if not isinstance(cond, torch.Tensor) or tuple(cond.shape) != (b, f, self.cfg.cond_dim):
             raise InputError("cond has the wrong shape", expected=[b, f, self.cfg.cond_dim],
                              got=list(cond.shape) if isinstance(cond, torch.Tensor) else type(cond).__name__)
-        if cond.device.type != x.device.type:
+        if not same_device(cond.device, x.device):
             raise InputError("cond is on another device than the model", expected=str(x.device), got=str(cond.device))
         c = self.cond_embedding(cond.to(x.dtype))
         return (x.unflatten(1, (f, -1)) + c.unsqueeze(2)).flatten(1, 2)
