@@ -5,6 +5,7 @@ read in a forward), the KV caches, the bucket spec and the errors.
 """
 from graphrt.attention import attend
 from graphrt.capture.buckets import BucketKey, Buckets
+from graphrt.capture.hostreads import HostReadReport, HostReadSite, check
 from graphrt.errors import (BackendUnavailableError, BucketMissError, CacheError, CaptureError, CheckpointError,
                             ConfigError, GraphrtError, HostReadError, InputError, ReplayMismatchError,
                             SignatureError)
@@ -12,11 +13,6 @@ from graphrt.kv import RollingKVCache, StaticKVCache
 from graphrt.replay.graphed import GraphedModule, GraphStats, compile
 
 __version__ = "0.1.0"
-
-try:  # the host-read checker
-    from graphrt.capture.hostreads import HostReadReport, HostReadSite, check
-except ImportError:  # pragma: no cover
-    pass
 
 __all__ = ["compile", "check", "GraphedModule", "GraphStats", "Buckets", "BucketKey", "StaticKVCache",
            "RollingKVCache", "attend", "HostReadReport", "HostReadSite", "GraphrtError", "ConfigError",

@@ -28,9 +28,9 @@ def _prompt(model, cache, slab, ctx):
     cache.set_cross(slab, k[:, 0], v[:, 0])
 
 
-def _twin_caches(model, cfg, n_sessions, cls=StaticKVCache, **kw):
-    """Two identical caches (one for the graphs, one for eager) with n sessions and prompts."""
-    caches = [_cache(model, cls, **kw) for _ in range(2)]
+def _twin_caches(model, cfg, n_sessions, cls=StaticKVCache, copies=2, **kw):
+    """Identical caches (by default two: one for the graphs, one for eager) with n sessions and prompts."""
+    caches = [_cache(model, cls, **kw) for _ in range(copies)]
     ctx = torch.randn(n_sessions, cfg.text_len, cfg.text_dim)
     for c in caches:
         for i in range(n_sessions):
@@ -227,8 +227,7 @@ def test_padding_dispatch_and_scratch(cfg):
 @torch.no_grad()
 def test_miss_sealed_and_signature_errors(cfg):
     model = CausalWan(cfg, attention="sdpa").eval()
-    cache = _cache(model)
-    _prompt(model, cache, cache.acquire(), torch.randn(1, cfg.text_len, cfg.text_dim))
+    (cache,) = _twin_caches(model, cfg, 1, copies=1)
     cache.bind([0])
     spec = Buckets((1,), batch_args=("x", "t"), static_args={"kv_frames": (3, 6), "kv_exact": (True,)})
     g = graphrt.compile(model, buckets=spec, progress=False)
@@ -349,8 +348,7 @@ def test_compile_refuses_a_forward_with_host_reads(cfg, models):
 @torch.no_grad()
 def test_sealed_miss_on_a_bucket_the_spec_allows(cfg):
     model = CausalWan(cfg, attention="sdpa").eval()
-    cache = _cache(model)
-    _prompt(model, cache, cache.acquire(), torch.randn(1, cfg.text_len, cfg.text_dim))
+    (cache,) = _twin_caches(model, cfg, 1, copies=1)
     cache.bind([0])
     g = graphrt.compile(model, buckets=wan_buckets(cfg, batch_sizes=(1,), exact=(True, False)), progress=False)
     x = torch.randn(1, cfg.in_dim, 3, cfg.height, cfg.width)
