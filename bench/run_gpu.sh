@@ -2,7 +2,10 @@
 # A GPU session in steps that each fit one 10-minute device command. Results go to
 # ${OUT:-bench/results}; the bench writes its JSON/markdown after every mode, so a step cut short
 # keeps the modes it finished. The package runs from the tree (no install: the machine is offline).
-#   bench/run_gpu.sh tests                                   # CUDA tests + the CUDA-relevant suites
+#   bench/run_gpu.sh info                                    # GPU, driver, torch, CUDA
+#   bench/run_gpu.sh tests                                   # the CUDA tests (tests/test_cuda.py)
+#   bench/run_gpu.sh suite                                   # the whole suite (run it with CUDA_VISIBLE_DEVICES= for the CPU part)
+#   bench/run_gpu.sh attention wan-1.3b-480p                 # attention kernels alone, per KV length
 #   bench/run_gpu.sh bench wan-1.3b-480p 1 reference,eager,graphs,chunk-graph
 #   bench/run_gpu.sh bench wan-1.3b-480p 1 graphs+inductor,compile   # cold inductor: its own step
 set -uo pipefail
@@ -11,15 +14,22 @@ mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/graphrt-inductor}
 case "${1:-}" in
+  info)
+    { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+      python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())"
+      nproc; } > "$out/gpu.txt" 2>&1; cat "$out/gpu.txt" ;;
   tests)
-    { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-      python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } > "$out/gpu.txt" 2>&1
-    timeout 540 python -m pytest -q -rs -s tests/test_cuda.py tests/test_compile.py tests/test_causal.py \
-      tests/test_pipeline.py 2>&1 | tee "$out/cuda-tests.txt" ;;
+    timeout "${TEST_TIMEOUT:-540}" python -m pytest -q -rs -s -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/cuda-tests.txt" ;;
+  suite)
+    timeout "${TEST_TIMEOUT:-540}" python -m pytest -q -rs -p no:cacheprovider 2>&1 | tee "$out/suite${CUDA_VISIBLE_DEVICES+-cpu}.txt" ;;
+  attention)
+    timeout "${BENCH_TIMEOUT:-300}" python -m graphrt.bench.attention --preset "$2" --json "$out/attention-$2.json" 2>&1 \
+      | grep -v '^{' | tee "$out/attention-$2.txt" ;;
   bench)
     preset=$2 batch=$3 modes=${4:-reference,eager,graphs,chunk-graph,graphs+inductor,compile}
     tag="$preset-b$batch-${modes//[,+]/_}"
     timeout "${BENCH_TIMEOUT:-560}" python -m graphrt.bench --preset "$preset" --batch "$batch" --modes "$modes" \
-      --repeats 1 --no-progress --json "$out/$tag.json" --md "$out/$tag.md" 2>&1 | tee "$out/$tag.txt" ;;
-  *) echo "usage: $0 tests | bench PRESET BATCH [MODES]" >&2; exit 2 ;;
+      --repeats "${REPEATS:-1}" --no-progress --json "$out/$tag.json" --md "$out/$tag.md" 2>&1 \
+      | grep -v '^{' | tee "$out/$tag.txt" ;;
+  *) echo "usage: $0 info | tests | suite | attention PRESET | bench PRESET BATCH [MODES]" >&2; exit 2 ;;
 esac

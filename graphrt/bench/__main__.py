@@ -11,6 +11,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from graphrt.bench.core import MODES, PRESETS, BenchConfig, ModeResult, run
+from graphrt.attention import BACKENDS
 from graphrt.errors import GraphrtError
 
 
@@ -24,7 +25,7 @@ def _args(argv):
     p.add_argument("--steps", type=int, help="denoising steps per chunk (default 4), plus the cache pass")
     p.add_argument("--repeats", type=int, help="extra videos timed after the first (steady-state samples)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the preset's")
-    p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flex", "flash"])
+    p.add_argument("--attention", default="auto", choices=["auto", *BACKENDS, "sdpa-auto"])
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
     p.add_argument("--checkpoint", help="a Wan 2.1 safetensors file or folder (default: random weights)")

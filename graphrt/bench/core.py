@@ -21,6 +21,8 @@ import contextlib
 import gc
 import statistics
 import time
+import traceback
+from datetime import datetime, timezone
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -339,6 +341,8 @@ def run(cfg: BenchConfig, on_mode: Callable[[str, ModeResult, dict], None] | Non
     summary = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "preset": name,
         "config": {"model": preset.model, "dim": wcfg.dim, "num_layers": wcfg.num_layers, "num_heads": wcfg.num_heads,
                    "latent": [wcfg.height, wcfg.width], "frame_tokens": wcfg.frame_tokens,
@@ -357,7 +361,8 @@ def run(cfg: BenchConfig, on_mode: Callable[[str, ModeResult, dict], None] | Non
                     results[mode], videos[mode] = measure(driver, context, chunks, repeats, cfg.seed, clock,
                                                           wcfg.chunk_frames, device)
             except Exception as e:
-                results[mode] = ModeResult(skipped=f"{type(e).__name__}: {str(e).splitlines()[0]}")
+                traceback.print_exc()    # the whole story on stderr; the summary keeps one line
+                results[mode] = ModeResult(skipped=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
             driver = None                # free this mode's cache and graphs before the next one
             gc.collect()
             if mode in ("compile", "graphs+inductor"):

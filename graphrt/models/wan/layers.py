@@ -56,7 +56,10 @@ class WanLayerNorm(nn.LayerNorm):
         super().__init__(dim, elementwise_affine=elementwise_affine, eps=eps)
 
     def forward(self, x):
-        return super().forward(x.float()).type_as(x)
+        """Layer norm in float32, weights included, as Wan runs under autocast; output in ``x``'s dtype."""
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return nn.functional.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
 
 
 class WanAttention(nn.Module):

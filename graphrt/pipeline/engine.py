@@ -26,51 +26,9 @@ import graphrt
 from graphrt.capture.buckets import Buckets
 from graphrt.errors import CacheError, InputError
 from graphrt.kv import RollingKVCache, StaticKVCache
-from graphrt.noise import gaussian
+from graphrt.pipeline.schedule import FlowMatchSchedule, denoise_chunk
 
 MODES = ("eager", "forward", "chunk")
-
-
-@dataclass(frozen=True)
-class FlowMatchSchedule:
-    """Few-step flow matching as the distilled causal Wan models use it.
-
-    ``steps`` are nominal timesteps (of 1000); ``shift`` warps them as the training scheduler
-    does (sigma = shift*s / (1 + (shift-1)*s), s = t/1000). The model sees ``1000 * sigma``;
-    ``context_t`` is the timestep of the clean pass that writes the cache.
-    """
-
-    steps: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)
-    shift: float = 5.0
-    context_t: float = 0.0
-
-    @property
-    def sigmas(self) -> list[float]:
-        return [self.shift * (t / 1000) / (1 + (self.shift - 1) * (t / 1000)) for t in self.steps]
-
-    @property
-    def timesteps(self) -> list[float]:
-        return [1000.0 * s for s in self.sigmas]
-
-
-def denoise_chunk(forward: Callable, seeds: torch.Tensor, positions: torch.Tensor, t_rows: torch.Tensor,
-                  sigma_rows: torch.Tensor, shape: tuple[int, ...], mark: Callable | None = None) -> torch.Tensor:
-    """The scheduler arithmetic of one chunk; ``forward(x, t) -> flow`` is the model.
-
-    ``t_rows`` [B, N] and ``sigma_rows`` [B, N] are each row's timesteps and sigmas. Returns x0.
-    """
-    n = t_rows.shape[1]
-    x = gaussian(seeds, positions, 0, shape)
-    for i in range(n):
-        sigma = sigma_rows[:, i].view(-1, *([1] * len(shape)))
-        flow = forward(x, t_rows[:, i].contiguous())
-        x0 = (x.float() - sigma * flow.float())
-        if i + 1 < n:
-            nxt = sigma_rows[:, i + 1].view_as(sigma)
-            x = (1 - nxt) * x0 + nxt * gaussian(seeds, positions, i + 1, shape)
-    if mark is not None:
-        mark("denoised")
-    return x0
 
 
 @dataclass
@@ -358,33 +316,6 @@ class Engine:
     def graphs(self):
         """The GraphedModule serving this engine (None in eager mode)."""
         return self._chunk_fn if self.mode == "chunk" else self._forward if self.mode == "forward" else None
-
-
-def reference_stream(ref_model, context: torch.Tensor, num_chunks: int, seed: int | Sequence[int] = 0,
-                     schedule: FlowMatchSchedule | None = None, mark: Callable | None = None
-                     ) -> Iterator[torch.Tensor]:
-    """The same generation with the upstream-style ``ReferenceWan`` (host reads and all)."""
-    cfg = ref_model.cfg
-    schedule = schedule or FlowMatchSchedule()
-    p = next(ref_model.parameters())
-    rows = context.shape[0]
-    seeds = torch.tensor([seed + i for i in range(rows)] if isinstance(seed, int) else list(seed), device=p.device)
-    t_rows = torch.tensor([schedule.timesteps] * rows, device=p.device)
-    sigma_rows = torch.tensor([schedule.sigmas] * rows, device=p.device)
-    context = context.to(p.device, p.dtype)
-    kv, cross = ref_model.init_caches(rows)
-    shape = (cfg.out_dim, cfg.chunk_frames, cfg.height, cfg.width)
-    for c in range(num_chunks):
-        start = c * cfg.chunk_frames * cfg.frame_tokens
-        pos = torch.full((rows,), c * cfg.chunk_frames, device=p.device)
-
-        def forward(x, t):
-            return ref_model(x.to(p.dtype), t, context, kv, cross, current_start=start)
-
-        x0 = denoise_chunk(forward, seeds, pos, t_rows, sigma_rows, shape, mark).to(p.dtype)
-        ref_model(x0, torch.full((rows,), schedule.context_t, device=p.device), context, kv, cross,
-                  current_start=start)
-        yield x0
 
 
 def _powers_of_two(n: int) -> tuple[int, ...]:

@@ -1,0 +1,141 @@
+"""``python -m graphrt.bench.attention``: the attention kernels a causal Wan forward can use, timed alone.
+
+For each KV length of a preset's video (one chunk of queries against 1..N chunks of keys), times
+SDPA pinned to each of its kernels (flash, cuDNN, memory-efficient, math), FlexAttention (compiled
+on CUDA), and the K/V gather the static cache does per layer (``index_select`` of the slab), and
+checks each kernel's output against a float32 math reference. The fastest correct kernel is what
+``attention="auto"`` should pick on that device. The last line printed is JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from graphrt.bench.core import PRESETS
+from graphrt.models.wan import WanConfig
+
+SDPA_KERNELS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION",
+                "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-math": "MATH"}
+
+
+def _timer(device):
+    if device.type == "cuda":
+        def run(fn, iters):
+            fn()
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(iters):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b))
+            return statistics.median(times)
+    else:
+        def run(fn, iters):
+            fn()
+            times = []
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1000)
+            return statistics.median(times)
+    return run
+
+
+def kernels_for(device: torch.device) -> list[str]:
+    names = ["sdpa-math", "sdpa-efficient", "flex"]
+    if device.type == "cuda":
+        names = ["sdpa-flash", "sdpa-cudnn", *names]
+    return names
+
+
+def _call(name, q, k, v):
+    if name == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        fn = torch.compile(flex_attention, dynamic=False) if q.is_cuda else flex_attention
+        return lambda: fn(q, k, v)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, SDPA_KERNELS[name])
+
+    def run():
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v)
+    return run
+
+
+def measure(cfg: WanConfig, device: torch.device, dtype: torch.dtype, batch: int = 1, iters: int = 20,
+            kv_chunks: list[int] | None = None, kernels: list[str] | None = None) -> dict:
+    """Milliseconds and max relative error per kernel per KV length ([B, H, L, D] layout)."""
+    heads, hd = cfg.num_heads, cfg.head_dim
+    q_len = cfg.chunk_frames * cfg.frame_tokens
+    n = cfg.max_frames // cfg.chunk_frames
+    kv_chunks = kv_chunks or sorted({1, (n + 1) // 2, n})
+    timer = _timer(device)
+    out = {"kv_tokens": [], "kernels": {}, "kv_gather_ms": []}
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for c in kv_chunks:
+        kv_len = c * q_len
+        q, k, v = (torch.randn(batch, heads, L, hd, generator=g).to(device, dtype) for L in (q_len, kv_len, kv_len))
+        want = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        out["kv_tokens"].append(kv_len)
+        for name in kernels or kernels_for(device):
+            row = out["kernels"].setdefault(name, [])
+            try:
+                fn = _call(name, q, k, v)
+                got = fn()
+                err = ((got.float() - want).abs().max() / want.abs().max()).item()
+                row.append({"ms": timer(fn, iters), "max_rel_err": err})
+            except Exception as e:  # a kernel that cannot take this shape/dtype/device says why
+                row.append({"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
+        # the static cache gathers each layer's K and V for the bucket's KV length
+        pool = torch.randn(kv_len + q_len, heads, hd, generator=g).to(device, dtype)
+        idx = torch.arange(kv_len, device=device)
+        out["kv_gather_ms"].append(timer(lambda: (pool.index_select(0, idx), pool.index_select(0, idx)), iters))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m graphrt.bench.attention", description=__doc__)
+    p.add_argument("--preset", default="wan-1.3b-480p", choices=sorted(PRESETS))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--json", dest="json_path")
+    o = p.parse_args(argv)
+    if o.batch < 1 or o.iters < 1:
+        print("error: --batch and --iters must be at least 1", file=sys.stderr)
+        return 2
+    device = torch.device(o.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    cfg = PRESETS[o.preset].config()
+    res = measure(cfg, device, getattr(torch, o.dtype), o.batch, o.iters)
+    res.update(preset=o.preset, dtype=o.dtype, batch=o.batch, torch=torch.__version__,
+               device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               layers=cfg.num_layers, heads=cfg.num_heads, head_dim=cfg.head_dim)
+    for name, rows in res["kernels"].items():
+        cells = [f"{r['ms']:8.3f} ms ({r['max_rel_err']:.1e})" if "ms" in r else r["error"][:60] for r in rows]
+        print(f"{name:15s} " + " | ".join(cells))
+    print(f"{'kv gather':15s} " + " | ".join(f"{ms:8.3f} ms" for ms in res["kv_gather_ms"]))
+    if o.json_path:
+        with open(o.json_path, "w") as f:
+            json.dump(res, f, indent=2)
+    print(json.dumps(res))
+    ran = any("ms" in r for rows in res["kernels"].values() for r in rows)
+    return 0 if ran else 1                  # no kernel ran: nothing was measured
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
