@@ -136,6 +136,11 @@ class SlabKVCache:
         return self.slab_tokens
 
     # -- host-side slab bookkeeping ----------------------------------------------------------
+    @property
+    def free_slabs(self) -> int:
+        """Slabs not held by a session (what many ``acquire()`` calls can still take)."""
+        return len(self._free)
+
     def acquire(self) -> int:
         """Take a free slab for a new session; its position starts at frame 0."""
         if not self._free:

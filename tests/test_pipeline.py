@@ -81,8 +81,8 @@ def test_four_sessions_join_and_leave_each_equal_to_solo(models, cfg, ctx):
             sessions[i] = engine.open(ctx[i:i + 1], seed=seeds[i], num_chunks=lengths[i])
         out = engine.step()
         for i, s in list(sessions.items()):
-            if s.id in out:
-                chunks[i].append(out[s.id])
+            if s in out:
+                chunks[i].append(out[s])
             if s.done:
                 engine.close(s)
                 del sessions[i]
@@ -153,14 +153,14 @@ def test_errors_leave_other_sessions_undisturbed(models, cfg, ctx):
         engine.open(ctx[:1], num_chunks=8)
     out = []
     for _ in range(7):
-        out.append(engine.step([a])[a.id])
-    with pytest.raises(CacheError, match=f"session {a.id} is at the end of its slab"):
+        out.append(engine.step([a])[a])
+    with pytest.raises(CacheError, match=rf"session\(s\) \[{a.id}\] at the end of the slab"):
         engine.step([a, b])
     assert b.chunk == 0                              # nothing ran for b
     engine.close(a)
     solo = Engine(causal, mode="eager", progress=False)
     assert torch.equal(torch.cat(out, 2), solo.generate(ctx[:1], 7, seed=1))
-    got_b = engine.step([b])[b.id]
+    got_b = engine.step([b])[b]
     assert rel_err(got_b, solo.generate(ctx[1:2], 1, seed=2)) <= 1e-5
 
 
@@ -171,11 +171,11 @@ def test_per_session_conditioning(cfg, ctx):
     engine = Engine(causal, max_sessions=2, batch_sizes=(2,), mode="forward", progress=False)
     poses = torch.randn(2, cfg.chunk_frames, 6)
     a, b = engine.open(ctx[:1], seed=1), engine.open(ctx[1:2], seed=2)
-    both = engine.step(cond={a.id: poses[0], b.id: poses[1]})
+    both = engine.step(cond={a: poses[0], b: poses[1]})
     engine.reset()
-    a = engine.open(ctx[:1], seed=1)
-    alone = engine.step(cond={a.id: poses[0]})
-    assert rel_err(both[0], alone[a.id]) <= 1e-5
+    solo = engine.open(ctx[:1], seed=1)
+    alone = engine.step(cond={solo: poses[0]})
+    assert rel_err(both[a], alone[solo]) <= 1e-5
     with pytest.raises(InputError, match="needs cond"):
         engine.step()
 
@@ -221,6 +221,6 @@ def test_a_failing_step_runs_nothing(models, cfg, ctx):
     a, b = engine.open(ctx[:1], seed=1), engine.open(ctx[1:2], seed=2)
     for _ in range(7):
         engine.step([b])
-    with pytest.raises(CacheError, match=f"session {b.id} is at the end"):
+    with pytest.raises(CacheError, match=rf"\[{b.id}\] at the end of the slab"):
         engine.step([a, b])
     assert a.chunk == 0 and b.chunk == 7

@@ -13,10 +13,15 @@ Graph granularity (``mode``):
   the noise, the cache pass and the position update in one replay.
 
 All three run the same chunk function, so they agree bit for bit on one device.
+
+The Engine is for inference: every public method runs without autograd history, so the
+persistent cache never links one chunk (or one video) to the next, whatever the caller's
+grad mode.
 """
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -31,9 +36,14 @@ from graphrt.pipeline.schedule import FlowMatchSchedule, denoise_chunk
 MODES = ("eager", "forward", "chunk")
 
 
-@dataclass
+@dataclass(eq=False)
 class Session:
-    """One video being generated: its slab, seed, prompt and progress (host-side bookkeeping)."""
+    """One video being generated: its slab, seed, prompt and progress (host-side bookkeeping).
+
+    A session is its own identity: it hashes and compares as the object, so it keys
+    :meth:`Engine.step`'s outputs and ``cond``, and a session of another Engine (whose ``id``
+    may be the same number) is never mistaken for one of this Engine's.
+    """
 
     id: int
     slab: int
@@ -59,13 +69,27 @@ class EngineStats:
 class Engine:
     """A persistent causal-DiT generator: one cache, graphs captured once, many videos.
 
-    >>> engine = Engine(model, max_sessions=4, batch_sizes=(1, 2, 4), mode="chunk").prewarm()
-    >>> video = engine.generate(context, num_chunks=7, seed=0)          # [1, C, F, H, W]
+    >>> engine = Engine(model, max_sessions=2, batch_sizes=(1, 2), mode="chunk")
+    >>> engine.num_graphs                    # 2 batch sizes x 7 KV lengths x (exact, masked) = 28
+    >>> video = engine.generate(context, num_chunks=3, seed=0)          # [1, C, 9, H, W]
     >>> a = engine.open(ctx_a, seed=1, prompt="a cat"); b = engine.open(ctx_b, seed=2)
-    >>> outs = engine.step()                                           # one chunk each, batched
+    >>> outs = engine.step()                 # {a: [1, C, F, H, W], b: ...}: one chunk each, batched
+
+    ``context`` is the text encoder's output for a prompt: embeddings [B, L, text_dim] with
+    L <= ``cfg.text_len`` (for Wan 2.1, umT5-XXL: text_dim 4096, up to 512 tokens).
+
+    What the graphs cost is chosen here: ``mode="forward"`` and ``mode="chunk"`` capture one
+    graph per (batch size, KV length, exact/masked) bucket, :attr:`num_graphs` in all:
+    ``len(batch_sizes)`` x ``cfg.num_chunks`` KV lengths (the window's, with ``window``) x 2
+    (1 when the largest batch is 1). Each costs a warm-up and a capture of one DiT forward
+    (``"forward"``) or of a whole chunk, ``len(schedule.steps) + 1`` forwards (``"chunk"``); on
+    the CPU emulation the trace dominates (about 0.4 s and 2.5 s per graph on the tiny model).
+    A bucket is captured on its first use; :meth:`prewarm` captures every one up front (with a
+    progress bar), so no request waits for a capture. Fewer batch sizes, fewer graphs.
 
     ``window=(frames, sink_frames)`` uses a :class:`RollingKVCache` for videos past
     ``max_frames``. ``backend``/``inductor``/``verify`` are passed to :func:`graphrt.compile`.
+    Every method runs without autograd history (inference only), whatever the grad mode.
     """
 
     def __init__(self, model, *, max_sessions: int = 1, batch_sizes: Sequence[int] | None = None,
@@ -73,12 +97,20 @@ class Engine:
                  backend: str = "auto", inductor: bool = False, verify: int = 0, progress: bool = True):
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r}", expected=MODES, got=mode)
+        missing = [a for a in ("cfg", "encode_prompt") if not hasattr(model, a)]
+        if missing or not any(True for _ in model.parameters()):
+            raise InputError(f"Engine needs a causal DiT built by graphrt (CausalWan); {type(model).__name__} has "
+                             f"no {' or '.join(missing) or 'parameters'}",
+                             expected="a model with .cfg (WanConfig), .encode_prompt(context) and parameters",
+                             got=type(model).__name__, fix="build the model with CausalWan(cfg) (or torch.compile it)")
         cfg = self.cfg = model.cfg
         self.model, self.mode = model, mode
         self.schedule = schedule or FlowMatchSchedule()
+        if not isinstance(max_sessions, int) or max_sessions < 1:
+            raise InputError("max_sessions must be an int >= 1", got=max_sessions)
         self.batch_sizes = tuple(sorted(batch_sizes or _powers_of_two(max_sessions)))
-        if self.batch_sizes[-1] < 1 or max_sessions < 1:
-            raise InputError("max_sessions and batch sizes must be >= 1", got=(max_sessions, self.batch_sizes))
+        if self.batch_sizes[0] < 1:
+            raise InputError("batch sizes must be >= 1", got=self.batch_sizes)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         kw = dict(num_slabs=max_sessions, max_batch=self.batch_sizes[-1])
@@ -103,6 +135,7 @@ class Engine:
         frames, limit = cfg.chunk_frames, self.cache.slab_frames
         self.kv_choices = tuple(sorted({min(c * frames, limit) for c in range(1, -(-limit // frames) + 1)}))
         exact = (True, False) if self.batch_sizes[-1] > 1 else (True,)
+        self.exact_choices = exact
         opts = dict(backend=backend, inductor=inductor, verify=verify, progress=progress)
         self._forward = model
         self._chunk_fn = self._chunk
@@ -113,6 +146,13 @@ class Engine:
         elif mode == "chunk":
             self._chunk_fn = graphrt.compile(self._chunk, states=[self.cache], buckets=Buckets(
                 static_args={"batch": self.batch_sizes, "kv_frames": self.kv_choices, "exact": exact}), **opts)
+
+    @property
+    def num_graphs(self) -> int:
+        """Graphs this engine captures in all (0 in eager mode): batch sizes x KV lengths x exact/masked."""
+        if self.mode == "eager":
+            return 0
+        return len(self.batch_sizes) * len(self.kv_choices) * len(self.exact_choices)
 
     # -- the chunk function (graph-safe) --------------------------------------------------------
     def _chunk(self, cond=None, *, batch: int, kv_frames: int, exact: bool) -> torch.Tensor:
@@ -134,9 +174,26 @@ class Engine:
         return clean
 
     # -- sessions -----------------------------------------------------------------------------
+    def _context(self, context, where: str) -> torch.Tensor:
+        """A text context as [B, L, text_dim] (a 2-D one gains the batch dim), or a clear error."""
+        cfg = self.cfg
+        want = f"a float tensor [B, <= {cfg.text_len}, {cfg.text_dim}] (text-encoder embeddings)"
+        if not isinstance(context, torch.Tensor):
+            raise InputError(f"{where}: the text context must be a torch.Tensor", expected=want,
+                             got=type(context).__name__, fix="torch.as_tensor(context)")
+        if context.device.type == "meta" or not context.is_floating_point():
+            raise InputError(f"{where}: the text context holds no float data", expected=want,
+                             got=f"{context.dtype} on {context.device}")
+        if context.dim() == 2:
+            context = context[None]
+        if context.dim() != 3 or context.shape[2] != cfg.text_dim or not 1 <= context.shape[1] <= cfg.text_len:
+            raise InputError(f"{where}: the text context has the wrong shape", expected=want, got=list(context.shape))
+        return context
+
     def _prompt_kv(self, context: torch.Tensor | None, prompt: str | None):
-        """Cross-attention K/V for a context; with a ``prompt`` key they are cached, and a repeat
-        skips the encoding. A key reused for a different context is an error, never a silent hit."""
+        """Cross-attention K/V [layers, text_len, H, D] for a context, and what to store under
+        ``prompt`` once the session opened (None on a hit). A key reused for a different context
+        is an error, never a silent hit."""
         if prompt is not None and prompt in self._prompts:
             cached_ctx, k, v = self._prompts[prompt]
             if context is not None:
@@ -144,43 +201,58 @@ class Engine:
                 if context.shape != cached_ctx.shape or not torch.equal(context, cached_ctx):
                     raise InputError(f"prompt key {prompt!r} was cached for a different text context",
                                      fix="use one key per distinct context (or pass context=None to reuse it)")
-            self.stats.prompt_hits += 1
-            return k, v
-        self.stats.prompt_misses += 1
+            return k, v, None
         context = context.to(self.device, self.dtype)
         k, v = self.model.encode_prompt(context)
-        if prompt is not None:
-            self._prompts[prompt] = (context, k[:, 0], v[:, 0])
-        return k[:, 0], v[:, 0]
+        return k[:, 0], v[:, 0], (context, k[:, 0], v[:, 0])
 
+    @torch.no_grad()
     def open(self, context: torch.Tensor | None = None, *, seed: int = 0, prompt: str | None = None,
              num_chunks: int | None = None, schedule: FlowMatchSchedule | None = None) -> Session:
-        """Start a video. ``context`` [1, L, text_dim] (or [L, text_dim]); with ``prompt`` its
-        cross-attention K/V are cached under that key, and a repeated prompt skips the work."""
+        """Start a video and return its :class:`Session`.
+
+        ``context``: text-encoder embeddings [1, L, text_dim] (or [L, text_dim]), L <= ``cfg.text_len``.
+        With ``prompt`` its cross-attention K/V are cached under that key, and a repeated prompt
+        skips the work. ``num_chunks`` (>= 1) ends the video there (:attr:`Session.done`); None
+        keeps it open until closed, or until its slab is full without ``window``. Nothing is kept
+        (slab, prompt key, counters) when ``open`` raises.
+        """
         cfg = self.cfg
+        if prompt is not None and not isinstance(prompt, str):
+            raise InputError("prompt must be a str key (or None)", got=type(prompt).__name__)
         if context is None and (prompt is None or prompt not in self._prompts):
             raise InputError("open() needs a text context (or a prompt key seen before)")
         if context is not None:
-            if context.dim() == 2:
-                context = context[None]
-            if context.dim() != 3 or context.shape[0] != 1 or context.shape[2] != cfg.text_dim \
-                    or context.shape[1] > cfg.text_len:
-                raise InputError("text context has the wrong shape",
-                                 expected=f"[1, <= {cfg.text_len}, {cfg.text_dim}]", got=list(context.shape))
+            context = self._context(context, "open()")
+            if context.shape[0] != 1:
+                raise InputError("open() starts one video: one context row", expected="[1, L, text_dim]",
+                                 got=list(context.shape), fix="open one session per row (or use stream())")
         limit = None if isinstance(self.cache, RollingKVCache) else cfg.num_chunks
+        if num_chunks is not None and (not _is_int(num_chunks) or num_chunks < 1):
+            raise InputError("num_chunks must be an int >= 1 (or None for an open-ended video)", got=num_chunks)
         if num_chunks is not None and limit is not None and num_chunks > limit:
             raise CacheError(f"a video of {num_chunks} chunks does not fit max_frames={cfg.max_frames} "
                              f"({limit} chunks of {cfg.chunk_frames} frames)",
                              fix="build the Engine with window=(frames, sink_frames) for longer videos")
-        if not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        if not _is_int(seed) or not 0 <= seed < 2 ** 63:
             raise InputError("seed must be an int in [0, 2**63)", got=seed)
         schedule = schedule or self.schedule
         if len(schedule.steps) != len(self.schedule.steps):
             raise InputError("every session must take the same number of denoising steps",
                              expected=len(self.schedule.steps), got=len(schedule.steps))
-        kv = self._prompt_kv(context, prompt)
         slab = self.cache.acquire()
-        self.cache.set_cross(slab, *kv)
+        try:
+            k, v, new = self._prompt_kv(context, prompt)
+            self.cache.set_cross(slab, k, v)
+        except BaseException:
+            self.cache.release(slab)
+            raise
+        if new is None:
+            self.stats.prompt_hits += 1
+        else:
+            self.stats.prompt_misses += 1
+            if prompt is not None:
+                self._prompts[prompt] = new
         self.seeds[slab] = seed
         self.t_table[slab] = torch.tensor(schedule.timesteps)
         self.sigma_table[slab] = torch.tensor(schedule.sigmas)
@@ -188,40 +260,69 @@ class Engine:
         self.sessions[s.id] = s
         return s
 
+    def _check_open(self, sessions, where: str) -> None:
+        """Each one a Session open in this engine (by identity), each at most once."""
+        seen = set()
+        for s in sessions:
+            if not isinstance(s, Session) or self.sessions.get(s.id) is not s:
+                raise InputError(f"{where}: {s!r} is not a session open in this engine",
+                                 fix="pass sessions this engine's open() returned and that are not closed")
+            if id(s) in seen:
+                raise InputError(f"{where}: session {s.id} is listed twice", got=[x.id for x in sessions],
+                                 fix="list each session once: one step() makes one chunk per session")
+            seen.add(id(s))
+
     def close(self, session: Session) -> None:
         """End a video and free its slab for the next one."""
-        if self.sessions.pop(session.id, None) is None:
-            raise InputError(f"session {session.id} is not open")
+        self._check_open([session], "close()")
+        del self.sessions[session.id]
         self.cache.release(session.slab)
 
-    def step(self, sessions: Sequence[Session] | None = None, cond: dict[int, torch.Tensor] | None = None
-             ) -> dict[int, torch.Tensor]:
-        """Run one chunk for each active session (default: all not done), batched.
+    def at_end(self, session: Session) -> bool:
+        """True when the session's slab holds no further chunk (a static cache at ``max_frames``)."""
+        return not isinstance(self.cache, RollingKVCache) and \
+            (session.chunk + 1) * self.cfg.chunk_frames > self.cfg.max_frames
 
-        Sessions may stand at different chunks; padding rows go to the scratch slab. ``cond``
-        maps session id -> [F, cond_dim] conditioning for this chunk. Returns session id ->
-        latents [1, C, F, H, W] (a copy).
+    @torch.no_grad()
+    def step(self, sessions: Sequence[Session] | None = None, cond: dict[Session, torch.Tensor] | None = None
+             ) -> dict[Session, torch.Tensor]:
+        """Run one chunk for each session, batched; returns ``{session: latents [1, C, F, H, W]}``
+        (copies), so ``engine.step()[a]`` is session ``a``'s chunk.
+
+        ``sessions`` default to every open one. Finished sessions (:attr:`Session.done`) are left
+        out. A session at the end of its slab (:meth:`at_end`, open-ended on a static cache) is
+        an error when listed in ``sessions``, and runs nothing; by default the others go on
+        and a warning names it (an error when no session can go on). Sessions may stand at
+        different chunks; padding rows go to the scratch slab. ``cond`` maps a session to its
+        [F, cond_dim] conditioning for this chunk. Every check runs before any work: an error
+        disturbs no one.
         """
-        active = [s for s in (sessions if sessions is not None else self.sessions.values()) if not s.done]
+        explicit = sessions is not None
+        pool = list(sessions) if explicit else list(self.sessions.values())
+        self._check_open(pool, "step()")
+        cond = dict(cond or {})
+        self._check_open(cond, "step(cond=...)")
+        active = [s for s in pool if not s.done]
+        ended = [s for s in active if self.at_end(s)]
+        if ended:
+            msg = (f"session(s) {[s.id for s in ended]} at the end of the slab ({self.cfg.max_frames} frames) "
+                   "cannot take another chunk")
+            fix = "close them, or build the Engine with window=(frames, sink_frames)"
+            if explicit or len(ended) == len(active):
+                raise CacheError(msg, fix=fix)
+            warnings.warn(f"{msg}; the others go on. fix: {fix}", stacklevel=2)
+            active = [s for s in active if not self.at_end(s)]
         if not active:
             return {}
-        cond = cond or {}
         groups = _chunks(active, self.batch_sizes[-1])
-        inputs = [self._cond(g, cond) for g in groups]  # every check before any work: an error disturbs no one
-        rolling = isinstance(self.cache, RollingKVCache)
-        for s in active:
-            if self.sessions.get(s.id) is not s:
-                raise InputError(f"session {s.id} is not open in this engine")
-            if not rolling and (s.chunk + 1) * self.cfg.chunk_frames > self.cfg.max_frames:
-                raise CacheError(f"session {s.id} is at the end of its slab ({self.cfg.max_frames} frames)",
-                                 fix="close it, or build the Engine with window=(frames, sink_frames)")
-        out: dict[int, torch.Tensor] = {}
+        inputs = [self._cond(g, cond) for g in groups]
+        out: dict[Session, torch.Tensor] = {}
         for group, cond_t in zip(groups, inputs):
             out.update(self._step_group(group, cond_t))
         self.stats.steps += 1
         return out
 
-    def _step_group(self, group: list[Session], cond_t: torch.Tensor | None) -> dict[int, torch.Tensor]:
+    def _step_group(self, group: list[Session], cond_t: torch.Tensor | None) -> dict[Session, torch.Tensor]:
         frames = self.cfg.chunk_frames
         batch = next(b for b in self.batch_sizes if b >= len(group))
         kv = [min((s.chunk + 1) * frames, self.cache.slab_frames) for s in group]
@@ -234,7 +335,7 @@ class Engine:
         self.stats.rows_padded += batch - len(group)
         out = {}
         for i, s in enumerate(group):
-            out[s.id] = x0[i:i + 1].clone()
+            out[s] = x0[i:i + 1].clone()
             s.chunk += 1
         return out
 
@@ -247,10 +348,10 @@ class Engine:
         shape = (self.cfg.chunk_frames, self.cfg.cond_dim)
         rows = []
         for s in group:
-            c = cond.get(s.id)
-            if c is None or tuple(c.shape) != shape:
-                raise InputError(f"session {s.id} needs cond for this chunk", expected=list(shape),
-                                 got=None if c is None else list(c.shape))
+            c = cond.get(s)
+            if not isinstance(c, torch.Tensor) or tuple(c.shape) != shape:
+                raise InputError(f"session {s.id} needs cond for this chunk", expected=f"a tensor {list(shape)}",
+                                 got=getattr(c, "shape", c if c is None else type(c).__name__))
             rows.append(c)
         rows += [torch.zeros(shape, dtype=self.dtype, device=rows[0].device)] * (self.batch_sizes[-1] - len(group))
         out = torch.stack([r.to(rows[0].device, self.dtype) for r in rows])
@@ -261,39 +362,52 @@ class Engine:
     # -- whole videos -----------------------------------------------------------------------------
     def stream(self, context: torch.Tensor, num_chunks: int, seed: int | Sequence[int] = 0,
                prompt: str | Sequence[str] | None = None) -> Iterator[torch.Tensor]:
-        """Generate ``num_chunks`` chunks for ``context`` [B, L, text_dim], yielding each chunk's
-        latents [B, C, F, H, W] as soon as it is done. ``seed``: one int (row i gets seed + i) or
-        one per row; ``prompt``: a key (or one per row) for the prompt cache."""
-        if not isinstance(context, torch.Tensor) or context.dim() != 3:
-            raise InputError("context must be [B, L, text_dim]", got=getattr(context, "shape", type(context).__name__),
+        """Generate ``num_chunks`` chunks for ``context`` [B, L, text_dim] (text-encoder embeddings),
+        yielding each chunk's latents [B, C, F, H, W] as soon as it is done. ``seed``: one int
+        (row i gets seed + i) or one per row; ``prompt``: a key (or one per row) for the prompt
+        cache. The arguments are checked here, before the first chunk is asked for."""
+        if isinstance(context, torch.Tensor) and context.dim() != 3:
+            raise InputError("context must be [B, L, text_dim]", got=list(context.shape),
                              fix="add the batch dimension: context[None]")
+        context = self._context(context, "stream()")
+        if not _is_int(num_chunks) or num_chunks < 1:
+            raise InputError("num_chunks must be an int >= 1", got=num_chunks)
         rows = context.shape[0]
-        seeds = [seed + i for i in range(rows)] if isinstance(seed, int) else list(seed)
+        seeds = [seed + i for i in range(rows)] if _is_int(seed) else list(seed)
         if isinstance(prompt, str) and rows > 1:
             raise InputError("one prompt key per context row", expected=f"a list of {rows} keys", got=prompt)
         prompts = [prompt] * rows if prompt is None or isinstance(prompt, str) else list(prompt)
         if len(seeds) != rows or len(prompts) != rows:
             raise InputError("one seed and one prompt key per context row", expected=rows,
                              got=(len(seeds), len(prompts)))
+        free = self.cache.free_slabs
+        if rows > free:
+            raise CacheError(f"{rows} video(s) need {rows} free slab(s); {free} of {self.cache.num_slabs} are free",
+                             fix="close open sessions, or build the Engine with max_sessions >= the rows")
+        return self._stream(context, num_chunks, seeds, prompts)
+
+    def _stream(self, context, num_chunks, seeds, prompts):
         sessions = []
         try:
-            for i in range(rows):
+            for i in range(len(seeds)):
                 sessions.append(self.open(context[i:i + 1], seed=seeds[i], num_chunks=num_chunks,
                                           prompt=prompts[i]))
             for _ in range(num_chunks):
                 out = self.step(sessions)
-                yield torch.cat([out[s.id] for s in sessions])
+                yield torch.cat([out[s] for s in sessions])
         finally:
             for s in sessions:
                 self.close(s)
 
     def generate(self, context: torch.Tensor, num_chunks: int, seed: int | Sequence[int] = 0,
-                 prompt: str | None = None) -> torch.Tensor:
+                 prompt: str | Sequence[str] | None = None) -> torch.Tensor:
         """Latents [B, C, num_chunks * chunk_frames, H, W] for ``context`` [B, L, text_dim]."""
         return torch.cat(list(self.stream(context, num_chunks, seed, prompt)), dim=2)
 
+    @torch.no_grad()
     def prewarm(self) -> "Engine":
-        """Capture every bucket (batch sizes x KV lengths x exact/masked) now, then seal."""
+        """Capture every bucket now (:attr:`num_graphs` graphs: batch sizes x KV lengths x
+        exact/masked, with a progress bar), then seal. See the class docstring for the cost."""
         if self.mode == "eager":
             return self
         b = self.batch_sizes[-1]
@@ -323,6 +437,10 @@ def _powers_of_two(n: int) -> tuple[int, ...]:
     while sizes[-1] < n:
         sizes.append(min(sizes[-1] * 2, n))
     return tuple(sizes)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _chunks(items, size):

@@ -8,10 +8,12 @@ import torch
 from graphrt.pipeline.schedule import FlowMatchSchedule, denoise_chunk
 
 
+@torch.no_grad()
 def reference_stream(ref_model, context: torch.Tensor, num_chunks: int, seed: int | Sequence[int] = 0,
                      schedule: FlowMatchSchedule | None = None, mark: Callable | None = None
                      ) -> Iterator[torch.Tensor]:
-    """The same generation with the upstream-style ``ReferenceWan`` (host reads and all)."""
+    """The same generation with the upstream-style ``ReferenceWan`` (host reads and all),
+    without autograd history whatever the grad mode (its caches live across chunks)."""
     cfg = ref_model.cfg
     schedule = schedule or FlowMatchSchedule()
     p = next(ref_model.parameters())

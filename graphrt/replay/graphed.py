@@ -164,10 +164,12 @@ class GraphedModule:
         order = sorted(todo, key=BucketKey.sort_key, reverse=True)
         from rich.progress import Progress
 
+        from rich.markup import escape
+
         with Progress(transient=True, disable=not self.progress) as bar:
-            task = bar.add_task("capturing graphs", total=len(order))
-            for k in order:
-                bar.update(task, description=f"capturing {k}")
+            task = bar.add_task(f"capturing {len(order)} graphs", total=len(order))
+            for i, k in enumerate(order):
+                bar.update(task, description=escape(f"capturing graph {i + 1} of {len(order)}: {k}"))
                 self._capture(k, todo[k], load=todo[k] is templates[0][1] and k == templates[0][0])
                 bar.advance(task)
         self.sealed = True
