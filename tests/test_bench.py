@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from graphrt.bench import MODES, BenchConfig, run
 from graphrt.tolerance import tolerance
@@ -48,3 +49,130 @@ def test_bench_subset_and_skips():
     assert summary["modes"]["eager"]["speedup_vs_reference"] > 0
     bad = run(BenchConfig(preset="tiny", chunks=2, repeats=0, modes=("eager",), attention="flash", progress=False))
     assert "cannot run here" in bad["modes"]["eager"]["skipped"]
+
+
+# -- the command line under misuse: exit status and one clear line ---------------------------------------
+def _main(capsys, *args):
+    from graphrt.bench.__main__ import main
+
+    rc = main(["--no-progress", *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _bad_checkpoint(tmp_path):
+    path = tmp_path / "garbage.safetensors"
+    path.write_bytes(b"not a safetensors file")
+    return str(path)
+
+
+def _other_model_checkpoint(tmp_path):
+    from graphrt.models.wan import CausalWan, WanConfig, save_checkpoint
+
+    path = tmp_path / "other.safetensors"
+    save_checkpoint(CausalWan(WanConfig.preset("tiny", num_layers=1)), path)
+    return str(path)
+
+
+BAD_ARGS = {
+    "chunks-0": (["--chunks", "0"], "--chunks must be an int >= 1"),
+    "steps-0": (["--steps", "0"], "--steps must be an int >= 1"),
+    "threads-0": (["--threads", "0"], "--threads must be an int >= 1"),
+    "threads-negative": (["--threads", "-2"], "--threads must be an int >= 1"),
+    "batch-0": (["--batch", "0"], "--batch must be an int >= 1"),
+    "repeats-negative": (["--repeats", "-1"], "--repeats must be an int >= 0"),
+    "modes-empty": (["--modes", ""], "no mode to run"),
+    "modes-twice": (["--modes", "eager,eager"], "a mode is listed twice"),
+    "modes-unknown": (["--modes", "eagre"], "unknown mode"),
+    "device-gpu0": (["--device", "gpu0"], "unknown device 'gpu0'"),
+    "device-mps": (["--device", "mps"], "runs on cpu or cuda"),
+    "json-folder": (["--json", "/no/such/folder/x.json"], "--json /no/such/folder/x.json: cannot write there"),
+    "md-folder": (["--md", "/no/such/folder/x.md"], "--md /no/such/folder/x.md: cannot write there"),
+    "checkpoint-missing": (["--checkpoint", "/no/such/file.safetensors"], "checkpoint not found"),
+    "checkpoint-garbage": (_bad_checkpoint, "as safetensors"),
+    "checkpoint-other-model": (_other_model_checkpoint, "does not match"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_ARGS))
+def test_bench_bad_arguments_exit_2_with_one_line(capsys, tmp_path, name):
+    args, message = BAD_ARGS[name]
+    if callable(args):
+        args = ["--checkpoint", args(tmp_path)]
+    rc, out, err = _main(capsys, "--device", "cpu", *args) if "--device" not in args else _main(capsys, *args)
+    assert rc == 2, (name, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert "Traceback" not in err and out == ""                 # nothing ran, no JSON
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_bench_cuda_without_cuda_exits_2(capsys):
+    rc, out, err = _main(capsys, "--device", "cuda")
+    assert rc == 2 and "'cuda' is not available" in err and out == ""
+
+
+def test_bench_plot_without_matplotlib_exits_2_before_running(capsys, monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    rc, out, err = _main(capsys, "--device", "cpu", "--plot", str(tmp_path / "p.png"))
+    assert rc == 2 and "--plot needs matplotlib" in err and out == ""
+
+
+def test_bench_exits_1_naming_the_mode_that_failed_and_prints_json_last(capsys, tmp_path):
+    """flash-attn never runs on the CPU: eager fails, reference runs; the status says so."""
+    rc, out, err = _main(capsys, "--device", "cpu", "--modes", "reference,eager", "--attention", "flash",
+                         "--chunks", "2", "--repeats", "0", "--json", str(tmp_path / "b.json"))
+    assert rc == 1
+    assert "error: 1 of 2 mode(s) did not run: eager (" in err
+    last = json.loads(out.strip().splitlines()[-1])
+    assert "skipped" in last["modes"]["eager"] and "skipped" not in last["modes"]["reference"]
+    assert last == json.loads((tmp_path / "b.json").read_text())
+
+
+def test_bench_one_chunk_runs_every_mode(capsys):
+    """The host-read count streamed two chunks, so --chunks 1 skipped every mode (and exited 0)."""
+    rc, out, err = _main(capsys, "--device", "cpu", "--modes", "reference,eager,graphs", "--chunks", "1",
+                         "--repeats", "1")
+    assert rc == 0, err
+    modes = json.loads(out.strip().splitlines()[-1])["modes"]
+    assert all("skipped" not in r for r in modes.values()), modes
+    assert modes["reference"]["host_reads_per_chunk"] == 65 and modes["graphs"]["host_reads_per_chunk"] == 0
+
+
+def test_bench_cpu_timings_are_pinned_and_recorded():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        summary = run(BenchConfig(preset="tiny", device="cpu", chunks=2, repeats=0, modes=("eager",), progress=False))
+        assert torch.get_num_threads() == 2                     # put back
+        pinned = run(BenchConfig(preset="tiny", device="cpu", chunks=2, repeats=0, modes=("eager",), threads=2,
+                                 progress=False))
+    finally:
+        torch.set_num_threads(before)
+    assert summary["threads"] == 1 and summary["device"] == "cpu (1 threads)" and pinned["threads"] == 2
+    load = summary["load_avg"]
+    assert load["cpus"] >= 1 and len(load["start"]) == 3 and len(load["end"]) == 3
+    eager = summary["modes"]["eager"]
+    assert 0 < eager["chunk_cpu_ms_median"] <= eager["chunk_ms_median"] * 1.05
+
+
+def test_bench_warns_when_the_samples_say_the_machine_was_busy():
+    from graphrt.bench.core import Clock, ModeResult, _steady_times
+
+    clock = Clock(torch.device("cpu"))
+
+    def chunk(wall_ms, cpu_ms):
+        return (0.0, 0.0), None, (wall_ms / 1000, cpu_ms / 1000)
+
+    calm = ModeResult()
+    _steady_times(calm, clock, [chunk(10, 10)] * 10)
+    assert calm.warnings == [] and calm.chunk_cpu_ms_median == pytest.approx(10)
+    noisy = ModeResult()
+    _steady_times(noisy, clock, [chunk(10, 10)] * 8 + [chunk(40, 10)] * 2)
+    assert any("p90 is 4.0x the median" in w for w in noisy.warnings)
+    waiting = ModeResult()
+    _steady_times(waiting, clock, [chunk(20, 10)] * 10)
+    assert torch.get_num_threads() == 1 and any("waited for a core" in w for w in waiting.warnings)

@@ -1,18 +1,25 @@
-"""``python -m graphrt.bench``: every mode side by side in one run; the last line printed is JSON."""
+"""``python -m graphrt.bench``: every mode side by side in one run; the last line printed is JSON.
+
+Exit status: 0 when every requested mode ran, 1 when a mode failed or was skipped (each one
+named on stderr; the JSON line still comes last), 2 on bad arguments (one line on stderr,
+before anything runs).
+"""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import sys
 
-import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
 from graphrt.bench.core import MODES, PRESETS, BenchConfig, ModeResult, run
 from graphrt.attention import BACKENDS
-from graphrt.errors import GraphrtError
+from graphrt.errors import ConfigError, GraphrtError
 
 
 def _args(argv):
@@ -27,7 +34,8 @@ def _args(argv):
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the preset's")
     p.add_argument("--attention", default="auto", choices=["auto", *BACKENDS, "sdpa-auto"])
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--threads", type=int, help="torch threads (default: 1 on the CPU, for stable timings; "
+                   "torch's own on CUDA)")
     p.add_argument("--checkpoint", help="a Wan 2.1 safetensors file or folder (default: random weights)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_path", help="also write the JSON summary here")
@@ -50,7 +58,7 @@ def table(summary: dict) -> Table:
     t = Table(title=f"graphrt.bench: {summary['preset']} on {summary['device']}, torch {summary['torch']} "
                     f"({c['chunks']} chunks x ({c['steps']} steps + cache pass), batch {c['batch']}, {c['dtype']}, "
                     f"attention {c['attention']})")
-    cols = [("mode", "left"), ("1st chunk ms", "right"), ("chunk ms", "right"), ("p90", "right"),
+    cols = [("mode", "left"), ("1st chunk ms", "right"), ("chunk ms", "right"), ("p90", "right"), ("cpu ms", "right"),
             ("denoise", "right"), ("cache pass", "right"), ("fps", "right"), ("host reads", "right"),
             ("graphs", "right"), ("capture s", "right"), ("peak MiB", "right"), ("GPU busy", "right"),
             ("err vs ref", "right"), ("x ref", "right"), ("x eager", "right")]
@@ -58,11 +66,12 @@ def table(summary: dict) -> Table:
         t.add_column(name, justify=just)
     for mode, r in summary["modes"].items():
         if "skipped" in r:
-            t.add_row(mode, f"[yellow]skipped: {r['skipped']}[/]", *[""] * (len(cols) - 2))
+            t.add_row(mode, f"[yellow]skipped: {escape(r['skipped'])}[/]", *[""] * (len(cols) - 2))
             continue
         mem = None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2 ** 20
         busy = None if r["gpu_busy"] is None else f"{100 * r['gpu_busy']:.0f}%"
         t.add_row(mode, _fmt(r["first_chunk_ms"]), _fmt(r["chunk_ms_median"]), _fmt(r["chunk_ms_p90"]),
+                  _fmt(r["chunk_cpu_ms_median"]),
                   _fmt(r["denoise_ms_median"]), _fmt(r["cache_pass_ms_median"]), _fmt(r["fps"]),
                   _fmt(r["host_reads_per_chunk"]), _fmt(r["graphs"]), _fmt(r["capture_s"]), _fmt(mem), busy or "-",
                   _fmt(r["max_err_vs_reference"]), _fmt(r["speedup_vs_reference"], "x"),
@@ -119,20 +128,39 @@ def plot(summary: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _check_outputs(opts) -> None:
+    """The files asked for can be written, and --plot can draw, before anything runs."""
+    for flag, path in (("--json", opts.json_path), ("--md", opts.md), ("--plot", opts.plot)):
+        if path is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder) or os.path.isdir(path):
+            raise ConfigError(f"{flag} {path}: cannot write there", expected="a file path in an existing folder",
+                              got=path)
+    if opts.plot and importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError("--plot needs matplotlib, which is not installed", fix="pip install matplotlib")
+
+
+def _one_line(e: Exception) -> str:
+    """A GraphrtError's what / expected / got / fix on one line (scripts read one line)."""
+    return "; ".join(" ".join(line.split()) for line in str(e).splitlines() if line.strip())
+
+
 def main(argv=None) -> int:
     opts = _args(argv)
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 220)
+    errors = Console(stderr=True, highlight=False, soft_wrap=True)
     cfg = BenchConfig(preset=opts.preset, device=opts.device, batch=opts.batch, chunks=opts.chunks, steps=opts.steps,
                       dtype=opts.dtype, attention=opts.attention, checkpoint=opts.checkpoint, repeats=opts.repeats,
-                      seed=opts.seed, modes=tuple(m.strip() for m in opts.modes.split(",") if m.strip()),
-                      progress=False)
+                      seed=opts.seed, threads=opts.threads,
+                      modes=tuple(m.strip() for m in opts.modes.split(",") if m.strip()), progress=False)
     try:
         cfg.resolve()
+        _check_outputs(opts)
     except GraphrtError as e:
-        console.print(f"[red]error:[/] {e}", markup=True)
+        errors.print(f"error: {_one_line(e)}", style="red", markup=False)
         return 2
+
     def save(summary: dict):
         if opts.json_path:
             with open(opts.json_path, "w") as f:
@@ -147,20 +175,30 @@ def main(argv=None) -> int:
 
         def on_mode(mode: str, r: ModeResult, partial: dict):
             state = f"skipped ({r.skipped})" if r.skipped else f"{r.chunk_ms_median:.2f} ms/chunk"
-            bar.console.print(f"  {mode}: {state}")
+            bar.console.print(f"  {mode}: {state}", markup=False)
+            for w in r.warnings:
+                bar.console.print(f"  {mode}: warning: {w}", style="yellow", markup=False)
             save(partial)                    # a run cut short keeps the modes it finished
             bar.advance(task)
             i = cfg.modes.index(mode) + 1
             if i < len(cfg.modes):
                 bar.update(task, description=f"mode {cfg.modes[i]}")
 
-        summary = run(cfg, on_mode)
+        try:
+            summary = run(cfg, on_mode)
+        except GraphrtError as e:       # the model or checkpoint could not be set up: no mode ran
+            errors.print(f"error: {_one_line(e)}", style="red", markup=False)
+            return 2
     console.print(table(summary))
     save(summary)
     if opts.plot:
         plot(summary, opts.plot)
+    failed = {m: r["skipped"] for m, r in summary["modes"].items() if "skipped" in r}
+    if failed:
+        errors.print(f"error: {len(failed)} of {len(cfg.modes)} mode(s) did not run: "
+                     + "; ".join(f"{m} ({why})" for m, why in failed.items()), style="red", markup=False)
     sys.stdout.write(json.dumps(summary) + "\n")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -12,13 +12,21 @@ Modes (all on the same weights, text context and seeds):
 
 Per mode: first-chunk latency (capture/compile included), steady per-chunk latency (median and
 p90) split into the denoising forwards and the cache pass where the mode exposes the boundary,
-video frames per second, host reads per chunk (counted by the checker), graphs, capture seconds,
-peak memory, max error against ``reference`` and speedups against ``reference`` and ``eager``.
+on the CPU the thread CPU time per chunk next to the wall time, video frames per second, host
+reads per chunk (counted by the checker), graphs, capture seconds, peak memory, max error
+against ``reference`` and speedups against ``reference`` and ``eager``.
+
+On the CPU the bench runs torch at one thread unless told otherwise: on a shared machine the
+ratios between modes swing by an order of magnitude at the default thread count, while one
+thread gives stable, comparable numbers. A mode whose p90 is far above its median, or whose
+wall time is far above its CPU time, gets a warning (the machine was busy); the JSON records the
+load average at the start and the end.
 """
 from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import statistics
 import time
 import traceback
@@ -75,19 +83,50 @@ class BenchConfig:
     checkpoint: str | None = None
     repeats: int | None = None
     seed: int = 0
+    threads: int | None = None     # torch threads; None: 1 on the CPU (stable timings), torch's own on CUDA
     progress: bool = True
 
     def resolve(self) -> tuple[str, Preset, torch.device, torch.dtype]:
-        device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        """Check every setting up front; raise :class:`ConfigError` naming the first bad one."""
+        device = _device(self.device)
         name = self.preset if self.preset != "auto" else ("wan-1.3b-480p" if device.type == "cuda" else "tiny")
         if name not in PRESETS:
             raise ConfigError(f"unknown bench preset {name!r}", expected=sorted(PRESETS) + ["auto"], got=name)
+        if not self.modes:
+            raise ConfigError("no mode to run", expected=f"a comma-separated subset of {','.join(MODES)}")
         unknown = set(self.modes) - set(MODES)
         if unknown:
             raise ConfigError(f"unknown mode(s) {sorted(unknown)}", expected=MODES)
+        if len(set(self.modes)) != len(self.modes):
+            raise ConfigError("a mode is listed twice", got=",".join(self.modes))
+        for what, value, least in (("batch", self.batch, 1), ("chunks", self.chunks, 1), ("steps", self.steps, 1),
+                                   ("repeats", self.repeats, 0), ("threads", self.threads, 1)):
+            if value is not None and (not isinstance(value, int) or value < least):
+                raise ConfigError(f"--{what} must be an int >= {least}", got=value)
+        if self.checkpoint is not None and not os.path.exists(self.checkpoint):
+            raise ConfigError("checkpoint not found", got=self.checkpoint,
+                              fix="pass a Wan 2.1 .safetensors file or a folder of shards")
         p = PRESETS[name]
         dtype = getattr(torch, self.dtype or p.dtype)
         return name, p, device, dtype
+
+
+def _device(name: str | None) -> torch.device:
+    """``None`` (CUDA when there is one), ``cpu``, ``cuda`` or ``cuda:N``; anything else is a ConfigError."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {name!r}", expected="cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"the bench runs on cpu or cuda, not {device.type}", got=name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise ConfigError(f"device {name!r} is not available: this machine has {count} CUDA device(s)",
+                              fix="use --device cpu, or run on a machine with a GPU")
+    return device
 
 
 @dataclass
@@ -95,6 +134,7 @@ class ModeResult:
     first_chunk_ms: float | None = None
     chunk_ms_median: float | None = None
     chunk_ms_p90: float | None = None
+    chunk_cpu_ms_median: float | None = None     # thread CPU time per steady chunk (CPU runs)
     denoise_ms_median: float | None = None
     cache_pass_ms_median: float | None = None
     fps: float | None = None
@@ -107,6 +147,7 @@ class ModeResult:
     speedup_vs_reference: float | None = None
     speedup_vs_eager: float | None = None
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)   # numbers not to trust as they stand
     skipped: str | None = None
 
     def to_json(self) -> dict:
@@ -114,13 +155,21 @@ class ModeResult:
             return {"skipped": self.skipped}
         d = asdict(self)
         d.pop("skipped")
-        if not d["notes"]:
-            d.pop("notes")
+        for key in ("notes", "warnings"):
+            if not d[key]:
+                d.pop(key)
         return d
 
 
+# -- timing: every clock read of the bench happens here ------------------------------------------------
+NOISY_P90 = 1.5          # p90 / median above this: the samples are not one distribution
+BUSY_WALL_OVER_CPU = 1.3  # at one thread, wall / CPU time above this: the process waited for a core
+
+
 class Clock:
-    """Time marks: CUDA events on CUDA (no sync between marks), perf_counter on the CPU."""
+    """Time marks. On CUDA a mark is a CUDA event (no sync between marks); on the CPU it is
+    ``(perf_counter, thread_time)``: wall time and the CPU time of this thread, which at one
+    torch thread is the work itself, so wall above it is time spent waiting for a core."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -130,19 +179,67 @@ class Clock:
             e = torch.cuda.Event(enable_timing=True)
             e.record()
             return e
-        return time.perf_counter()
+        return time.perf_counter(), time.thread_time()
 
     def sync(self):
         if self.cuda:
             torch.cuda.synchronize()
 
     def ms(self, a, b) -> float:
-        return a.elapsed_time(b) if self.cuda else (b - a) * 1000.0
+        """Wall milliseconds from mark ``a`` to mark ``b``."""
+        return a.elapsed_time(b) if self.cuda else (b[0] - a[0]) * 1000.0
+
+    def cpu_ms(self, a, b) -> float | None:
+        """This thread's CPU milliseconds from ``a`` to ``b`` (None on CUDA)."""
+        return None if self.cuda else (b[1] - a[1]) * 1000.0
 
 
 def _percentile(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def _steady_times(res: "ModeResult", clock: Clock, steady: list) -> None:
+    """Median and p90 of the steady chunks (marks ``(start, denoised, end)``), CPU time next to
+    wall time on the CPU, and a warning when the numbers say the machine was busy."""
+    totals = [clock.ms(start, end) for start, _, end in steady]
+    res.chunk_ms_median = statistics.median(totals)
+    res.chunk_ms_p90 = _percentile(totals, 0.9)
+    if all(mid is not None for _, mid, _ in steady):
+        res.denoise_ms_median = statistics.median(clock.ms(start, mid) for start, mid, _ in steady)
+        res.cache_pass_ms_median = statistics.median(clock.ms(mid, end) for _, mid, end in steady)
+    else:
+        res.notes.append("denoise/cache split not observable: the whole chunk is one replay")
+    ratio = res.chunk_ms_p90 / res.chunk_ms_median
+    if ratio > NOISY_P90:
+        res.warnings.append(f"p90 is {ratio:.1f}x the median over {len(totals)} chunks: noisy timings "
+                            "(another process, or more threads than free cores?)")
+    if not clock.cuda:
+        res.chunk_cpu_ms_median = statistics.median(clock.cpu_ms(start, end) for start, _, end in steady)
+        busy = res.chunk_ms_median / max(res.chunk_cpu_ms_median, 1e-9)
+        if torch.get_num_threads() == 1 and busy > BUSY_WALL_OVER_CPU:
+            res.warnings.append(f"wall time is {busy:.1f}x the CPU time: the process waited for a core "
+                                "(the machine is busy)")
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """Run with ``n`` torch threads (None: as they are), then put the count back."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _load() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the OS has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 class Driver:
@@ -202,16 +299,21 @@ class Driver:
         return None if g is None else g.stats
 
 
-def _host_reads_per_chunk(driver: Driver, context, seed) -> float | None:
-    """Host reads of one steady chunk (the second of a video: no session set-up in it)."""
+def _host_reads_per_chunk(driver: Driver, context, seed, chunks: int) -> float | None:
+    """Host reads of one steady chunk (the second of a video: no session set-up in it), or of
+    the only chunk of a one-chunk video."""
     from graphrt.capture.hostreads import HostReadRecorder
 
     if driver.mode == "compile":
         driver.notes.append("host reads not counted: the checker's hooks change what torch.compile traces")
         return None
     recorder = HostReadRecorder()
-    it = driver.stream(context, 2, seed)
-    next(it)
+    steady = chunks >= 2
+    it = driver.stream(context, 2 if steady else 1, seed)
+    if steady:
+        next(it)
+    else:
+        driver.notes.append("host reads counted on the only chunk, which also opens the session(s)")
     try:
         with recorder:
             next(it)
@@ -284,14 +386,7 @@ def measure(driver: Driver, context, chunks: int, repeats: int, seed: int, clock
     if not steady:                 # one chunk, no repeats: the first chunk is all there is
         steady = rows
         res.notes.append("a single chunk was timed: steady numbers include capture/compilation")
-    totals = [clock.ms(r[2], r[4]) for r in steady]
-    res.chunk_ms_median = statistics.median(totals)
-    res.chunk_ms_p90 = _percentile(totals, 0.9)
-    if all(r[3] is not None for r in steady):
-        res.denoise_ms_median = statistics.median(clock.ms(r[2], r[3]) for r in steady)
-        res.cache_pass_ms_median = statistics.median(clock.ms(r[3], r[4]) for r in steady)
-    else:
-        res.notes.append("denoise/cache split not observable: the whole chunk is one replay")
+    _steady_times(res, clock, [r[2:] for r in steady])
     res.fps = context.shape[0] * chunk_frames * VIDEO_FRAMES_PER_LATENT / (res.chunk_ms_median / 1000.0)
     stats = driver.graph_stats
     if stats is not None:
@@ -306,7 +401,7 @@ def measure(driver: Driver, context, chunks: int, repeats: int, seed: int, clock
             res.notes.append(f"gpu_busy not measured: {type(e).__name__}: {e}")
     else:
         res.notes.append("peak memory is measured on CUDA only")
-    res.host_reads_per_chunk = _host_reads_per_chunk(driver, context, seed)
+    res.host_reads_per_chunk = _host_reads_per_chunk(driver, context, seed, chunks)
     if driver.mode == "compile" and device.type == "cuda":
         skips = torch._dynamo.utils.counters["inductor"].get("cudagraph_skips", 0)
         if skips:
@@ -318,8 +413,16 @@ def run(cfg: BenchConfig, on_mode: Callable[[str, ModeResult, dict], None] | Non
     """Run the selected modes on one config and return the JSON summary.
 
     ``on_mode(mode, result, summary)`` is called after each mode with the summary so far, so a
-    caller can save partial results of a run that may be cut short."""
+    caller can save partial results of a run that may be cut short. Settings and the model
+    (checkpoint included) are checked before any mode runs: those errors raise; a mode that
+    fails is recorded as ``skipped`` with its reason."""
     name, preset, device, dtype = cfg.resolve()
+    threads = cfg.threads if cfg.threads is not None else (1 if device.type == "cpu" else None)
+    with _torch_threads(threads):
+        return _run(cfg, name, preset, device, dtype, on_mode)
+
+
+def _run(cfg: BenchConfig, name: str, preset: Preset, device: torch.device, dtype: torch.dtype, on_mode) -> dict:
     chunks = cfg.chunks or preset.chunks
     steps = cfg.steps or preset.steps
     repeats = preset.repeats if cfg.repeats is None else cfg.repeats
@@ -343,6 +446,8 @@ def run(cfg: BenchConfig, on_mode: Callable[[str, ModeResult, dict], None] | Non
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "threads": torch.get_num_threads(),
+        "load_avg": {"cpus": os.cpu_count(), "start": _load(), "end": None},   # 1, 5, 15 minutes
         "preset": name,
         "config": {"model": preset.model, "dim": wcfg.dim, "num_layers": wcfg.num_layers, "num_heads": wcfg.num_heads,
                    "latent": [wcfg.height, wcfg.width], "frame_tokens": wcfg.frame_tokens,
@@ -370,6 +475,7 @@ def run(cfg: BenchConfig, on_mode: Callable[[str, ModeResult, dict], None] | Non
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             summary["modes"] = _compare(results, videos)
+            summary["load_avg"]["end"] = _load()
             if on_mode is not None:
                 on_mode(mode, results[mode], summary)
     return summary

@@ -86,7 +86,11 @@ def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike, *, strict: 
 
     sd: dict = {}
     for shard in _shards(Path(path)):
-        sd.update(load_file(str(shard)))
+        try:
+            sd.update(load_file(str(shard)))
+        except Exception as e:   # safetensors raises its own error types for a file that is not one
+            raise CheckpointError(f"cannot read {shard} as safetensors: {type(e).__name__}: {e}",
+                                  fix="point at a Wan 2.1 .safetensors file (or a folder of them)") from e
     if any(k.startswith("condition_embedder.") for k in sd):
         sd = state_dict_from_diffusers(sd)
     own = model.state_dict()
