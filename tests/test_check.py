@@ -191,3 +191,55 @@ def test_module_entry_point_runs():
 def test_cuda_copies_are_named_once(fn, marker, kind, op):
     report = check(fn, torch.randn(4, device="cuda"))
     assert [(s.kind, s.op, s.count, s.line) for s in report.sites] == [(kind, op, 1, plant_line(marker))]
+
+
+# -- the CLI when the check itself cannot run: exit 3 and a clear message, not 1 and a traceback ---------
+CRASHES = {
+    "factory-raises": ("def factory():\n    return 1 / 0\n", "factory() in", "ZeroDivisionError", 2),
+    "syntax-error": ("def factory(:\n    pass\n", "importing", "SyntaxError", 1),
+    "forward-fails": ("import torch\n\ndef factory():\n    return (lambda x: x @ torch.ones(3, 5)), (torch.ones(2, 4),)\n",
+                      "the checked function", "RuntimeError", 4),
+}
+
+
+@pytest.mark.parametrize("name", list(CRASHES))
+def test_cli_crash_exits_3_with_its_cause(capsys, tmp_path, name):
+    source, stage, error, line = CRASHES[name]
+    target = tmp_path / "target.py"
+    target.write_text(source)
+    assert main([f"{target}:factory"]) == 3
+    err = capsys.readouterr().err
+    assert f"error: the check could not run: {stage}" in err and f"raised {error}" in err
+    assert f"where: {target}:{line}" in err and "Traceback" not in err
+    assert main([f"{target}:factory", "--traceback"]) == 3
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_cli_chunks_past_the_slab_is_a_bad_argument(capsys):
+    assert main(["--model", "wan-tiny", "--chunks", "8"]) == 2
+    assert "--chunks must be in 1..7" in capsys.readouterr().err
+
+
+def test_subscripts_in_the_code_column_are_shown(capsys, tmp_path, monkeypatch):
+    """The table went through rich markup: ``x[mask]`` lost exactly its ``[mask]``."""
+    monkeypatch.chdir(tmp_path)                  # short file:line, so the code column is not cut
+    target = tmp_path / "subscripts.py"
+    target.write_text("import torch\n\n"
+                      "def leaky(x, cache):\n"
+                      "    mask = x > 0\n"
+                      "    return x[mask].sum() + cache[int(x[0])]\n\n"
+                      "def factory():\n"
+                      "    return leaky, (torch.randn(4), torch.randn(3))\n")
+    code = "x[mask].sum() + cache[int(x[0])]"
+    assert main(["subscripts.py:factory"]) == 1
+    assert code in capsys.readouterr().out
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("subscripts", target)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = check(*module.factory()[:1], *module.factory()[1])
+    assert code in str(report)
+    with pytest.raises(HostReadError) as err:
+        report.raise_if_any()
+    assert code in str(err.value)

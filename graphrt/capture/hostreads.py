@@ -27,6 +27,7 @@ import io
 import linecache
 import os
 import sys
+import traceback
 from collections import Counter
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ import torch
 from rich import box
 from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -221,12 +223,12 @@ class HostReadReport:
         for name in ("kind", "op", "count", "where", "code", "hint"):
             table.add_column(name, justify="right" if name == "count" else "left",
                              overflow="fold" if name in ("op", "where") else "ellipsis")
-        for s in self.sites:
-            table.add_row(s.kind, s.op, str(s.count), s.where, s.code, s.hint)
+        for s in self.sites:   # Text, not markup: code such as x[mask] must show its [...]
+            table.add_row(*(Text(c) for c in (s.kind, s.op, str(s.count), s.where, s.code, s.hint)))
         return table
 
     def __rich__(self):
-        return Group(self.table(), self.summary()) if self.sites else self.summary()
+        return Group(self.table(), Text(self.summary())) if self.sites else Text(self.summary())
 
     def __str__(self) -> str:
         out = io.StringIO()
@@ -354,6 +356,14 @@ def _check_wan_tiny(reference: bool = False, chunks: int = 3, seed: int = 0) -> 
     return recorder.report()
 
 
+class _TargetCrash(Exception):
+    """The check target itself raised (``__cause__``) while ``stage`` ran: exit status 3, not 2."""
+
+    def __init__(self, stage: str):
+        super().__init__(stage)
+        self.stage = stage
+
+
 def _load_factory(spec: str):
     """``path/to/file.py:factory`` -> (fn, args, kwargs) from ``factory()``."""
     fix = "name a Python file and a function in it that returns (fn, args) or (fn, args, kwargs)"
@@ -366,12 +376,18 @@ def _load_factory(spec: str):
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module  # dataclasses and pickling look the module up there
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        raise _TargetCrash(f"importing {path}") from e
     factory = getattr(module, name, None)
     if not callable(factory):
         raise ConfigError(f"{path} has no function {name!r}", expected="a callable factory",
                           got=type(factory).__name__, fix=fix)
-    made = factory()
+    try:
+        made = factory()
+    except Exception as e:
+        raise _TargetCrash(f"{name}() in {path}") from e
     if not (isinstance(made, tuple) and len(made) in (2, 3) and callable(made[0])
             and isinstance(made[1], (tuple, list)) and (len(made) == 2 or isinstance(made[2], dict))):
         raise ConfigError(f"{name}() returned something that is not (fn, args) or (fn, args, kwargs)",
@@ -381,15 +397,36 @@ def _load_factory(spec: str):
     return fn, tuple(args), kwargs
 
 
+def _crash(stage: str, e: BaseException, show_traceback: bool) -> int:
+    """Say on stderr that the check could not run (not that it found reads); exit status 3."""
+    frames = traceback.extract_tb(e.__traceback__)
+    user = [f for f in frames if not _internal(f.filename)] or frames
+    if isinstance(e, SyntaxError) and e.filename:
+        where = f"{e.filename}:{e.lineno}"
+    else:
+        where = f"{user[-1].filename}:{user[-1].lineno}" if user else None
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    if show_traceback:
+        err.print("".join(traceback.format_exception(e)), markup=False)
+    err.print(f"error: the check could not run: {stage} raised {type(e).__name__}: {e}"
+              + (f"\n  where: {where}" if where else "")
+              + ("" if show_traceback else "\n  fix:   run it alone to debug it, or pass --traceback"),
+              style="red", markup=False)
+    return 3
+
+
 def main(argv=None) -> int:
-    """``python -m graphrt.check``: 0 when graph-safe, 1 when host reads were found, 2 on a bad spec."""
+    """``python -m graphrt.check``. Exit status: 0 graph-safe, 1 host reads found, 2 bad arguments,
+    3 the check could not run (the target file, its factory or the forward raised)."""
     parser = argparse.ArgumentParser(
         prog="python -m graphrt.check",
-        description="Run a forward once and list every host read (file:line, kind, count, how to fix).")
+        description="Run a forward once and list every host read (file:line, kind, count, how to fix). "
+                    "Exit status: 0 graph-safe, 1 host reads found, 2 bad arguments, 3 the check could not run.")
     parser.add_argument("target", nargs="?", help="path/to/file.py:factory; factory() returns (fn, args[, kwargs])")
     parser.add_argument("--model", choices=["wan-tiny"], help="a built-in model with random weights")
     parser.add_argument("--reference", action="store_true", help="check the upstream-style ReferenceWan")
     parser.add_argument("--chunks", type=int, default=None, help="chunks to generate with --model (default 3)")
+    parser.add_argument("--traceback", action="store_true", help="print the whole traceback when the check crashes")
     try:
         opts = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse exits 2 on bad arguments and 0 on --help
@@ -403,22 +440,33 @@ def main(argv=None) -> int:
         if opts.target is not None and (opts.reference or opts.chunks is not None):
             raise ConfigError("--reference and --chunks apply to --model only", got=opts.target)
         chunks = 3 if opts.chunks is None else opts.chunks
-        if chunks < 1:
-            raise ConfigError("--chunks must be at least 1", got=chunks)
+        from graphrt.models.wan import WanConfig
+
+        most = WanConfig.preset("tiny").num_chunks      # what one video's cache holds
+        if not 1 <= chunks <= most:
+            raise ConfigError(f"--chunks must be in 1..{most} (wan-tiny's videos hold {most} chunks)", got=chunks)
         target = _load_factory(opts.target) if opts.target else None
     except ConfigError as e:
         Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {e}", style="red", markup=False)
         return 2
+    except _TargetCrash as e:
+        return _crash(e.stage, e.__cause__, opts.traceback)
 
     if target:
         console.print(f"host reads of {opts.target}", style="bold", markup=False)
-        report = check(target[0], *target[1], **target[2])
+        try:
+            report = check(target[0], *target[1], **target[2])
+        except Exception as e:
+            return _crash("the checked function", e, opts.traceback)
         console.print(report)
         return 0 if report.ok else 1
     name = "ReferenceWan" if opts.reference else "CausalWan"
-    report = _check_wan_tiny(opts.reference, chunks)
+    try:
+        report = _check_wan_tiny(opts.reference, chunks)
+    except Exception as e:
+        return _crash(f"{name} (wan-tiny)", e, opts.traceback)
     console.print(f"host reads of {name} (wan-tiny), {chunks} chunk(s) of 4 denoising forwards + the cache pass "
-                  "(one call = one chunk)", style="bold")
+                  "(one call = one chunk)", style="bold", markup=False)
     console.print(report)
-    console.print(f"reads per chunk: {_runs(report.per_call)}")
+    console.print(f"reads per chunk: {_runs(report.per_call)}", markup=False)
     return 0 if report.ok else 1
