@@ -1,0 +1,55 @@
+"""The README's Python examples run as written on the CPU, with the substitutions the README states."""
+import pathlib
+import re
+
+import torch
+
+README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+CPU = [('device = "cuda"', 'device = "cpu"'), ('WanConfig.preset("wan-1.3b")', 'WanConfig.preset("tiny")')]
+
+
+def test_readme_python_examples_run_on_the_cpu():
+    text = README.read_text()
+    assert 'To run this on a CPU: `device = "cpu"` and `WanConfig.preset("tiny")`' in text   # the stated substitutions
+    code = "\n".join(re.findall(r"```python\n(.*?)```", text, flags=re.S))
+    for old, new in CPU:
+        assert code.count(old) == 1, old
+        code = code.replace(old, new)
+    ns: dict = {}
+    assert torch.is_grad_enabled()                            # as a user runs it: no torch.no_grad()
+    exec(compile(code, str(README), "exec"), ns)
+    cfg, engine = ns["cfg"], ns["engine"]
+    assert engine.num_graphs == 2 * cfg.num_chunks * 2 == 28
+    assert ns["video"].shape == (1, cfg.out_dim, 2 * cfg.chunk_frames, cfg.height, cfg.width)
+    assert ns["video"].dtype == torch.bfloat16 and not ns["video"].requires_grad
+    assert ns["chunk_a"].shape == (1, cfg.out_dim, cfg.chunk_frames, cfg.height, cfg.width)
+    assert set(ns["outs"]) == {ns["a"], ns["b"]} and list(engine.sessions.values()) == [ns["b"]]
+    assert engine.graphs.stats.captures == 3                  # 2 KV lengths at batch 1, then batch 2
+    assert ns["g"].stats.captures == 3 and ns["y"].shape == (3, 64) and ns["report"].ok
+
+
+def test_dependencies_are_what_the_package_imports():
+    """Runtime dependencies: exactly the third-party modules graphrt imports outside the optional
+    extras (safetensors is one: the checkpoint loaders need it)."""
+    import ast
+    import sys
+    import tomllib
+
+    root = README.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+
+    def names(reqs):
+        return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].replace("-", "_").lower() for r in reqs}
+
+    runtime = names(project["dependencies"])
+    optional = names(r for extra in project["optional-dependencies"].values() for r in extra)
+    imported = set()
+    for path in (root / "graphrt").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = {m.lower() for m in imported} - set(sys.stdlib_module_names) - {"graphrt"}
+    assert third_party - optional == runtime, (third_party, runtime, optional)
+    assert "safetensors" in runtime and "numpy" not in runtime
