@@ -115,9 +115,10 @@ def attend(q, k, v, seqlens: torch.Tensor | None = None, backend: str = "sdpa"):
     if backend == "flex":
         return _flex(qt, kt, vt, seqlens).transpose(1, 2)
     if backend == "flash":
-        if seqlens is not None:
-            raise BackendUnavailableError("masked dense K/V is not a flash-attn path",
-                                          fix="read the cache with attend_paged(...), or use attention='sdpa'")
+        if seqlens is not None:     # dense K/V as a cache without a block table: one row per batch row
+            from flash_attn import flash_attn_with_kvcache
+
+            return flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens.to(torch.int32), causal=False)
         from flash_attn import flash_attn_func
 
         return flash_attn_func(q, k, v)

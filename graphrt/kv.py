@@ -7,12 +7,17 @@ A cache owns every tensor that changes from chunk to chunk, all on the device:
   runs write so they never touch a real session. A scratch row reads its region cyclically. One
   tensor per layer (not one for all layers), so a compiled forward writes in place instead of
   rewriting a whole stacked pool.
+- ``k_scale[layer]``/``v_scale[layer]`` [same tokens, H]: with a quantized ``kv_dtype`` (``int8``,
+  ``float8_e4m3fn``) the pools hold codes and these hold one symmetric scale per token and head
+  (in the model dtype). A write quantizes, a read dequantizes the gathered tokens, so every
+  attention backend sees model-dtype K/V and the graph structure does not change.
 - ``block_table`` int32 [max_batch]: batch row -> slab (one block per row), so sessions join
   and leave without copying caches.
 - ``frames`` int32 [slabs + 1]: committed latent frames per slab (the session's position).
 - ``seqlens`` int32 [max_batch]: valid tokens per row after the latest write.
 - ``cross_k``/``cross_v`` [layers, slabs + 1, text_len, H, D]: the text context's K/V, computed
-  once per session (per prompt).
+  once per session (per prompt). They stay in the model dtype whatever ``kv_dtype`` is: a few
+  percent of a session's bytes at 480p, read by every forward, and never re-encoded.
 
 A forward asks :meth:`step` once for the device indices every layer uses, writes with
 ``index_copy_`` and reads a static number of tokens chosen by its bucket. Nothing here reads
@@ -27,6 +32,10 @@ import torch
 
 from graphrt.errors import CacheError, InputError
 
+# storage dtypes that quantize, by name, and the largest code each holds
+KV_DTYPES = {"int8": torch.int8, "float8_e4m3fn": torch.float8_e4m3fn}
+_QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
+
 
 def same_device(a, b) -> bool:
     """``cuda`` and ``cuda:0`` are one device when 0 is the current one; ``cuda:1`` is another."""
@@ -37,6 +46,69 @@ def same_device(a, b) -> bool:
         return True
     here = torch.cuda.current_device()
     return (here if a.index is None else a.index) == (here if b.index is None else b.index)
+
+
+def resolve_kv_dtype(kv_dtype, dtype: torch.dtype) -> torch.dtype:
+    """The storage dtype of a cache's K/V: None (or the model ``dtype``) keeps K/V as computed;
+    ``"int8"`` or ``"float8_e4m3fn"`` (names or torch dtypes) quantize per token and head."""
+    if kv_dtype is None:
+        return dtype
+    if isinstance(kv_dtype, str):
+        named = KV_DTYPES.get(kv_dtype) or getattr(torch, kv_dtype, None)
+        kv_dtype = named if isinstance(named, torch.dtype) else kv_dtype
+    if kv_dtype == dtype or kv_dtype in _QMAX:
+        return kv_dtype
+    raise InputError("unsupported kv_dtype", expected=f"None (the model dtype, {dtype}) or one of {list(KV_DTYPES)}",
+                     got=kv_dtype, fix="store K/V in the model dtype, int8 or float8_e4m3fn")
+
+
+def quantize(x: torch.Tensor, kv_dtype: torch.dtype, scale_dtype: torch.dtype):
+    """Symmetric quantization of ``x`` [..., D] with one scale per vector: codes [..., D] in
+    ``kv_dtype`` and scales [...] in ``scale_dtype`` with ``x ~= codes * scale``. Device-only."""
+    qmax = _QMAX[kv_dtype]
+    amax = torch.linalg.vector_norm(x, float("inf"), dim=-1).float()      # max |x|: one pass, exact
+    scale = (amax / qmax).clamp_min(torch.finfo(scale_dtype).tiny).to(scale_dtype)
+    q = torch.div(x, scale.float()[..., None])          # float32 out, without a float32 copy of x first
+    if kv_dtype == torch.int8:
+        q.round_()
+    return q.clamp_(-qmax, qmax).to(kv_dtype), scale
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``codes * scale`` in ``dtype``. Codes and scales convert to ``dtype`` exactly, and their
+    product is rounded once, so this equals the float32 product rounded to ``dtype``. int8 codes
+    multiply as they are (one kernel); float8 has no type promotion, so it converts first."""
+    scale = scale.to(dtype)[..., None]
+    return codes * scale if codes.dtype == torch.int8 else codes.to(dtype) * scale
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """Float8 pools are indexed through a uint8 view: CPU ``index_copy_`` has no float8 kernel."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+@dataclass(frozen=True)
+class KVMemory:
+    """Bytes a cache holds, from its tensors (exact on the meta device too, where nothing is allocated).
+
+    ``per_session`` is one slab: its K/V codes and scales in every layer, its cross-attention K/V
+    and its position. ``scratch`` is the scratch region (and its cross-attention row); ``state``
+    the block table, lengths and index helpers. ``total = slabs * per_session + scratch + state``.
+    """
+
+    kv_dtype: str
+    slabs: int
+    per_session: int
+    scratch: int
+    state: int
+
+    @property
+    def total(self) -> int:
+        return self.slabs * self.per_session + self.scratch + self.state
+
+    def slabs_within(self, budget: int) -> int:
+        """How many slabs a cache like this one may have within ``budget`` bytes."""
+        return max(0, (budget - self.scratch - self.state) // self.per_session)
 
 
 @dataclass(frozen=True)
@@ -58,7 +130,8 @@ class SlabKVCache:
 
     def __init__(self, *, num_layers: int, num_heads: int, head_dim: int, frame_tokens: int,
                  slab_frames: int, num_slabs: int = 1, max_batch: int | None = None, text_len: int = 0,
-                 device=None, dtype=torch.float32, align: int = 1, scratch_frames: int | None = None):
+                 device=None, dtype=torch.float32, kv_dtype=None, align: int = 1,
+                 scratch_frames: int | None = None):
         if num_slabs < 1:
             raise CacheError("a cache needs at least one slab", got=num_slabs)
         self.num_layers, self.num_heads, self.head_dim = num_layers, num_heads, head_dim
@@ -72,6 +145,8 @@ class SlabKVCache:
         self.text_len = text_len
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
+        self.kv_dtype = resolve_kv_dtype(kv_dtype, dtype)
+        self.quantized = self.kv_dtype != dtype
         # flash-attn reads the pool as pages of `stride` tokens: then scratch must be a whole page
         small = scratch_frames is not None and align == 1
         self.scratch_tokens = min(scratch_frames * frame_tokens, self.stride) if small else self.stride
@@ -80,8 +155,12 @@ class SlabKVCache:
             raise CacheError("scratch_frames must be at least 1", got=scratch_frames)
         shape = (self.scratch_base + self.scratch_tokens, num_heads, head_dim)
         kw = dict(device=self.device, dtype=dtype)
-        self.k = [torch.zeros(shape, **kw) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, **kw) for _ in range(num_layers)]
+        qkw = dict(device=self.device, dtype=self.kv_dtype)
+        self.k = [torch.zeros(shape, **qkw) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, **qkw) for _ in range(num_layers)]
+        n = num_layers if self.quantized else 0
+        self.k_scale = [torch.zeros(shape[:2], **kw) for _ in range(n)]
+        self.v_scale = [torch.zeros(shape[:2], **kw) for _ in range(n)]
         cshape = (num_layers, num_slabs + 1, text_len, num_heads, head_dim)
         self.cross_k = torch.zeros(cshape, **kw)
         self.cross_v = torch.zeros(cshape, **kw)
@@ -94,22 +173,33 @@ class SlabKVCache:
         self._padding = False
         self._arange = torch.arange(self.slab_tokens, device=self.device)
         self._free = list(range(num_slabs))
+        self._pending: dict[int, torch.cuda.Event] = {}    # slab -> its wipe on a copy stream
 
     @classmethod
-    def for_model(cls, model, *, num_slabs: int = 1, max_batch: int | None = None,
-                  frame_tokens: int | None = None, **kw):
-        """A cache shaped for a Wan model (its config, device and dtype).
-
-        The scratch region holds one chunk (``cfg.chunk_frames``); pass ``scratch_frames`` for
-        forwards that write more frames at once (a prefill)."""
-        cfg = model.cfg
+    def for_model(cls, model, **kw):
+        """A cache shaped for a Wan model (its config, device and dtype); see :meth:`for_config`."""
         p = next(model.parameters())
-        if getattr(model, "attention_backend", None) == "flash":
-            kw.setdefault("align", 256)          # flash-attn's paged KV wants pages of 256 tokens
+        kw.setdefault("device", p.device)
+        kw.setdefault("dtype", p.dtype)
+        # flash-attn reads a plain pool in place as pages of 256 tokens; a quantized pool is read
+        # through the dequantizing gather instead
+        if getattr(model, "attention_backend", None) == "flash" and resolve_kv_dtype(
+                kw.get("kv_dtype"), kw["dtype"]) == kw["dtype"]:
+            kw.setdefault("align", 256)
+        return cls.for_config(model.cfg, **kw)
+
+    @classmethod
+    def for_config(cls, cfg, *, dtype: torch.dtype, num_slabs: int = 1, max_batch: int | None = None,
+                   frame_tokens: int | None = None, **kw):
+        """A cache shaped for a Wan config. ``device="meta"`` builds it without memory (for sizing:
+        see :meth:`memory`). The scratch region holds one chunk (``cfg.chunk_frames``); pass
+        ``scratch_frames`` for forwards that write more frames at once (a prefill). ``num_heads``
+        may be a shard of the config's heads (rank-local caches)."""
         kw.setdefault("scratch_frames", cfg.chunk_frames)
-        return cls(num_layers=cfg.num_layers, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
-                   frame_tokens=frame_tokens or cfg.frame_tokens, num_slabs=num_slabs, max_batch=max_batch,
-                   text_len=cfg.text_len, device=p.device, dtype=p.dtype, **cls._model_kw(cfg, kw))
+        kw.setdefault("num_heads", cfg.num_heads)
+        return cls(num_layers=cfg.num_layers, head_dim=cfg.head_dim, frame_tokens=frame_tokens or cfg.frame_tokens,
+                   num_slabs=num_slabs, max_batch=max_batch, text_len=cfg.text_len, dtype=dtype,
+                   **cls._model_kw(cfg, kw))
 
     def check_model(self, cfg, dtype: torch.dtype, device: torch.device) -> None:
         """Raise :class:`InputError` when this cache was built for another model, dtype or device."""
@@ -122,6 +212,26 @@ class SlabKVCache:
     @staticmethod
     def _model_kw(cfg, kw):
         return kw
+
+    # -- memory ------------------------------------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor this cache owns, by name (for static-address marking and byte counts)."""
+        out = {f"{kind}.{i}": t for kind in ("k", "v", "k_scale", "v_scale") for i, t in enumerate(getattr(self, kind))}
+        out.update(cross_k=self.cross_k, cross_v=self.cross_v, **self.state(), _ones=self._ones,
+                   _saved_rows=self._saved_rows, _arange=self._arange)
+        return out
+
+    def memory(self) -> KVMemory:
+        """Bytes held, per session and in all (see :class:`KVMemory`)."""
+        per_session = sum(t.nbytes for t in self.slab_tensors(0).values())
+        scratch = sum(t.nbytes for t in self._scratch_views()) + 2 * self.cross_k[:, self.scratch].nbytes
+        total = sum(t.nbytes for t in self.tensors().values())
+        state = total - self.num_slabs * per_session - scratch
+        return KVMemory(str(self.kv_dtype).removeprefix("torch."), self.num_slabs, per_session, scratch, state)
+
+    def _scratch_views(self) -> list[torch.Tensor]:
+        rows = slice(self.scratch_base, None)
+        return [t[rows] for t in self.k + self.v + self.k_scale + self.v_scale]
 
     # -- where tokens land -----------------------------------------------------------------
     def _slot(self, p: torch.Tensor) -> torch.Tensor:
@@ -147,17 +257,25 @@ class SlabKVCache:
             raise CacheError(f"all {self.num_slabs} slabs are in use", fix="release a finished session's slab or "
                              "build the cache with more num_slabs")
         slab = self._free.pop(0)
-        self.frames[slab] = 0
+        wiped = self._pending.pop(slab, None)
+        if wiped is not None:          # the device waits for the wipe; the host does not
+            torch.cuda.current_stream(self.device).wait_event(wiped)
+        self.frames[slab:slab + 1].zero_()      # a kernel: indexing with a host int would sync
         return slab
 
-    def release(self, slab: int, wipe: bool = True) -> None:
-        """Give a slab back. ``wipe`` zeroes its K/V so nothing of the session stays behind."""
+    def release(self, slab: int, wipe: bool = True, stream: torch.cuda.Stream | None = None) -> None:
+        """Give a slab back. ``wipe`` zeroes its K/V so nothing of the session stays behind.
+
+        With a CUDA ``stream`` the wipe runs there, after whatever that stream already holds (a
+        copy of the slab to the host), and the next :meth:`acquire` of the slab waits for it on
+        the device: the host never blocks, other sessions keep running."""
         if not 0 <= slab < self.num_slabs or slab in self._free:
             raise CacheError(f"slab {slab} is not held", expected=f"a slab taken with acquire() (0..{self.num_slabs - 1})")
-        self.frames[slab] = 0
-        if wipe:
-            for t in (*self.slab_views(slab), self.cross_k[:, slab], self.cross_v[:, slab]):
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for t in self.slab_tensors(slab).values() if wipe else (self.frames[slab:slab + 1],):
                 t.zero_()
+            if stream is not None:
+                self._pending[slab] = stream.record_event()
         self._free.append(slab)
         self._free.sort()
 
@@ -176,13 +294,28 @@ class SlabKVCache:
         self.block_table.copy_(src, non_blocking=True)
 
     def slab_views(self, slab: int) -> list[torch.Tensor]:
-        """Views of one slab's K and V in every layer, [slab tokens, H, D] each (K first, then V)."""
+        """Views of one slab's K and V in every layer, [slab tokens, H, D] each (K first, then V),
+        then, when quantized, their scales [slab tokens, H]."""
         rows = slice(slab * self.stride, (slab + 1) * self.stride)
-        return [t[rows] for t in self.k + self.v]
+        return [t[rows] for t in self.k + self.v + self.k_scale + self.v_scale]
+
+    def slab_tensors(self, slab: int) -> dict[str, torch.Tensor]:
+        """Every view that belongs to one session's slab, by name: its K/V (and scales) in every
+        layer, its cross-attention K/V and its position. What suspend copies out and resume in."""
+        if not 0 <= slab < self.num_slabs:
+            raise CacheError(f"slab {slab} out of range", expected=f"0..{self.num_slabs - 1}")
+        rows = slice(slab * self.stride, (slab + 1) * self.stride)
+        out = {f"{kind}.{i}": t[rows] for kind in ("k", "v", "k_scale", "v_scale")
+               for i, t in enumerate(getattr(self, kind))}
+        out.update(cross_k=self.cross_k[:, slab], cross_v=self.cross_v[:, slab], frames=self.frames[slab:slab + 1])
+        return out
 
     def paged(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of a layer as pages of one slab each, [slabs + 1, stride, H, D] (flash-attn's
         ``block_table`` layout; needs a whole-page scratch, which ``align > 1`` gives)."""
+        if self.quantized:
+            raise CacheError(f"a {self.kv_dtype} cache holds codes and scales, not K/V pages",
+                             fix="read it with cache.read(layer, step) (dequantizes the gathered tokens)")
         if self.scratch_tokens != self.stride:
             raise CacheError("this cache's scratch region is not a whole page",
                              fix="build it with align=256 (as for_model does when flash-attn is the backend)")
@@ -243,16 +376,29 @@ class SlabKVCache:
         return CacheStep(batch, kv_tokens, write_index, read_index, bt, pos, seqlens, exact)
 
     def write(self, layer: int, step: CacheStep, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write this forward's K/V ([B, query_tokens, H, D]) at the step's device indices."""
+        """Write this forward's K/V ([B, query_tokens, H, D]) at the step's device indices
+        (quantized first, with their scales, when the cache is)."""
         shape = (-1, self.num_heads, self.head_dim)
-        self.k[layer].index_copy_(0, step.write_index, k.reshape(shape).to(self.dtype))
-        self.v[layer].index_copy_(0, step.write_index, v.reshape(shape).to(self.dtype))
+        for pools, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            x = x.reshape(shape)
+            if not self.quantized:
+                pools[layer].index_copy_(0, step.write_index, x.to(self.dtype))
+                continue
+            codes, scale = quantize(x, self.kv_dtype, self.dtype)
+            _raw(pools[layer]).index_copy_(0, step.write_index, _raw(codes))
+            scales[layer].index_copy_(0, step.write_index, scale)
 
     def read(self, layer: int, step: CacheStep) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gathered K/V [B, kv_tokens, H, D] for the step's rows."""
+        """Gathered K/V [B, kv_tokens, H, D] for the step's rows, in the model dtype (dequantized
+        here when the cache is quantized: only the tokens this bucket reads)."""
         out = (step.batch, step.kv_tokens, self.num_heads, self.head_dim)
-        return (self.k[layer].index_select(0, step.read_index).view(out),
-                self.v[layer].index_select(0, step.read_index).view(out))
+        if not self.quantized:
+            return (self.k[layer].index_select(0, step.read_index).view(out),
+                    self.v[layer].index_select(0, step.read_index).view(out))
+        idx = step.read_index
+        return tuple(dequantize(_raw(pools[layer]).index_select(0, idx).view(pools[layer].dtype),
+                                scales[layer].index_select(0, idx), self.dtype).view(out)
+                     for pools, scales in ((self.k, self.k_scale), (self.v, self.v_scale)))
 
     def cross(self, layer: int, step: CacheStep) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows' cross-attention K/V [B, text_len, H, D]."""
@@ -273,8 +419,7 @@ class SlabKVCache:
         """Clones of the state; ``data=True`` adds the K/V pool (costly: used to verify replays)."""
         tensors = dict(self.state())
         if data:
-            tensors.update({f"k.{i}": t for i, t in enumerate(self.k)}, cross_k=self.cross_k, cross_v=self.cross_v)
-            tensors.update({f"v.{i}": t for i, t in enumerate(self.v)})
+            tensors.update({name: t for name, t in self.tensors().items() if not name.startswith("_")})
         return {k: t.clone() for k, t in tensors.items()}
 
     def restore(self, snap: dict[str, torch.Tensor]) -> None:

@@ -15,3 +15,10 @@ def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """``max|a - b| / max|b|``, in float64: scale-free, and strict on the largest values."""
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()  # host-read-ok: a test/bench measure
+
+
+def rms_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||`` in float64: the typical error, where :func:`max_rel_err` is the worst
+    (in bf16 the worst is often one rounding step of the largest value, whatever else differs)."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()  # host-read-ok: a test/bench measure

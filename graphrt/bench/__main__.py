@@ -20,6 +20,7 @@ from rich.table import Table
 from graphrt.bench.core import MODES, PRESETS, BenchConfig, ModeResult, run
 from graphrt.attention import BACKENDS
 from graphrt.errors import ConfigError, GraphrtError
+from graphrt.kv import KV_DTYPES
 
 
 def _args(argv):
@@ -33,6 +34,9 @@ def _args(argv):
     p.add_argument("--repeats", type=int, help="extra videos timed after the first (steady-state samples)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the preset's")
     p.add_argument("--attention", default="auto", choices=["auto", *BACKENDS, "sdpa-auto"])
+    p.add_argument("--kv-dtype", choices=sorted(KV_DTYPES),
+                   help="store K/V quantized (default: the model dtype); reports bytes per session and the "
+                        "error against the unquantized run")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, help="torch threads (default: 1 on the CPU, for stable timings; "
                    "torch's own on CUDA)")
@@ -57,7 +61,7 @@ def table(summary: dict) -> Table:
     c = summary["config"]
     t = Table(title=f"graphrt.bench: {summary['preset']} on {summary['device']}, torch {summary['torch']} "
                     f"({c['chunks']} chunks x ({c['steps']} steps + cache pass), batch {c['batch']}, {c['dtype']}, "
-                    f"attention {c['attention']})")
+                    f"attention {c['attention']}, K/V {c.get('kv_dtype', c['dtype'])})")
     cols = [("mode", "left"), ("1st chunk ms", "right"), ("chunk ms", "right"), ("p90", "right"), ("cpu ms", "right"),
             ("denoise", "right"), ("cache pass", "right"), ("fps", "right"), ("host reads", "right"),
             ("graphs", "right"), ("capture s", "right"), ("peak MiB", "right"), ("GPU busy", "right"),
@@ -94,7 +98,7 @@ def markdown(summary: dict) -> str:
             "host reads/chunk", "graphs", "capture s", "peak MiB", "GPU busy", "max err vs reference",
             "x reference", "x eager"]
     lines = [f"{summary['preset']} on {summary['device']}, torch {summary['torch']}: {c['chunks']} chunks x "
-             f"({c['steps']} steps + cache pass), batch {c['batch']}, {c['dtype']}, attention {c['attention']}",
+             f"({c['steps']} steps + cache pass), batch {c['batch']}, {c['dtype']}, attention {c['attention']}, K/V {c.get('kv_dtype', c['dtype'])}",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     notes = []
     for mode, r in summary["modes"].items():
@@ -109,7 +113,26 @@ def markdown(summary: dict) -> str:
                  f(r["max_err_vs_reference"]), f(r["speedup_vs_reference"]) + "x", f(r["speedup_vs_eager"]) + "x"]
         lines.append("| " + " | ".join(cells) + " |")
         notes += [f"- {mode}: {n}" for n in r.get("notes", [])]
-    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+    kv = kv_lines(summary)
+    return "\n".join(lines + ([""] + kv if kv else []) + ([""] + notes if notes else [])) + "\n"
+
+
+def kv_lines(summary: dict) -> list[str]:
+    """With a quantized cache: bytes per session, what it costs per chunk, each mode's error."""
+    kv = summary.get("kv")
+    if kv is None:
+        return []
+    c, mib = kv["costs"], 2 ** 20
+    lines = [f"K/V {kv['kv_dtype']}: {kv['bytes_per_session'] / mib:,.1f} MiB per session vs "
+             f"{kv['bytes_per_session_plain'] / mib:,.1f} MiB in {summary['config']['dtype']} ({kv['ratio']:.3f}x, "
+             f"scales and cross-attention K/V included); quantized write + dequantizing read add "
+             f"{c['extra_ms_per_chunk']:.3f} ms per chunk (per layer, at the longest KV: read "
+             f"{c[kv['kv_dtype']]['read_ms'][-1]:.3f} vs {c[summary['config']['dtype']]['read_ms'][-1]:.3f} ms)"]
+    for mode, r in summary["modes"].items():
+        if r.get("max_err_vs_unquantized") is not None:
+            lines.append(f"  {mode}: error vs the unquantized eager video: max rel {r['max_err_vs_unquantized']:.3e}, "
+                         f"rms rel {r['rms_err_vs_unquantized']:.3e}")
+    return lines
 
 
 def plot(summary: dict, path: str) -> None:
@@ -152,7 +175,7 @@ def main(argv=None) -> int:
     errors = Console(stderr=True, highlight=False, soft_wrap=True)
     cfg = BenchConfig(preset=opts.preset, device=opts.device, batch=opts.batch, chunks=opts.chunks, steps=opts.steps,
                       dtype=opts.dtype, attention=opts.attention, checkpoint=opts.checkpoint, repeats=opts.repeats,
-                      seed=opts.seed, threads=opts.threads,
+                      seed=opts.seed, threads=opts.threads, kv_dtype=opts.kv_dtype,
                       modes=tuple(m.strip() for m in opts.modes.split(",") if m.strip()), progress=False)
     try:
         cfg.resolve()
@@ -190,6 +213,8 @@ def main(argv=None) -> int:
             errors.print(f"error: {_one_line(e)}", style="red", markup=False)
             return 2
     console.print(table(summary))
+    for line in kv_lines(summary):
+        console.print(line)
     save(summary)
     if opts.plot:
         plot(summary, opts.plot)

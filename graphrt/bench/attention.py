@@ -4,7 +4,9 @@ For each KV length of a preset's video (one chunk of queries against 1..N chunks
 SDPA pinned to each of its kernels (flash, cuDNN, memory-efficient, math), FlexAttention (compiled
 on CUDA), and the K/V gather the static cache does per layer (``index_select`` of the slab), and
 checks each kernel's output against a float32 math reference. The fastest correct kernel is what
-``attention="auto"`` should pick on that device. The last line printed is JSON.
+``attention="auto"`` should pick on that device. With ``--kv-dtype`` it also times one layer's
+cache write (quantize + ``index_copy_``) and read (gather + dequantize) against the plain cache's
+(:func:`kv_cache_costs`). The last line printed is JSON.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from graphrt.bench.core import PRESETS
+from graphrt.kv import KV_DTYPES, StaticKVCache
 from graphrt.models.wan import WanConfig
 
 SDPA_KERNELS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION",
@@ -104,6 +107,40 @@ def measure(cfg: WanConfig, device: torch.device, dtype: torch.dtype, batch: int
     return out
 
 
+def kv_cache_costs(cfg: WanConfig, device: torch.device, dtype: torch.dtype, kv_dtype: str, batch: int = 1,
+                   iters: int = 20, kv_chunks: list[int] | None = None, forwards_per_chunk: int = 5) -> dict:
+    """Milliseconds of one layer's cache write and read at each KV length, plain vs ``kv_dtype``.
+
+    The real cache code on a one-layer cache of ``batch`` slabs: ``write`` stores one chunk's K and V
+    (quantizing them), ``read`` gathers and dequantizes the bucket's K and V. ``extra_ms_per_chunk``
+    is what quantization adds to one chunk of ``forwards_per_chunk`` forwards (steps + the cache
+    pass) x layers, averaged over the KV lengths: the time cost of the quantized cache, unfused.
+    """
+    n = cfg.max_frames // cfg.chunk_frames
+    kv_chunks = kv_chunks or list(range(1, n + 1))
+    timer = _timer(device)
+    one = cfg.replace(num_layers=1)
+    tokens = cfg.chunk_frames * cfg.frame_tokens
+    g = torch.Generator(device="cpu").manual_seed(0)
+    k, v = (torch.randn(batch, tokens, cfg.num_heads, cfg.head_dim, generator=g).to(device, dtype) for _ in range(2))
+    out = {"kv_dtype": kv_dtype, "kv_tokens": [c * tokens for c in kv_chunks]}
+    for name, kvd in ((str(dtype).removeprefix("torch."), None), (kv_dtype, kv_dtype)):
+        cache = StaticKVCache.for_config(one, dtype=dtype, device=device, kv_dtype=kvd, num_slabs=batch)
+        cache.bind([cache.acquire() for _ in range(batch)])
+        writes, reads = [], []
+        for c in kv_chunks:
+            cache.frames[:batch].fill_((c - 1) * cfg.chunk_frames)
+            step = cache.step(batch, cfg.chunk_frames, cfg.frame_tokens, kv_frames=c * cfg.chunk_frames, exact=True)
+            writes.append(timer(lambda: cache.write(0, step, k, v), iters))
+            reads.append(timer(lambda: cache.read(0, step), iters))
+        out[name] = {"write_ms": writes, "read_ms": reads}
+    base, quant = out[str(dtype).removeprefix("torch.")], out[kv_dtype]
+    extra = [qw + qr - bw - br for qw, qr, bw, br in zip(quant["write_ms"], quant["read_ms"],
+                                                        base["write_ms"], base["read_ms"])]
+    out["extra_ms_per_chunk"] = forwards_per_chunk * cfg.num_layers * statistics.mean(extra)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m graphrt.bench.attention", description=__doc__)
     p.add_argument("--preset", default="wan-1.3b-480p", choices=sorted(PRESETS))
@@ -111,6 +148,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), help="also time the quantized cache's write and read")
     p.add_argument("--json", dest="json_path")
     o = p.parse_args(argv)
     if o.batch < 1 or o.iters < 1:
@@ -129,6 +167,12 @@ def main(argv=None) -> int:
         cells = [f"{r['ms']:8.3f} ms ({r['max_rel_err']:.1e})" if "ms" in r else r["error"][:60] for r in rows]
         print(f"{name:15s} " + " | ".join(cells))
     print(f"{'kv gather':15s} " + " | ".join(f"{ms:8.3f} ms" for ms in res["kv_gather_ms"]))
+    if o.kv_dtype:
+        kv = res["kv_cache"] = kv_cache_costs(cfg, device, getattr(torch, o.dtype), o.kv_dtype, o.batch, o.iters)
+        for name in (o.dtype, o.kv_dtype):
+            for op in ("write_ms", "read_ms"):
+                print(f"{name + ' ' + op[:-3]:15s} " + " | ".join(f"{ms:8.3f} ms" for ms in kv[name][op]))
+        print(f"{o.kv_dtype} adds {kv['extra_ms_per_chunk']:.3f} ms per chunk (5 forwards x {cfg.num_layers} layers)")
     if o.json_path:
         with open(o.json_path, "w") as f:
             json.dump(res, f, indent=2)

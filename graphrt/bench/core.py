@@ -21,6 +21,11 @@ ratios between modes swing by an order of magnitude at the default thread count,
 thread gives stable, comparable numbers. A mode whose p90 is far above its median, or whose
 wall time is far above its CPU time, gets a warning (the machine was busy); the JSON records the
 load average at the start and the end.
+
+With ``kv_dtype`` (``int8``, ``float8_e4m3fn``) every graph-safe mode runs on a quantized cache;
+the summary's ``kv`` entry gives the bytes per session against the model dtype's, the cache's
+write/read time per layer (and what quantization adds per chunk), and each mode's error against
+an unquantized eager run of the same video (``max_err_vs_unquantized``, ``rms_err_vs_unquantized``).
 """
 from __future__ import annotations
 
@@ -37,9 +42,10 @@ from typing import Callable
 import torch
 
 from graphrt.errors import ConfigError, GraphrtError
+from graphrt.kv import StaticKVCache, resolve_kv_dtype
 from graphrt.models.wan import CausalWan, ReferenceWan, WanConfig, load_checkpoint
 from graphrt.pipeline import Engine, FlowMatchSchedule, reference_stream
-from graphrt.tolerance import max_rel_err
+from graphrt.tolerance import max_rel_err, rms_rel_err
 
 MODES = ("reference", "eager", "graphs", "chunk-graph", "graphs+inductor", "compile")
 VIDEO_FRAMES_PER_LATENT = 4
@@ -85,6 +91,7 @@ class BenchConfig:
     seed: int = 0
     threads: int | None = None     # torch threads; None: 1 on the CPU (stable timings), torch's own on CUDA
     progress: bool = True
+    kv_dtype: str | None = None           # None: the model dtype
 
     def resolve(self) -> tuple[str, Preset, torch.device, torch.dtype]:
         """Check every setting up front; raise :class:`ConfigError` naming the first bad one."""
@@ -108,6 +115,7 @@ class BenchConfig:
                               fix="pass a Wan 2.1 .safetensors file or a folder of shards")
         p = PRESETS[name]
         dtype = getattr(torch, self.dtype or p.dtype)
+        resolve_kv_dtype(self.kv_dtype, dtype)
         return name, p, device, dtype
 
 
@@ -144,6 +152,8 @@ class ModeResult:
     peak_mem_bytes: int | None = None
     gpu_busy: float | None = None
     max_err_vs_reference: float | None = None
+    max_err_vs_unquantized: float | None = None
+    rms_err_vs_unquantized: float | None = None
     speedup_vs_reference: float | None = None
     speedup_vs_eager: float | None = None
     notes: list[str] = field(default_factory=list)
@@ -158,6 +168,9 @@ class ModeResult:
         for key in ("notes", "warnings"):
             if not d[key]:
                 d.pop(key)
+        for k in ("max_err_vs_unquantized", "rms_err_vs_unquantized"):
+            if d[k] is None:
+                d.pop(k)
         return d
 
 
@@ -246,7 +259,7 @@ class Driver:
     """One mode: how to prepare it (capture) and how to stream a video, chunk by chunk."""
 
     def __init__(self, mode: str, causal: CausalWan, ref: ReferenceWan, schedule: FlowMatchSchedule, batch: int,
-                 progress: bool):
+                 progress: bool, kv_dtype: str | None = None):
         self.mode, self.ref, self.schedule = mode, ref, schedule
         self.engine: Engine | None = None
         self.notes: list[str] = []
@@ -262,11 +275,10 @@ class Driver:
             self.notes.append(("torch.compile(mode='reduce-overhead')" if cuda else "torch.compile (default mode)")
                               + "; first chunk includes one warm-up video that compiles every shape")
         self.engine = Engine(model, max_sessions=batch, batch_sizes=(batch,), mode=engine_mode, schedule=schedule,
-                             inductor=mode == "graphs+inductor", progress=progress)
+                             inductor=mode == "graphs+inductor", progress=progress, kv_dtype=kv_dtype)
         self.engine.mark = self._on_mark
         if mode == "compile":  # the cache is state, not input: let cudagraph trees keep its addresses
-            cache = self.engine.cache
-            for t in (*cache.state().values(), *cache.k, *cache.v, cache.cross_k, cache.cross_v):
+            for t in self.engine.cache.tensors().values():
                 torch._dynamo.mark_static_address(t)
 
     def context(self):
@@ -456,12 +468,20 @@ def _run(cfg: BenchConfig, name: str, preset: Preset, device: torch.device, dtyp
                    "repeats": repeats, "seed": cfg.seed},
         "modes": {},
     }
+    quantized = resolve_kv_dtype(cfg.kv_dtype, dtype) != dtype
+    summary["config"]["kv_dtype"] = str(resolve_kv_dtype(cfg.kv_dtype, dtype)).removeprefix("torch.")
     results: dict[str, ModeResult] = {}
     videos: dict[str, torch.Tensor] = {}
     with torch.no_grad():
+        if quantized:
+            summary["kv"] = _kv_summary(wcfg, cfg, dtype, device, steps)
+            plain = Driver("eager", causal, ref, schedule, cfg.batch, cfg.progress)
+            videos["unquantized"] = torch.cat(list(plain.stream(context, chunks, cfg.seed)), dim=2)
+            plain = None
         for mode in cfg.modes:
             try:
-                driver = Driver(mode, causal, ref, schedule, cfg.batch, cfg.progress)
+                driver = Driver(mode, causal, ref, schedule, cfg.batch, cfg.progress,
+                                None if mode == "reference" else cfg.kv_dtype)
                 with driver.context():
                     results[mode], videos[mode] = measure(driver, context, chunks, repeats, cfg.seed, clock,
                                                           wcfg.chunk_frames, device)
@@ -481,13 +501,29 @@ def _run(cfg: BenchConfig, name: str, preset: Preset, device: torch.device, dtyp
     return summary
 
 
+def _kv_summary(wcfg: WanConfig, cfg: BenchConfig, dtype: torch.dtype, device: torch.device, steps: int) -> dict:
+    """Bytes per session, plain and quantized, and the cache's write/read cost per layer."""
+    from graphrt.bench.attention import kv_cache_costs
+
+    def per_session(kv_dtype):
+        return StaticKVCache.for_config(wcfg, dtype=dtype, kv_dtype=kv_dtype, device="meta").memory().per_session
+
+    plain, quant = per_session(None), per_session(cfg.kv_dtype)
+    costs = kv_cache_costs(wcfg, device, dtype, cfg.kv_dtype, cfg.batch, forwards_per_chunk=steps + 1)
+    return {"kv_dtype": cfg.kv_dtype, "bytes_per_session": quant, "bytes_per_session_plain": plain,
+            "ratio": quant / plain, "costs": costs}
+
+
 def _compare(results: dict[str, ModeResult], videos: dict[str, torch.Tensor]) -> dict:
-    """Errors against reference and speedups against reference and eager, for the modes run so far."""
+    """Errors against reference (and the unquantized run) and speedups, for the modes run so far."""
     for mode, r in results.items():
         if r.skipped:
             continue
         if "reference" in videos:
             r.max_err_vs_reference = max_rel_err(videos[mode].float(), videos["reference"].float())
+        if "unquantized" in videos and mode != "reference":
+            r.max_err_vs_unquantized = max_rel_err(videos[mode].float(), videos["unquantized"].float())
+            r.rms_err_vs_unquantized = rms_rel_err(videos[mode].float(), videos["unquantized"].float())
         for base, attr in (("reference", "speedup_vs_reference"), ("eager", "speedup_vs_eager")):
             if base in results and not results[base].skipped:
                 setattr(r, attr, results[base].chunk_ms_median / r.chunk_ms_median)

@@ -17,10 +17,16 @@ All three run the same chunk function, so they agree bit for bit on one device.
 The Engine is for inference: every public method runs without autograd history, so the
 persistent cache never links one chunk (or one video) to the next, whatever the caller's
 grad mode.
+
+Memory: ``kv_dtype`` stores K/V as int8 or float8 codes with per-token-head scales (about half
+the bytes of bf16); ``memory_budget`` sizes the number of slabs (resident sessions) from the
+config; :meth:`Engine.suspend` moves a session's slab to host memory so that more sessions can be
+open than there are slabs, and :meth:`Engine.resume` brings it back into any free slab.
 """
 from __future__ import annotations
 
 import itertools
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -30,7 +36,8 @@ import torch
 import graphrt
 from graphrt.capture.buckets import Buckets
 from graphrt.errors import CacheError, InputError
-from graphrt.kv import RollingKVCache, StaticKVCache
+from graphrt.kv import KVMemory, RollingKVCache, StaticKVCache
+from graphrt.offload import HostCopy
 from graphrt.pipeline.schedule import FlowMatchSchedule, denoise_chunk
 
 MODES = ("eager", "forward", "chunk")
@@ -46,7 +53,7 @@ class Session:
     """
 
     id: int
-    slab: int
+    slab: int | None                     # None while suspended to host memory
     seed: int
     num_chunks: int | None
     chunk: int = 0                       # chunks done
@@ -54,6 +61,34 @@ class Session:
     @property
     def done(self) -> bool:
         return self.num_chunks is not None and self.chunk >= self.num_chunks
+
+    @property
+    def suspended(self) -> bool:
+        return self.slab is None
+
+
+@dataclass(frozen=True)
+class EngineMemory:
+    """Where an engine's bytes are: weights, the K/V cache (see :class:`~graphrt.kv.KVMemory`),
+    the graph pool (CUDA graphs only; None elsewhere) and the suspended sessions' host copies."""
+
+    weights: int
+    kv: KVMemory
+    graph_pool: int | None
+    host_suspended: int
+    suspended_sessions: int
+
+    @property
+    def device_total(self) -> int:
+        return self.weights + self.kv.total + (self.graph_pool or 0)
+
+    def __str__(self) -> str:
+        mib = 2 ** 20
+        pool = "-" if self.graph_pool is None else f"{self.graph_pool / mib:,.1f} MiB"
+        return (f"weights {self.weights / mib:,.1f} MiB | K/V ({self.kv.kv_dtype}) {self.kv.slabs} slabs x "
+                f"{self.kv.per_session / mib:,.1f} MiB per session + scratch {self.kv.scratch / mib:,.1f} MiB | "
+                f"graph pool {pool} | host: {self.suspended_sessions} suspended, "
+                f"{self.host_suspended / mib:,.1f} MiB")
 
 
 @dataclass
@@ -90,11 +125,20 @@ class Engine:
     ``window=(frames, sink_frames)`` uses a :class:`RollingKVCache` for videos past
     ``max_frames``. ``backend``/``inductor``/``verify`` are passed to :func:`graphrt.compile`.
     Every method runs without autograd history (inference only), whatever the grad mode.
+
+    Memory: ``max_sessions`` is the number of slabs, the sessions resident on the device at once
+    (default 1). ``kv_dtype`` (``"int8"``, ``"float8_e4m3fn"``; default the model dtype) stores
+    self-attention K/V quantized per token and head. ``memory_budget`` (bytes, or a fraction in
+    (0, 1] of the device's free memory) sizes the slabs instead: as many as fit the K/V cache in
+    the budget (at most ``max_sessions`` when both are given); leave room for activations and the
+    graph pool, which :meth:`memory` reports after :meth:`prewarm`. More sessions than slabs may
+    be open: :meth:`suspend` and :meth:`resume` move them between host and device.
     """
 
-    def __init__(self, model, *, max_sessions: int = 1, batch_sizes: Sequence[int] | None = None,
+    def __init__(self, model, *, max_sessions: int | None = None, batch_sizes: Sequence[int] | None = None,
                  mode: str = "chunk", schedule: FlowMatchSchedule | None = None, window: tuple[int, int] | None = None,
-                 backend: str = "auto", inductor: bool = False, verify: int = 0, progress: bool = True):
+                 backend: str = "auto", inductor: bool = False, verify: int = 0, progress: bool = True,
+                 kv_dtype: str | torch.dtype | None = None, memory_budget: int | float | None = None):
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r}", expected=MODES, got=mode)
         missing = [a for a in ("cfg", "encode_prompt") if not hasattr(model, a)]
@@ -106,21 +150,25 @@ class Engine:
         cfg = self.cfg = model.cfg
         self.model, self.mode = model, mode
         self.schedule = schedule or FlowMatchSchedule()
-        if not isinstance(max_sessions, int) or max_sessions < 1:
+        if max_sessions is not None and (not isinstance(max_sessions, int) or max_sessions < 1):
             raise InputError("max_sessions must be an int >= 1", got=max_sessions)
-        self.batch_sizes = tuple(sorted(batch_sizes or _powers_of_two(max_sessions)))
-        if self.batch_sizes[0] < 1:
-            raise InputError("batch sizes must be >= 1", got=self.batch_sizes)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        kw = dict(num_slabs=max_sessions, max_batch=self.batch_sizes[-1])
         if window is not None and window[0] - window[1] < cfg.chunk_frames:
             raise CacheError(f"window={window}: the ring (window minus sink frames) must hold a whole chunk "
                              f"of {cfg.chunk_frames} frames", fix="use a larger window or a smaller sink")
         if window is None:
-            self.cache = StaticKVCache.for_model(model, **kw)
+            self._new_cache = lambda **kw: StaticKVCache.for_model(model, kv_dtype=kv_dtype, **kw)
         else:
-            self.cache = RollingKVCache.for_model(model, window_frames=window[0], sink_frames=window[1], **kw)
+            self._new_cache = lambda **kw: RollingKVCache.for_model(model, window_frames=window[0],
+                                                                    sink_frames=window[1], kv_dtype=kv_dtype, **kw)
+        max_sessions = self._num_slabs(max_sessions, memory_budget, batch_sizes)
+        self.batch_sizes = tuple(sorted(batch_sizes or _powers_of_two(max_sessions)))
+        if self.batch_sizes[0] < 1:
+            raise InputError("batch sizes must be >= 1", got=self.batch_sizes)
+        self.cache = self._new_cache(num_slabs=max_sessions, max_batch=self.batch_sizes[-1])
+        self._suspended: dict[int, HostCopy] = {}
+        self._copy_stream = None
         self.shape = (cfg.out_dim, cfg.chunk_frames, cfg.height, cfg.width)
         n, slabs = len(self.schedule.steps), max_sessions + 1
         self.seeds = torch.zeros(slabs, dtype=torch.long, device=self.device)
@@ -240,6 +288,10 @@ class Engine:
         if len(schedule.steps) != len(self.schedule.steps):
             raise InputError("every session must take the same number of denoising steps",
                              expected=len(self.schedule.steps), got=len(schedule.steps))
+        if not self.cache.free_slabs:
+            raise CacheError(f"all {self.cache.num_slabs} slabs are in use",
+                             fix="close a session, or engine.suspend(session) one to host memory; or build the "
+                                 "Engine with a larger max_sessions or memory_budget")
         slab = self.cache.acquire()
         try:
             k, v, new = self._prompt_kv(context, prompt)
@@ -273,10 +325,13 @@ class Engine:
             seen.add(id(s))
 
     def close(self, session: Session) -> None:
-        """End a video and free its slab for the next one."""
+        """End a video and free its slab (or its host copy, when suspended) for the next one."""
         self._check_open([session], "close()")
         del self.sessions[session.id]
-        self.cache.release(session.slab)
+        if session.suspended:
+            del self._suspended[session.id]
+        else:
+            self.cache.release(session.slab)
 
     def at_end(self, session: Session) -> bool:
         """True when the session's slab holds no further chunk (a static cache at ``max_frames``)."""
@@ -289,7 +344,8 @@ class Engine:
         """Run one chunk for each session, batched; returns ``{session: latents [1, C, F, H, W]}``
         (copies), so ``engine.step()[a]`` is session ``a``'s chunk.
 
-        ``sessions`` default to every open one. Finished sessions (:attr:`Session.done`) are left
+        ``sessions`` default to every open one not suspended; a suspended one listed is an error
+        (:meth:`resume` it first). Finished sessions (:attr:`Session.done`) are left
         out. A session at the end of its slab (:meth:`at_end`, open-ended on a static cache) is
         an error when listed in ``sessions``, and runs nothing; by default the others go on
         and a warning names it (an error when no session can go on). Sessions may stand at
@@ -298,8 +354,12 @@ class Engine:
         disturbs no one.
         """
         explicit = sessions is not None
-        pool = list(sessions) if explicit else list(self.sessions.values())
+        pool = list(sessions) if explicit else [s for s in self.sessions.values() if not s.suspended]
         self._check_open(pool, "step()")
+        suspended = [s.id for s in pool if s.suspended]
+        if suspended:
+            raise CacheError(f"session(s) {suspended} suspended to host memory cannot take a chunk",
+                             fix="engine.resume(session) first (it needs a free slab)")
         cond = dict(cond or {})
         self._check_open(cond, "step(cond=...)")
         active = [s for s in pool if not s.done]
@@ -422,14 +482,105 @@ class Engine:
         return self
 
     def reset(self) -> None:
-        """Close every session (free all slabs); graphs stay captured."""
+        """Close every session (free all slabs and host copies); graphs stay captured."""
         for s in list(self.sessions.values()):
             self.close(s)
+
+    # -- memory: slabs from a budget, suspend and resume, the report ---------------------------------
+    def _num_slabs(self, max_sessions: int | None, budget: int | float | None, batch_sizes) -> int:
+        """Slabs to allocate: ``max_sessions``, or as many as the K/V cache fits in ``budget``."""
+        if budget is None:
+            return 1 if max_sessions is None else max_sessions
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0 or \
+                (isinstance(budget, float) and budget > 1):
+            raise InputError("memory_budget must be bytes (an int > 0) or a fraction of free memory in (0, 1]",
+                             got=budget)
+        nbytes = int(budget * free_memory(self.device)) if isinstance(budget, float) else budget
+        max_batch = max(batch_sizes) if batch_sizes else 1
+        probe = self._new_cache(num_slabs=1, max_batch=max_batch, device="meta").memory()
+        fit = probe.slabs_within(nbytes)
+        slabs = fit if max_sessions is None else min(fit, max_sessions)
+        if batch_sizes is None:       # the default buckets grow with the slabs: so does the block table
+            while slabs > 1 and self._new_cache(num_slabs=slabs, max_batch=slabs, device="meta").memory().total > nbytes:
+                slabs -= 1
+        if slabs < 1:
+            raise CacheError(f"memory_budget={nbytes:,} bytes holds no session",
+                             expected=f">= {probe.total:,} bytes: {probe.per_session:,} per session "
+                                      f"({probe.kv_dtype} K/V) + {probe.scratch + probe.state:,} scratch and state",
+                             fix="raise the budget, use kv_dtype='int8' or 'float8_e4m3fn', or a smaller window")
+        return slabs
+
+    def _copy_stream_for(self):
+        if self.device.type != "cuda":
+            return None
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        return self._copy_stream
+
+    def _slab_state(self, slab: int) -> dict[str, torch.Tensor]:
+        """Everything one session keeps on the device: its cache slab and its engine table rows."""
+        views = self.cache.slab_tensors(slab)
+        views.update(seeds=self.seeds[slab:slab + 1], t_table=self.t_table[slab:slab + 1],
+                     sigma_table=self.sigma_table[slab:slab + 1])
+        return views
+
+    def suspend(self, session: Session) -> None:
+        """Move a session to host memory and free its slab for another session.
+
+        Its K/V (codes and scales), position, cross-attention K/V, seed and schedule are copied
+        to host memory (pinned, on a side stream on CUDA: the host does not wait) and the slab is
+        wiped after the copy. :meth:`resume` brings it back; it then continues bit for bit.
+        """
+        self._check_open([session], "suspend()")
+        if session.suspended:
+            raise CacheError(f"session {session.id} is already suspended")
+        stream = self._copy_stream_for()
+        self._suspended[session.id] = HostCopy.save(self._slab_state(session.slab), stream)
+        self.cache.release(session.slab, stream=stream)
+        session.slab = None
+
+    def resume(self, session: Session) -> None:
+        """Bring a suspended session back into any free slab (it need not be its old one)."""
+        self._check_open([session], "resume()")
+        if not session.suspended:
+            raise CacheError(f"session {session.id} is not suspended (it holds slab {session.slab})")
+        if not self.cache.free_slabs:
+            raise CacheError(f"no free slab to resume session {session.id} into: all {self.cache.num_slabs} "
+                             "are in use", fix="suspend or close another session first")
+        slab = self.cache.acquire()
+        self._suspended.pop(session.id).load(self._slab_state(slab), self._copy_stream_for())
+        session.slab = slab
+
+    def memory(self) -> EngineMemory:
+        """Bytes of weights, K/V cache (per slab, scratch), graph pool and suspended host copies."""
+        seen, weights = set(), 0
+        for t in itertools.chain(self.model.parameters(), self.model.buffers()):
+            key = (t.untyped_storage().data_ptr(), t.device)
+            if key not in seen:
+                seen.add(key)
+                weights += t.untyped_storage().nbytes()
+        g = self.graphs
+        pool = g.stats.pool_bytes if g is not None and self.device.type == "cuda" else None
+        host = sum(c.nbytes for c in self._suspended.values())
+        return EngineMemory(weights, self.cache.memory(), pool, host, len(self._suspended))
 
     @property
     def graphs(self):
         """The GraphedModule serving this engine (None in eager mode)."""
         return self._chunk_fn if self.mode == "chunk" else self._forward if self.mode == "forward" else None
+
+
+def free_memory(device: torch.device) -> int:
+    """Free bytes on ``device``: the CUDA driver's count, or the host's available memory."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _powers_of_two(n: int) -> tuple[int, ...]:

@@ -78,7 +78,7 @@ class CausalWan(WanModelBase):
         if cache is None:
             return attn.out(attn_mod.attend(q, k, v, backend=backend))
         cache.write(layer, step, k, v)
-        if backend == "flash":
+        if backend == "flash" and not cache.quantized:
             out = attn_mod.attend_paged(q, *cache.paged(layer), step.block_table, step.seqlens)
         else:
             ks, vs = cache.read(layer, step)
