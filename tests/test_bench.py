@@ -176,3 +176,15 @@ def test_bench_warns_when_the_samples_say_the_machine_was_busy():
     waiting = ModeResult()
     _steady_times(waiting, clock, [chunk(20, 10)] * 10)
     assert torch.get_num_threads() == 1 and any("waited for a core" in w for w in waiting.warnings)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_bench_runs_in_16_bit(dtype):
+    """The wan presets are bf16 by default: the bench's graph modes run and agree in 16 bits."""
+    summary = run(BenchConfig(preset="tiny", dtype=dtype, chunks=2, repeats=0,
+                              modes=("reference", "eager", "graphs", "chunk-graph"), progress=False))
+    assert summary["config"]["dtype"] == dtype
+    for mode, r in summary["modes"].items():
+        assert "skipped" not in r, (mode, r)
+        assert r["max_err_vs_reference"] <= tolerance(getattr(torch, dtype)), mode
+    assert summary["modes"]["graphs"]["host_reads_per_chunk"] == 0

@@ -65,6 +65,26 @@ def test_seven_chunks_all_modes_agree(models, cfg, ctx, window):
     assert torch.equal(videos["chunk"], videos["eager"])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@torch.no_grad()
+def test_engine_in_16_bit_all_modes_agree(cfg, dtype):
+    """What a GPU user runs: a 16-bit model, three chunks, every Engine mode. Graphs equal eager
+    bit for bit; eager equals the upstream-style reference within the dtype's tolerance."""
+    from graphrt.tolerance import tolerance
+
+    cfg = cfg.replace(max_frames=3 * cfg.chunk_frames)       # three KV buckets: few captures
+    ref = ReferenceWan(cfg).to(dtype).eval()
+    causal = CausalWan(cfg, attention="sdpa").to(dtype).eval()
+    causal.load_state_dict(ref.state_dict())
+    ctx = torch.randn(2, cfg.text_len, cfg.text_dim, dtype=dtype)
+    want = torch.cat(list(reference_stream(ref, ctx, 3, seed=[5, 6])), dim=2)
+    videos = {mode: Engine(causal, max_sessions=2, mode=mode, progress=False).generate(ctx, 3, seed=[5, 6])
+              for mode in ("eager", "forward", "chunk")}
+    assert videos["eager"].dtype == dtype and videos["eager"].shape == want.shape
+    assert rel_err(videos["eager"].float(), want.float()) <= tolerance(dtype)
+    assert torch.equal(videos["forward"], videos["eager"]) and torch.equal(videos["chunk"], videos["eager"])
+
+
 @torch.no_grad()
 def test_four_sessions_join_and_leave_each_equal_to_solo(models, cfg, ctx):
     _, causal = models

@@ -3,7 +3,9 @@
 Parameter names follow the original Wan 2.1 checkpoint layout (``blocks.N.self_attn.q``,
 ``blocks.N.norm3``, ``head.modulation``, ...) so a real checkpoint loads with
 ``load_state_dict``. Precision follows Wan: modulation, norms and residual adds in float32,
-matmuls in the model dtype.
+matmuls in the model dtype. Norms compute in float32 with float32 weights whatever the model
+dtype (as upstream Wan runs them under autocast), so a bf16 or fp16 model never mixes dtypes
+inside a norm.
 """
 from __future__ import annotations
 
@@ -47,8 +49,9 @@ class WanRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        """RMS norm in float32, weight included; output in ``x``'s dtype (one rounding, not two)."""
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight.float()).type_as(x)
 
 
 class WanLayerNorm(nn.LayerNorm):
