@@ -50,15 +50,19 @@ class BackendUnavailableError(GraphrtError, RuntimeError):
 
 
 class HostReadError(GraphrtError, RuntimeError):
-    """A forward that reads device values on the host, so it cannot be captured as a graph."""
+    """A forward that reads device values on the host (or holds a host value, a host tensor or an
+    upload a graph cannot keep), so it cannot be captured as a graph."""
 
     def __init__(self, report):
         self.report = report
-        first = report.sites[0] if report.sites else None
-        super().__init__(f"{report.count} host read(s) in a forward that must be graph-safe",
-                         where=first and first.where, expected="no host reads",
-                         got=f"{report.count} read(s) at {len(report.sites)} site(s)",
-                         fix=f"remove each read as its hint says (python -m graphrt.check lists them):\n{report}")
+        blocking = [s for s in report.sites if s.kind not in ("random draw",)]
+        first = blocking[0] if blocking else None
+        hazards = sum(s.count for s in report.hazards)
+        super().__init__(f"{report.count} host read(s) and {hazards} host value(s)/tensor(s)/upload(s) in a "
+                         "forward that must be graph-safe",
+                         where=first and first.where, expected="no host reads, values or tensors",
+                         got=f"{report.count + hazards} at {len(blocking)} site(s)",
+                         fix=f"remove each as its hint says (python -m graphrt.check lists them):\n{report}")
 
 
 class CaptureError(GraphrtError, RuntimeError):
@@ -78,3 +82,8 @@ class SignatureError(InputError):
 
 class ReplayMismatchError(GraphrtError, AssertionError):
     """A graph replay that differs from the eager forward on the same inputs."""
+
+
+class GraphrtWarning(UserWarning):
+    """Something graphrt does that works but may surprise (a captured function that draws random
+    numbers: every replay draws new ones)."""

@@ -288,7 +288,7 @@ class SlabKVCache:
             raise CacheError("slab index out of range", expected=f"0..{self.num_slabs - 1} (or scratch {self.scratch})",
                              got=slabs)
         rows = slabs + [self.scratch] * (self.max_batch - len(slabs))
-        src = torch.tensor(rows, dtype=torch.int32)
+        src = torch.tensor(rows, dtype=torch.int32, device="cpu")    # host-side on purpose: uploaded below
         if self.device.type == "cuda":
             src = src.pin_memory()   # an async copy: the host does not wait for queued chunks
         self.block_table.copy_(src, non_blocking=True)

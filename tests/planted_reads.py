@@ -52,7 +52,7 @@ def repeat_interleave_sized(x):
 
 def mask_assign(x):
     rows = x[:, None].repeat(1, 2)
-    rows[x > 0] = torch.ones(2)  # PLANT: mask_assign
+    rows[x > 0] = torch.ones(2, device=x.device)  # PLANT: mask_assign
     return rows
 
 
@@ -85,12 +85,33 @@ def loop(x):
     return total
 
 
+SCALE = torch.tensor(2.0)       # a plain 0-dim tensor: on a CUDA model it stays on the host
+
+
+def host_value(x):
+    return x * SCALE  # PLANT: host_value
+
+
+def host_value_derived(x, sigmas=torch.linspace(1.0, 0.0, 5)):
+    sigma = sigmas[2]                  # a scheduler's host table: still a host value once indexed
+    return x - sigma * x  # PLANT: host_value_derived
+
+
+def factory(x):
+    return x + torch.arange(x.shape[0])  # PLANT: factory
+
+
+def rng(x):
+    return x + torch.randn_like(x)  # PLANT: rng
+
+
 def clean(x):
     """Everything a graph-safe forward may do: shapes, device indices, torch.where, .to(x.device)."""
     idx = torch.arange(x.shape[0], device=x.device)
     y = torch.where(x > 0, x, torch.zeros_like(x)).index_select(0, idx.flip(0))
     y[y > 1] = 1.0  # one mask and a scalar run as masked_fill_: no sync
-    return (y * y.sum()).to(x.device).to(torch.float64)
+    scale = torch.tensor(0.5, device=x.device)             # a constant built on the device
+    return (y * y.sum() * scale + y[0]).to(x.device).to(torch.float64)
 
 
 # -- CUDA only: copies between host and device -------------------------------------------------------

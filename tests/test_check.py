@@ -13,6 +13,7 @@ from graphrt.errors import HostReadError
 from graphrt.kv import StaticKVCache
 
 SCALAR, SHAPE, D2H, H2D = "scalar read", "data-dependent shape", "device-to-host copy", "host-to-device copy"
+HOST_VALUE, HOST_TENSOR, ASYNC_H2D, RNG = "host value", "host tensor", "async upload", "random draw"
 ITEM = "aten._local_scalar_dense.default"
 
 PLANTED = [  # (function, marker, kind, op)
@@ -79,10 +80,11 @@ def test_raise_if_any_carries_the_table():
 
 def test_recorder_counts_per_call():
     recorder = HostReadRecorder()
+    x = torch.ones(2)
     for n in (1, 2, 0):
         with recorder:
             for _ in range(n):
-                planted.item(torch.ones(2))
+                planted.item(x)
     report = recorder.report()
     assert report.per_call == (1, 2, 0) and report.count == 3 and report.calls == 3
     assert [s.count for s in report.sites] == [3]
@@ -103,13 +105,17 @@ def test_reference_reads_the_host_every_chunk_the_same_number_of_times(cfg, mode
     context = torch.randn(1, cfg.text_len, cfg.text_dim)
     kv, cross = ref.init_caches(1)
     recorder = HostReadRecorder()
+    ts = [torch.full((1,), t) for t in STEPS]
     for c, x in enumerate(_chunks(cfg, 3)):
         with recorder:  # one call = one chunk
-            for t in STEPS:
-                ref(x, torch.full((1,), t), context, kv, cross, current_start=c * cfg.chunk_frames * cfg.frame_tokens)
+            for t in ts:
+                ref(x, t, context, kv, cross, current_start=c * cfg.chunk_frames * cfg.frame_tokens)
     report = recorder.report()
     assert report.per_call[0] > 0 and len(set(report.per_call)) == 1
-    assert {s.kind for s in report.sites} == {SCALAR}
+    # reads, and upstream's grid sizes built on the host (torch.tensor(u.shape[2:])): a host tensor
+    assert {s.kind for s in report.sites} == {SCALAR, HOST_TENSOR}
+    assert [s.code for s in report.hazards] == ["grid_sizes = torch.stack([torch.tensor(u.shape[2:], "
+                                                "dtype=torch.long) for u in x])"]
     assert all(s.file.endswith(os.path.join("models", "wan", "reference.py")) for s in report.sites)
     assert any(".item()" in s.code for s in report.sites) and any(".tolist()" in s.code for s in report.sites)
 
@@ -124,10 +130,11 @@ def test_causal_wan_with_a_cache_reads_nothing(cfg, models):
     cache.set_cross(slab, k[:, 0], v[:, 0])
     recorder = HostReadRecorder()
     for c, x in enumerate(_chunks(cfg, 3)):
+        ts = [torch.full((1,), t) for t in STEPS]
         with recorder:
-            for t in STEPS:
-                causal(x, torch.full((1,), t), cache=cache, kv_frames=(c + 1) * cfg.chunk_frames, kv_exact=True)
-                causal(x, torch.full((1,), t), cache=cache, kv_frames=None)  # masked over the whole slab
+            for t in ts:
+                causal(x, t, cache=cache, kv_frames=(c + 1) * cfg.chunk_frames, kv_exact=True)
+                causal(x, t, cache=cache, kv_frames=None)  # masked over the whole slab
         cache.commit(1, cfg.chunk_frames)
     report = recorder.report()
     assert report.ok, str(report)
@@ -243,3 +250,55 @@ def test_subscripts_in_the_code_column_are_shown(capsys, tmp_path, monkeypatch):
     with pytest.raises(HostReadError) as err:
         report.raise_if_any()
     assert code in str(err.value)
+
+
+# -- what a CUDA graph would freeze or cannot hold: not reads, but a capture refuses them --------------
+HAZARD_PLANTS = [  # (function, marker, kind, op)
+    (planted.host_value, "host_value", HOST_VALUE, "aten.mul.Tensor"),
+    (planted.host_value_derived, "host_value_derived", HOST_VALUE, "aten.mul.Tensor"),
+    (planted.factory, "factory", HOST_TENSOR, "torch.arange"),
+]
+
+
+@pytest.mark.parametrize("fn, marker, kind, op", HAZARD_PLANTS, ids=[p[1] for p in HAZARD_PLANTS])
+def test_host_values_and_host_tensors_are_named_at_their_line(fn, marker, kind, op):
+    report = check(fn, torch.randn(6))
+    assert [(s.kind, s.op, s.count, s.line) for s in report.sites] == [(kind, op, 1, plant_line(marker))]
+    assert report.count == 0 and not report.ok and report.hazards == report.sites
+    with pytest.raises(HostReadError, match="1 host value"):
+        report.raise_if_any()
+
+
+def test_random_draws_are_notes_not_reads():
+    report = check(planted.rng, torch.randn(6))
+    assert [(s.kind, s.line) for s in report.notes] == [(RNG, plant_line("rng"))]
+    assert report.ok and report.count == 0 and "replays draw new numbers" in report.summary()
+    assert check(torch.nn.functional.dropout, torch.randn(6), 0.0).ok     # p = 0 draws nothing
+    assert not check(torch.nn.functional.scaled_dot_product_attention, *torch.randn(3, 1, 2, 4, 8)).sites
+
+
+def test_device_scalars_are_not_host_values():
+    """Arguments, parameters, buffers and values made on the device are read by address at
+    replay; a plain tensor attribute stays on the host of a CUDA model."""
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("gain", torch.tensor(3.0))
+            self.bias = torch.nn.Parameter(torch.tensor(1.0))
+            self.plain = torch.tensor(2.0)
+
+        def forward(self, x, s, use_plain=False):
+            y = x * self.gain + self.bias + x.sum() * s
+            return y * self.plain if use_plain else y
+
+    m = Scaled()
+    assert check(m, torch.randn(3), torch.tensor(0.5)).ok
+    report = check(m, torch.randn(3), torch.tensor(0.5), use_plain=True)
+    assert [(s.kind, s.code) for s in report.sites] == [(HOST_VALUE, "return y * self.plain if use_plain else y")]
+
+
+def test_pinned_non_blocking_uploads_are_counted_apart():
+    from graphrt.capture.hostreads import copy_kind
+
+    assert copy_kind(non_blocking=True, pinned=True) == ASYNC_H2D
+    assert copy_kind(non_blocking=True, pinned=False) == H2D == copy_kind(non_blocking=False, pinned=True)

@@ -14,8 +14,26 @@ Two hooks see every read, also on the CPU:
   (``.tolist()``, ``.cpu()``, ``.numpy()``, ``repr``) but copy to the host and sync on CUDA.
 
 A read the function mode records mutes the dispatch mode for the rest of that call, so each
-read counts once. The stack is walked only when a read is recorded: a clean op costs one set
-lookup.
+read counts once. The stack is walked only when a read is recorded.
+
+Besides reads (which sync on CUDA and are what ``count`` tallies), the report names what a CUDA
+graph would freeze or cannot hold, each by file:line, and a capture refuses them as it refuses
+reads:
+
+- a host value: a 0-dim CPU tensor as an operand of a device op (``x * self.scale``, a
+  scheduler's ``sigmas[i]``): CUDA passes its value as a kernel argument, so the graph keeps the
+  value it had at capture. On a CUDA model this is exact (the tensor is on the CPU). On a CPU
+  model every tensor is on the CPU, so a 0-dim tensor counts as a host value when it comes from
+  outside the call and is not an argument, a module's parameter or buffer or a runtime state's
+  tensor (where a GPU user keeps scalars on the host: plain attributes, scheduler tables);
+- a host tensor: a factory call without ``device=`` (``torch.arange(n)``), which builds the
+  tensor on the host of a CUDA model;
+- an async upload: a pinned, non-blocking host-to-device copy. It does not sync, so it is not a
+  read (a per-chunk upload outside the graph costs nothing), but inside a graph the replay would
+  copy from a host buffer that no longer holds the capture's data.
+
+Random draws are reported as notes (they do not stop a capture): each replay draws new numbers,
+so a replay differs from an eager rerun.
 """
 from __future__ import annotations
 
@@ -32,6 +50,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
+import torch.utils._pytree as pytree
 from rich import box
 from rich.console import Console, Group
 from rich.table import Table
@@ -45,6 +64,13 @@ SCALAR = "scalar read"
 SHAPE = "data-dependent shape"
 D2H = "device-to-host copy"
 H2D = "host-to-device copy"
+HOST_VALUE = "host value"            # frozen into a CUDA graph at capture
+HOST_TENSOR = "host tensor"          # a factory without a device
+ASYNC_H2D = "async upload"           # pinned non-blocking copy: no sync, but not in a graph
+RNG = "random draw"                  # a note: replays draw new numbers
+READS = frozenset({SCALAR, SHAPE, D2H, H2D})        # sync on CUDA: what ``count`` tallies
+HAZARDS = frozenset({HOST_VALUE, HOST_TENSOR, ASYNC_H2D})
+NOTES = frozenset({RNG})
 
 aten = torch.ops.aten
 _ON_CUDA = "; on a CUDA model this copies to the host and syncs (flagged on CPU tensors too)"
@@ -54,6 +80,14 @@ _UNIQUE_HINT = "unique has a data-dependent length: compute it outside the forwa
 _D2H_HINT = "keep the tensor on the device" + _ON_CUDA
 _PRINT_HINT = "remove the print/format from the forward" + _ON_CUDA
 _H2D_HINT = "build the tensor once outside the forward (a static_ device buffer) and update it in place"
+_HOST_VALUE_HINT = ("a CUDA graph keeps this host scalar's value from capture: keep it on the device (a buffer "
+                    "or runtime-state tensor updated in place) or pass a Python number and make it a bucket key")
+_HOST_TENSOR_HINT = ("pass device= (for example x.device): on a CUDA model this tensor is built on the host, "
+                     "so it is a device mismatch, a copy inside the graph or a value frozen at capture")
+_ASYNC_HINT = ("upload outside the captured region into a static device buffer: a replay would copy from a "
+               "host buffer that no longer holds the capture's data")
+_RNG_HINT = ("every replay draws new numbers (a replay never equals an eager rerun); draw outside the graph, "
+             "or use counter-based noise seeded by device tensors (graphrt.noise)")
 
 # aten ops that are a host read whatever their arguments: op -> (kind, hint)
 _ALWAYS = {
@@ -108,21 +142,41 @@ def _aten_read(func, args, kwargs) -> tuple[str, str] | None:
     if func is aten.repeat_interleave.Tensor:
         return None if kwargs.get("output_size") is not None else (SHAPE, "pass repeat_interleave an output_size")
     if func is aten._to_copy.default:
-        src, dst = args[0].device, kwargs.get("device")
-        return None if dst is None else _copy_read(src, torch.device(dst))
+        dst = kwargs.get("device")
+        return None if dst is None else _copy_read(args[0], torch.device(dst), kwargs.get("non_blocking", False))
     if func is aten.copy_.default:
-        return _copy_read(args[1].device, args[0].device)
+        return _copy_read(args[1], args[0].device, args[2] if len(args) > 2 else kwargs.get("non_blocking", False))
     if func in (aten.lift_fresh.default, aten.lift_fresh_copy.default):
         return None if _cpu(args[0]) else (H2D, _H2D_HINT)  # torch.tensor(data, device="cuda")
     return None
 
 
-def _copy_read(src: torch.device, dst: torch.device) -> tuple[str, str] | None:
-    if src.type != "cpu" and dst.type == "cpu":
+def _copy_read(src: torch.Tensor, dst: torch.device, non_blocking: bool) -> tuple[str, str] | None:
+    """A copy between host and device: a read, or (pinned and non-blocking upload) an async upload."""
+    if src.device.type != "cpu" and dst.type == "cpu":
         return D2H, _D2H_HINT
-    if src.type == "cpu" and dst.type != "cpu":
-        return H2D, _H2D_HINT
+    if src.device.type == "cpu" and dst.type != "cpu":
+        kind = copy_kind(non_blocking, src.is_pinned())
+        return kind, _ASYNC_HINT if kind == ASYNC_H2D else _H2D_HINT
     return None
+
+
+def copy_kind(non_blocking: bool, pinned: bool) -> str:
+    """A host-to-device copy syncs unless it is non-blocking from pinned memory."""
+    return ASYNC_H2D if non_blocking and pinned else H2D
+
+
+# factories that build a tensor from nothing: without ``device=`` they build it on the host
+_FACTORIES = frozenset({
+    torch.arange, torch.zeros, torch.ones, torch.empty, torch.full, torch.rand, torch.randn, torch.randint,
+    torch.randperm, torch.linspace, torch.logspace, torch.eye, torch.tensor, torch.as_tensor,
+    torch.scalar_tensor, torch.empty_strided, torch.tril_indices, torch.triu_indices})
+
+
+def _factory_without_device(func, args, kwargs) -> bool:
+    if func not in _FACTORIES or kwargs.get("device") is not None or "out" in kwargs:
+        return False
+    return not (func in (torch.tensor, torch.as_tensor) and args and isinstance(args[0], torch.Tensor))
 
 
 def _python_read(func, args, kwargs) -> tuple[str, str, str] | None:
@@ -170,7 +224,7 @@ def _user_frame() -> tuple[str, int]:
 # -- the report ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class HostReadSite:
-    """One place that reads the host: a kind of read by one op at one line of user code."""
+    """One place that touches the host: a kind of read (or hazard, or note) by one op at one line."""
 
     kind: str
     op: str
@@ -189,13 +243,19 @@ class HostReadSite:
 
 @dataclass(frozen=True)
 class HostReadReport:
-    """Every host read of the checked calls: ``sites`` (most frequent first) and ``per_call`` counts."""
+    """What the checked calls did with the host.
+
+    ``sites``: every site (most frequent first); ``per_call``: host reads (syncs) per call, so
+    ``count`` is what a replay would wait for. Hazards (host values, host tensors, async uploads)
+    are not reads but a graph cannot hold them either; notes (random draws) never stop a capture.
+    """
 
     sites: list[HostReadSite]
     per_call: tuple[int, ...]
 
     @property
     def count(self) -> int:
+        """Host reads: each one a sync on CUDA."""
         return sum(self.per_call)
 
     @property
@@ -203,20 +263,40 @@ class HostReadReport:
         return len(self.per_call)
 
     @property
+    def hazards(self) -> list[HostReadSite]:
+        """Sites that are not reads but that a CUDA graph would freeze or cannot hold."""
+        return [s for s in self.sites if s.kind in HAZARDS]
+
+    @property
+    def notes(self) -> list[HostReadSite]:
+        """Random draws: a replay draws new numbers (reported, never refused)."""
+        return [s for s in self.sites if s.kind in NOTES]
+
+    @property
+    def uploads(self) -> int:
+        """Pinned non-blocking host-to-device copies (no sync; outside a graph they cost nothing)."""
+        return sum(s.count for s in self.sites if s.kind == ASYNC_H2D)
+
+    @property
     def ok(self) -> bool:
-        return self.count == 0
+        """Graph-safe: no reads and no hazards (notes allowed)."""
+        return self.count == 0 and not self.hazards
 
     def raise_if_any(self) -> "HostReadReport":
-        """Raise :class:`HostReadError` (whose message holds the table) when there is any read."""
+        """Raise :class:`HostReadError` (whose message holds the table) unless :attr:`ok`."""
         if not self.ok:
             raise HostReadError(self)
         return self
 
     def summary(self) -> str:
+        hazards = sum(s.count for s in self.hazards)
+        notes = sum(s.count for s in self.notes)
+        tail = (f"; {hazards} host value(s)/tensor(s)/upload(s) a graph cannot hold" if hazards else "") + \
+               (f"; {notes} random draw(s): replays draw new numbers" if notes else "")
         if self.ok:
-            return f"no host reads in {self.calls} call(s): graph-safe"
-        return (f"{self.count} host read(s) at {len(self.sites)} site(s) over {self.calls} call(s); "
-                f"per call: {_runs(self.per_call)}")
+            return f"no host reads in {self.calls} call(s): graph-safe{tail}"
+        return (f"{self.count} host read(s) at {len([s for s in self.sites if s.kind in READS])} site(s) over "
+                f"{self.calls} call(s); per call: {_runs(self.per_call)}{tail}")
 
     def table(self) -> Table:
         table = Table(box=box.SIMPLE_HEAD, show_edge=False)
@@ -247,21 +327,130 @@ def _runs(counts) -> str:
     return ", ".join(f"{n} (x{k})" if k > 1 else str(n) for n, k in groups)
 
 
+# -- where a tensor lives ----------------------------------------------------------------------------
+def storage_key(t: torch.Tensor):
+    """Identifies the memory a tensor lives in (views of one tensor share it)."""
+    try:
+        return t.device, t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):   # a tensor without storage (a subclass wrapper)
+        return t.device, id(t)
+
+
+def device_tensors(*objs, depth: int = 2) -> list[torch.Tensor]:
+    """The tensors that live on the model's device: tensors among ``objs``, a module's
+    parameters and buffers, and the tensors a runtime-state object (a cache) holds, looked up
+    ``depth`` levels into containers and attributes."""
+    from graphrt.capture.buckets import is_runtime_state
+
+    out: list[torch.Tensor] = []
+
+    def walk(x, d):
+        if isinstance(x, torch.Tensor):
+            out.append(x)
+        elif isinstance(x, torch.nn.Module):
+            out.extend(x.parameters())
+            out.extend(x.buffers())
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v, d)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v, d)
+        elif d > 0 and is_runtime_state(x):
+            for v in vars(x).values():
+                walk(v, d - 1)
+
+    for o in objs:
+        walk(o, depth)
+    return out
+
+
+class _Placement:
+    """Which tensors of a call live on the device, so a 0-dim CPU tensor can be told to be a host
+    value. Exact on a CUDA model (the device says it); on a CPU model: the known device tensors,
+    what ops make from them and factories make; every other tensor from outside the call is host."""
+
+    def __init__(self, known=()):
+        self._device = {storage_key(t): True for t in known}
+
+    def on_device(self, t: torch.Tensor) -> bool:
+        if t.device.type != "cpu" or isinstance(t, torch.nn.Parameter):
+            return True
+        return self._device.get(storage_key(t), False)
+
+    def host_operands(self, read: list[torch.Tensor], written: list[torch.Tensor]) -> bool:
+        """A 0-dim host tensor read next to a device tensor in one op. Scalars the call itself
+        built (``torch.where(m, x, 0.0)``, ``y[m] = 1.0``) are constants, not host values."""
+        return any(t.dim() == 0 and not self.on_device(t) for t in read) \
+            and any(map(self.on_device, read + written))
+
+    def produced(self, inputs: list[torch.Tensor], out, on_device: bool | None = None) -> None:
+        if on_device is None:       # a factory (no tensor input) builds on the device it names
+            on_device = not inputs or any(map(self.on_device, inputs))
+        for o in pytree.tree_leaves(out):
+            if isinstance(o, torch.Tensor):
+                self._device[storage_key(o)] = on_device
+
+
+def _draws_random(func, args, kwargs) -> bool:
+    """A seeded op that draws: attention and dropout ops are seeded but draw nothing at p = 0."""
+    if torch.Tag.nondeterministic_seeded not in func.tags:
+        return False
+    for i, a in enumerate(func._schema.arguments):
+        if a.name in ("dropout_p", "p", "train"):
+            v = args[i] if i < len(args) else kwargs.get(a.name, a.default_value)
+            if not v:
+                return False
+    return True
+
+
+def _tensors(values) -> list[torch.Tensor]:
+    out = []
+    for a in values:
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(x for x in a if isinstance(x, torch.Tensor))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def written_args(func) -> tuple[frozenset[int], frozenset[str]]:
+    """Positions and names of the arguments an op writes (``self`` of ``add_``, ``out=``)."""
+    params = func._schema.arguments
+    hit = [(i, a.name) for i, a in enumerate(params) if a.alias_info is not None and a.alias_info.is_write]
+    return frozenset(i for i, _ in hit), frozenset(n for _, n in hit)
+
+
+def _split_args(func, args, kwargs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(tensors the op reads, tensors it writes)."""
+    pos, names = written_args(func)
+    read = _tensors([a for i, a in enumerate(args) if i not in pos] + [v for k, v in kwargs.items() if k not in names])
+    written = _tensors([a for i, a in enumerate(args) if i in pos] + [v for k, v in kwargs.items() if k in names])
+    return read, written
+
+
+_LIFTS = frozenset({aten.lift_fresh.default, aten.lift_fresh_copy.default})
+
+
 # -- recording -----------------------------------------------------------------------------------
 class HostReadRecorder:
-    """Records the host reads of any number of calls into one report.
+    """Records the host reads (and hazards and notes) of any number of calls into one report.
 
     ``with recorder: model(...)`` once per call (each ``with`` is one call in ``per_call``),
-    then :meth:`report`. Used by :func:`check` (one call) and by the CLI (every forward of a
-    multi-chunk generation).
+    then :meth:`report`. Used by :func:`check` (one call), by capture, and by the CLI (every
+    forward of a multi-chunk generation). ``known``: tensors that live on the device (arguments,
+    parameters, runtime state; see :func:`device_tensors`), for telling host values apart on a
+    CPU model.
     """
 
-    def __init__(self):
+    def __init__(self, known=()):
         self._counts: Counter[tuple[str, str, str, int]] = Counter()
         self._hints: dict[tuple[str, str, str, int], str] = {}
         self._per_call: list[int] = []
         self._muted = 0
         self._hooks: contextlib.ExitStack | None = None
+        self._placement = _Placement(known)
 
     def __enter__(self) -> "HostReadRecorder":
         if self._hooks is not None:
@@ -280,7 +469,8 @@ class HostReadRecorder:
         key = (kind, op, *_user_frame())
         self._counts[key] += 1
         self._hints[key] = hint
-        self._per_call[-1] += 1
+        if kind in READS:
+            self._per_call[-1] += 1
 
     def report(self) -> HostReadReport:
         sites = [HostReadSite(kind, op, n, file, line, linecache.getline(file, line).strip(),
@@ -293,15 +483,31 @@ class HostReadRecorder:
 class _DispatchHook(TorchDispatchMode):
     def __init__(self, recorder: HostReadRecorder):
         super().__init__()
+        self.supports_higher_order_operators = True   # FlexAttention is a higher-order op: it runs as it is
         self.recorder = recorder
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _WATCHED and not self.recorder._muted:
-            read = _aten_read(func, args, kwargs)
+        rec = self.recorder
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            out = func(*args, **kwargs)
+            rec._placement.produced([], out, on_device=True)
+            return out
+        reads, writes = _split_args(func, args, kwargs)
+        tensors = reads + writes
+        if not rec._muted:
+            read = _aten_read(func, args, kwargs) if func in _WATCHED else None
             if read is not None:
-                self.recorder._record(read[0], str(func), read[1])
-        return func(*args, **kwargs)
+                rec._record(read[0], str(func), read[1])
+            elif rec._placement.host_operands(reads, writes):
+                rec._record(HOST_VALUE, str(func), _HOST_VALUE_HINT)
+            if _draws_random(func, args, kwargs):
+                rec._record(RNG, str(func), _RNG_HINT)
+        out = func(*args, **kwargs)
+        if func is not aten.copy_.default:          # a copy_ target stays where it was
+            # torch.tensor(...) lifts a constant the call built (a missing device= is reported apart)
+            rec._placement.produced(tensors, out, on_device=True if func in _LIFTS else None)
+        return out
 
 
 class _FunctionHook(TorchFunctionMode):
@@ -311,23 +517,28 @@ class _FunctionHook(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        read = None if self.recorder._muted else _python_read(func, args, kwargs)
+        rec = self.recorder
+        if not rec._muted and _factory_without_device(func, args, kwargs):
+            rec._record(HOST_TENSOR, f"torch.{func.__name__}", _HOST_TENSOR_HINT)
+        read = None if rec._muted else _python_read(func, args, kwargs)
         if read is None:
             return func(*args, **kwargs)
-        self.recorder._record(*read)
-        self.recorder._muted += 1  # the aten ops under this call are the same read
+        rec._record(*read)
+        rec._muted += 1  # the aten ops under this call are the same read
         try:
             return func(*args, **kwargs)
         finally:
-            self.recorder._muted -= 1
+            rec._muted -= 1
 
 
 def check(fn, *args, **kwargs) -> HostReadReport:
-    """Run ``fn(*args, **kwargs)`` once and report every host read it makes.
+    """Run ``fn(*args, **kwargs)`` once and report every host read it makes (and every host
+    value, host tensor, upload and random draw; see the module docstring).
 
     ``check(model, x, t).raise_if_any()`` fails with the table when the forward is not graph-safe.
     """
-    recorder = HostReadRecorder()
+    owner = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
+    recorder = HostReadRecorder(known=device_tensors(owner, args, kwargs))
     with recorder:
         fn(*args, **kwargs)
     return recorder.report()

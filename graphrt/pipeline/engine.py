@@ -306,8 +306,8 @@ class Engine:
             if prompt is not None:
                 self._prompts[prompt] = new
         self.seeds[slab] = seed
-        self.t_table[slab] = torch.tensor(schedule.timesteps)
-        self.sigma_table[slab] = torch.tensor(schedule.sigmas)
+        self.t_table[slab] = torch.tensor(schedule.timesteps, device=self.device)
+        self.sigma_table[slab] = torch.tensor(schedule.sigmas, device=self.device)
         s = Session(next(self._ids), slab, seed, num_chunks)
         self.sessions[s.id] = s
         return s
