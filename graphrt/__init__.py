@@ -7,8 +7,8 @@ from graphrt.attention import attend
 from graphrt.capture.buckets import BucketKey, Buckets
 from graphrt.capture.hostreads import HostReadReport, HostReadSite, check
 from graphrt.errors import (BackendUnavailableError, BucketMissError, CacheError, CaptureError, CheckpointError,
-                            ConfigError, GraphrtError, HostReadError, InputError, ReplayMismatchError,
-                            SignatureError)
+                            ConfigError, GraphrtError, GraphrtWarning, HostReadError, InputError,
+                            ReplayMismatchError, SignatureError)
 from graphrt.kv import RollingKVCache, StaticKVCache
 from graphrt.replay.graphed import GraphedModule, GraphStats, compile
 
@@ -17,4 +17,4 @@ __version__ = "0.1.0"
 __all__ = ["compile", "check", "GraphedModule", "GraphStats", "Buckets", "BucketKey", "StaticKVCache",
            "RollingKVCache", "attend", "HostReadReport", "HostReadSite", "GraphrtError", "ConfigError",
            "InputError", "CheckpointError", "CacheError", "BackendUnavailableError", "HostReadError",
-           "CaptureError", "BucketMissError", "SignatureError", "ReplayMismatchError"]
+           "CaptureError", "BucketMissError", "SignatureError", "ReplayMismatchError", "GraphrtWarning"]

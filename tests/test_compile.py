@@ -1,4 +1,5 @@
 """graphrt.compile: one graph per bucket, replay == eager, state untouched by capture, clear errors."""
+import contextlib
 import re
 
 import pytest
@@ -31,18 +32,23 @@ def _prompt(model, cache, slab, ctx):
 def _twin_caches(model, cfg, n_sessions, cls=StaticKVCache, copies=2, **kw):
     """Identical caches (by default two: one for the graphs, one for eager) with n sessions and prompts."""
     caches = [_cache(model, cls, **kw) for _ in range(copies)]
-    ctx = torch.randn(n_sessions, cfg.text_len, cfg.text_dim)
+    ctx = torch.randn(n_sessions, cfg.text_len, cfg.text_dim, dtype=next(model.parameters()).dtype)
     for c in caches:
         for i in range(n_sessions):
             _prompt(model, c, c.acquire(), ctx[i:i + 1])
     return caches
 
 
-@pytest.mark.parametrize("case", ["b1", "b2-heterogeneous", "rolling"])
+@pytest.mark.parametrize("case,dtype", [("b1", torch.float32), ("b2-heterogeneous", torch.float32),
+                                        ("rolling", torch.float32), ("b1", torch.bfloat16),
+                                        ("b2-heterogeneous", torch.bfloat16), ("rolling", torch.float16)],
+                         ids=["b1-fp32", "b2-hetero-fp32", "rolling-fp32", "b1-bf16", "b2-hetero-bf16",
+                              "rolling-fp16"])
 @torch.no_grad()
-def test_cpu_graph_replay_is_bit_identical(cfg, case):
-    """7 chunks x 5 forwards: cpu-graph replay == the eager graph-safe forward, every chunk, every row."""
-    model = CausalWan(cfg, attention="sdpa").eval()
+def test_cpu_graph_replay_is_bit_identical(cfg, case, dtype):
+    """7 chunks x 5 forwards: cpu-graph replay == the eager graph-safe forward, every chunk, every
+    row, in the dtypes users run (bf16 and fp16 as well as fp32)."""
+    model = CausalWan(cfg, attention="sdpa").to(dtype).eval()
     kw = dict(cls=RollingKVCache, window_frames=9, sink_frames=3) if case == "rolling" else {}
     gcache, ecache = _twin_caches(model, cfg, 2, **kw)
     g = graphrt.compile(model, buckets=wan_buckets(cfg), backend="cpu-graph", progress=False)
@@ -57,11 +63,11 @@ def test_cpu_graph_replay_is_bit_identical(cfg, case):
         kv_frames = ((c + 2 if hetero and b == 2 else c) + 1) * cfg.chunk_frames
         exact = b == 1
         for t in STEPS:
-            x = torch.randn(b, cfg.in_dim, cfg.chunk_frames, cfg.height, cfg.width)
+            x = torch.randn(b, cfg.in_dim, cfg.chunk_frames, cfg.height, cfg.width, dtype=dtype)
             tt = torch.full((b,), t)
             got = g(x, tt, cache=gcache, kv_frames=kv_frames, kv_exact=exact)
             want = model(x, tt, cache=ecache, kv_frames=kv_frames, kv_exact=exact)
-            assert torch.equal(got, want), (b, c, t)
+            assert got.dtype == dtype and torch.equal(got, want), (b, c, t)
         gcache.commit(b, cfg.chunk_frames)
         ecache.commit(b, cfg.chunk_frames)
     assert torch.equal(gcache.frames, ecache.frames)
@@ -107,7 +113,7 @@ class FixedCache(LeakyCache):
 
     def forward(self, x):
         self.kv.index_copy_(0, self.dpos, x)
-        valid = torch.arange(self.kv.shape[0]) <= self.dpos
+        valid = torch.arange(self.kv.shape[0], device=self.kv.device) <= self.dpos
         return (self.kv * valid[:, None]).sum(0, keepdim=True)
 
     def advance(self):
@@ -441,3 +447,232 @@ def test_wrong_dtype_device_and_cache_errors_say_what(cfg, models):
     other = StaticKVCache.for_model(CausalWan(cfg.replace(num_layers=3)))
     with pytest.raises(graphrt.InputError, match="the cache does not fit this model"):
         causal(x, torch.zeros(1), cache=other)
+
+
+# -- the CPU emulation fails where a CUDA graph would -------------------------------------------------
+class HostScaled(nn.Module):
+    """``scale`` is a plain tensor attribute: ``model.cuda()`` leaves it on the host, so a CUDA
+    graph passes its value as a kernel argument and keeps the value it had at capture."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(4))
+        self.scale = torch.tensor(2.0)
+
+    def forward(self, x):
+        return x * self.weight * self.scale
+
+
+@torch.no_grad()
+def test_a_host_scalar_is_frozen_at_capture_as_on_cuda():
+    model, x = HostScaled(), torch.ones(4)
+    with pytest.raises(graphrt.HostReadError, match="host value") as e:
+        graphrt.compile(model, progress=False)(x)                      # the checker names the line
+    assert "return x * self.weight * self.scale" in str(e.value) and "bucket key" in str(e.value)
+    g = graphrt.compile(model, check=False, backend="cpu-graph", progress=False)
+    assert torch.equal(g(x), torch.full((4,), 2.0))
+    model.scale.fill_(5.0)                                              # the scheduler moved on
+    assert torch.equal(model(x), torch.full((4,), 5.0))
+    assert torch.equal(g(x), torch.full((4,), 2.0))                     # the graph did not: as CUDA
+    g = graphrt.compile(HostScaled(), check=False, backend="cpu-graph", verify=1, progress=False)
+    g(x)
+    g.fn.scale.fill_(5.0)
+    with pytest.raises(ReplayMismatchError, match="frozen into the graph"):
+        g(x)
+
+
+@torch.no_grad()
+def test_outputs_live_until_the_next_replay_of_any_bucket():
+    """One output arena for every bucket, as the CUDA pool: replaying bucket B spoils A's
+    outputs; verification returns the same static outputs (it does not clone)."""
+    g = graphrt.compile(lambda x, k: x + k, verify=2, progress=False)
+    x = torch.zeros(4)
+    a = g(x, 1)                                   # bucket k=1 (captured)
+    b = g(x, 2)                                   # bucket k=2
+    assert torch.equal(b, torch.full((4,), 2.0))
+    assert torch.equal(a, b) and a.data_ptr() == b.data_ptr()      # a was overwritten
+    again = [g(x, 1) for _ in range(3)]           # two verified replays, then a plain one
+    assert len({t.data_ptr() for t in again + [a]}) == 1
+    kept = graphrt.compile(lambda x, k: x + k, clone_outputs=True, progress=False)
+    a = kept(x, 1)
+    kept(x, 2)
+    assert torch.equal(a, torch.ones(4))
+
+
+def test_capture_leaves_the_random_stream_as_it_was():
+    """Check, trace and first run draw random numbers; a seeded stream after prewarm() is the
+    stream without it. Replays draw fresh numbers and the capture says so."""
+    def noisy(x):
+        return x + torch.randn(x.shape, device=x.device)
+
+    x = torch.zeros(3)
+    torch.manual_seed(0)
+    want = torch.rand(5)
+    torch.manual_seed(0)
+    g = graphrt.compile(noisy, progress=False)
+    with pytest.warns(graphrt.GraphrtWarning, match="draws random numbers at .*test_compile.py"):
+        g.prewarm(x)
+    assert torch.equal(torch.rand(5), want)
+    assert not torch.equal(g(x).clone(), g(x))
+
+
+def test_a_factory_without_device_is_refused_with_its_line():
+    def positions(x):
+        return x + torch.arange(x.shape[0])
+
+    with pytest.raises(graphrt.HostReadError, match="host tensor") as e:
+        graphrt.compile(positions, progress=False)(torch.zeros(3))
+    assert "torch.arange" in str(e.value) and "device=" in str(e.value)
+
+
+def test_capture_order_is_largest_first(cfg):
+    """Largest KV first, whatever the flags: masked and exact buckets interleave per length."""
+    spec = wan_buckets(cfg, batch_sizes=(1, 2))
+    model = CausalWan(cfg, attention="sdpa").eval()
+    g = graphrt.compile(model, buckets=spec, progress=False)
+    from graphrt.capture.buckets import bind
+
+    x = torch.zeros(1, cfg.in_dim, 3, cfg.height, cfg.width)
+    key = spec.key(bind(g.signature, (x, torch.zeros(1)), {"kv_frames": 3, "kv_exact": True}))
+    order = [(k.batch, dict(k.statics)["kv_frames"].value) for k in spec.expand(key)]
+    assert order == sorted(order, reverse=True) and order[0] == (2, cfg.max_frames)
+
+
+class LeakyWriter(nn.Module):
+    """Returns the right value but writes its state at a Python-int position: only the state shows it."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("log", torch.zeros(4, 3))
+        self.pos = 0
+
+    def forward(self, x):
+        self.log[self.pos] = x
+        return x * 2
+
+    def snapshot(self, data=False):
+        return {"pos": self.pos}
+
+    def restore(self, snap):
+        self.pos = snap["pos"]
+
+    def reset(self):
+        self.pos = 0
+
+
+@torch.no_grad()
+def test_verify_compares_what_the_replay_wrote():
+    m = LeakyWriter()
+    g = graphrt.compile(m, backend="cpu-graph", verify=1, progress=False)
+    g(torch.ones(3))
+    m.pos = 1
+    with pytest.raises(ReplayMismatchError, match=r"LeakyWriter\.log \(aten\.copy_"):
+        g(torch.ones(3))
+
+
+@torch.no_grad()
+def test_write_log_costs_what_one_forward_writes_and_undoes_it(cfg):
+    """Verification records the rows a forward writes, not the KV pool: a small fraction of it,
+    and undoing leaves every tensor as it was."""
+    from graphrt.capture.writes import WriteLog
+
+    cfg = cfg.replace(max_frames=21)
+    model = CausalWan(cfg, attention="sdpa").eval()
+    (cache,) = _twin_caches(model, cfg, 2, copies=1)
+    cache.bind([0, 1])
+    before = cache.snapshot(data=True)
+    with WriteLog() as log:
+        model(torch.randn(2, cfg.in_dim, 3, cfg.height, cfg.width), torch.zeros(2), cache=cache, kv_frames=3,
+              kv_exact=True)
+    pool = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
+    rows = 2 * 3 * cfg.frame_tokens * cfg.dim * 4 * 2 * cfg.num_layers    # 2 rows x 1 chunk, K and V, fp32
+    assert rows <= log.nbytes < 1.1 * rows and log.nbytes < pool / 7       # the chunk's rows, not the pool
+    assert not all(torch.equal(t, before[n]) for n, t in cache.snapshot(data=True).items())
+    log.undo()
+    assert all(torch.equal(t, before[n]) for n, t in cache.snapshot(data=True).items())
+
+
+class _FakeCuda:
+    """Just enough of torch.cuda for CudaGraph's capture path, so its failure handling runs on
+    the CPU: streams are tokens, and a sync inside the capture fails the way CUDA fails it."""
+
+    class Stream:
+        def __init__(self, name="side"):
+            self.name = name
+
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def __init__(self, cuda):
+            self.cuda = cuda
+
+        def capture_begin(self, pool=None):
+            self.cuda.capturing = True
+
+        def capture_end(self):
+            self.cuda.capturing = False
+            if self.cuda.invalidated:
+                raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+        def replay(self):
+            pass
+
+    def __init__(self, monkeypatch):
+        self.default = self.Stream("default")
+        self.current, self.capturing, self.invalidated, self.pool_ended = self.default, False, False, []
+        cuda = torch.cuda
+        monkeypatch.setattr(cuda, "current_stream", lambda device=None: self.current)
+        monkeypatch.setattr(cuda, "set_stream", lambda s: setattr(self, "current", s))
+        monkeypatch.setattr(cuda, "stream", self._stream_ctx)
+        monkeypatch.setattr(cuda, "device", lambda d: contextlib.nullcontext())
+        monkeypatch.setattr(cuda, "synchronize", lambda device=None: None)
+        monkeypatch.setattr(cuda, "empty_cache", lambda: None)
+        monkeypatch.setattr(cuda, "CUDAGraph", lambda: self.Graph(self))
+        monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", lambda i, p: self.pool_ended.append(p),
+                            raising=False)
+
+    @contextlib.contextmanager
+    def _stream_ctx(self, s):
+        prev, self.current = self.current, s
+        try:
+            yield
+        finally:
+            self.current = prev
+
+    def sync(self):
+        """What .item() does inside a capture."""
+        if self.capturing:
+            self.invalidated = True
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+
+def test_a_failed_cuda_capture_restores_the_stream_and_names_the_first_error(monkeypatch):
+    """torch.cuda.graph leaves the side stream current when capture_end raises, and capture_end's
+    error ("previous error during capture") hides the cause. CudaGraph does neither (on a fake
+    torch.cuda here; tests/test_cuda.py runs the real one)."""
+    from types import SimpleNamespace
+
+    from graphrt.capture.backends import CudaGraph
+    from graphrt.capture.capture import Runtime
+
+    fake = _FakeCuda(monkeypatch)
+    side = _FakeCuda.Stream()
+    runtime = SimpleNamespace(device=torch.device("cuda", 0), inductor=False, warmup=1, side_stream=lambda: side,
+                              memory_pool=lambda: (0, 7), output_slots=Runtime("cpu-graph").output_slots)
+
+    def syncs(x):
+        fake.sync()
+        return [x * 2]
+
+    with pytest.raises(graphrt.CaptureError) as e:
+        CudaGraph(syncs, [torch.ones(3)], runtime)
+    first = str(e.value).splitlines()[0]
+    assert "operation not permitted when stream is capturing" in first and "previous error" not in first
+    assert "graphrt.check" in str(e.value)
+    assert fake.current is fake.default                     # the caller's stream is current again
+    assert fake.pool_ended == [(0, 7)] and not fake.capturing  # the allocator stops routing to the pool
+
+    fake.invalidated = False
+    graph = CudaGraph(lambda x: [x * 2], [torch.ones(3)], runtime)   # and the next capture works
+    assert fake.current is fake.default and torch.equal(graph.replay()[0], torch.full((3,), 2.0))

@@ -8,40 +8,78 @@ Every backend captures ``flat_fn(*static_inputs) -> [output tensors]`` once and 
 - :class:`CpuGraph`: CPU emulation. The aten ops are traced once over the static buffers
   (``make_fx``, real tensors) and replayed with every Python-side value frozen at capture,
   exactly as a CUDA graph freezes kernel arguments. A host value that leaks into the captured
-  region therefore gives a wrong replay on the CPU too. It is for fidelity, not speed: replay
-  costs about what eager costs, unless ``inductor`` compiles the trace.
+  region therefore gives a wrong replay on the CPU too: a Python number, and also a 0-dim host
+  tensor (``x * self.scale`` with a plain tensor attribute, a scheduler's ``sigmas[i]``), whose
+  value CUDA passes as a kernel argument. It is for fidelity, not speed: replay costs about what
+  eager costs, unless ``inductor`` compiles the trace.
 - :class:`EagerGraph`: no graph; runs the function on the static inputs (a control).
+
+Outputs: both graph backends write their outputs into one arena per runtime that every bucket
+shares, so an output is valid until the next replay of *any* bucket (on CUDA, as with vLLM's
+shared outputs; on the CPU, the same lifetime, so code that keeps an output too long fails
+there first). Clone what you keep, or compile with ``clone_outputs=True``.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+from graphrt.errors import CaptureError
 
 BACKENDS = ("cuda-graph", "cpu-graph", "eager")
 
 
 class EagerGraph:
-    def __init__(self, flat_fn, inputs, runtime):
+    def __init__(self, flat_fn, inputs, runtime, host_scalar=None):
         self.fn, self.inputs = flat_fn, inputs
 
     def replay(self):
         return self.fn(*self.inputs)
 
 
-def trace(flat_fn, inputs, inductor: bool):
+def _one_fake_mode():
+    """One FakeTensorMode for a whole ``make_fx`` trace: real-tensor tracing otherwise builds a
+    mode (and walks the Python stack) for every op's metadata, which is most of its cost."""
+    try:
+        from torch._guards import TracingContext, tracing
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        return tracing(TracingContext(FakeTensorMode(allow_fallback_kernels=True)))
+    except (ImportError, TypeError):
+        return contextlib.nullcontext()
+
+
+def trace(flat_fn, inputs, inductor: bool, host_scalar=None):
     """The aten ops of one call over ``inputs``, every Python value frozen (``make_fx``, real
     tensors: it runs once), optionally compiled by inductor. Each bucket gets its own GraphModule,
-    so compiling many buckets never hits dynamo's recompile limit."""
+    so compiling many buckets never hits dynamo's recompile limit.
+
+    ``host_scalar(t) -> bool`` names the 0-dim tensor constants that live on the host of a CUDA
+    model: their value is frozen (copied) here, as a CUDA graph bakes it into a kernel argument.
+    Inductor's own CUDA graphs stay off: the trace runs inside graphrt's graph.
+    """
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    gm = make_fx(flat_fn, tracing_mode="real")(*inputs)
-    return torch.compile(gm, fullgraph=True, dynamic=False) if inductor else gm
+    with _one_fake_mode():
+        gm = make_fx(flat_fn, tracing_mode="real")(*inputs)
+    if host_scalar is not None:
+        for name, t in list(gm.named_buffers()):
+            if "." not in name and t.dim() == 0 and host_scalar(t):
+                gm.register_buffer(name, t.clone())
+    if inductor:
+        return torch.compile(gm, fullgraph=True, dynamic=False, options={"triton.cudagraphs": False})
+    return gm
 
 
 class CpuGraph:
-    def __init__(self, flat_fn, inputs, runtime):
+    def __init__(self, flat_fn, inputs, runtime, host_scalar=None):
         self.inputs = inputs
-        self.run = trace(flat_fn, inputs, runtime.inductor)
-        self.outputs = [o.clone() for o in self.run(*inputs)]   # static outputs (and the compile, if any)
+        self.run = trace(flat_fn, inputs, runtime.inductor, host_scalar)
+        first = self.run(*inputs)                     # compiles, if inductor
+        self.outputs = runtime.output_slots(first)
+        for static, out in zip(self.outputs, first):
+            static.copy_(out)
 
     def replay(self):
         for static, out in zip(self.outputs, self.run(*self.inputs)):
@@ -49,23 +87,90 @@ class CpuGraph:
         return self.outputs
 
 
+def root_cause(error: BaseException) -> BaseException:
+    """The first error of a chain: a failed CUDA capture raises "operation failed due to a
+    previous error during capture" from ``capture_end``, with the real cause as its context."""
+    seen = {id(error)}
+    while True:
+        nxt = error.__cause__ or error.__context__
+        if nxt is None or id(nxt) in seen:
+            return error
+        seen.add(id(nxt))
+        error = nxt
+
+
 class CudaGraph:
-    def __init__(self, flat_fn, inputs, runtime):
-        fn = trace(flat_fn, inputs, inductor=True) if runtime.inductor else flat_fn
-        stream = runtime.side_stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(runtime.warmup):
-                fn(*inputs)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=runtime.memory_pool(), stream=stream):
-            self.outputs = fn(*inputs)
+    """One ``torch.cuda.CUDAGraph`` over the runtime's shared pool, captured on the runtime's
+    device. A failed capture leaves the process as it found it: the caller's stream is current
+    again (``torch.cuda.graph`` does not restore it when ``capture_end`` raises) and the error
+    names its first cause."""
+
+    def __init__(self, flat_fn, inputs, runtime, host_scalar=None):
+        self.device = runtime.device
         self.inputs = inputs
+        with torch.cuda.device(self.device):
+            # keep the compiled callable: the graph replays its kernels and reads its constants
+            self.fn = trace(flat_fn, inputs, inductor=True) if runtime.inductor else flat_fn
+            caller = torch.cuda.current_stream()
+            stream = runtime.side_stream()
+            stream.wait_stream(caller)
+            with torch.cuda.stream(stream):
+                for _ in range(runtime.warmup):
+                    outs = self.fn(*inputs)
+            caller.wait_stream(stream)
+            self.outputs = runtime.output_slots(outs)
+            del outs
+            self.graph = torch.cuda.CUDAGraph()
+            self._capture(stream, caller, runtime)
+
+    def _capture(self, stream, caller, runtime):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()          # as torch.cuda.graph does: give the graph's pool room
+        torch.cuda.set_stream(stream)
+        try:
+            self.graph.capture_begin(pool=runtime.memory_pool())
+            error = None
+            try:
+                for static, out in zip(self.outputs, self.fn(*self.inputs)):
+                    static.copy_(out)
+            except Exception as e:        # end the capture first, then report the first error
+                error = e
+            try:
+                self.graph.capture_end()
+            except Exception as e:
+                _stop_allocating_to_pool(self.device, runtime.memory_pool())
+                error = error or e
+            if error is not None:
+                raise error
+        except Exception as e:
+            cause = root_cause(e)
+            first_line = (str(cause).strip().splitlines() or [""])[0]
+            raise CaptureError(
+                f"CUDA graph capture failed: {type(cause).__name__}: {first_line}",
+                fix="a captured region may not sync with the host or copy from pageable host memory: run "
+                    "graphrt.check(fn, *args) on these inputs to find the line (compile(check=True) does it "
+                    "before capture); the caller's stream and state are restored, so fixing and retrying is safe"
+            ) from cause
+        finally:
+            torch.cuda.set_stream(caller)     # torch.cuda.graph leaves the side stream current if capture_end raises
 
     def replay(self):
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.graph.replay()
         return self.outputs
+
+
+def _stop_allocating_to_pool(device, pool) -> None:
+    """After a capture that never ended, tell the allocator to stop routing to its pool (what
+    ``capture_end`` would have done). Best effort: the binding's name differs across versions."""
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    for name in ("_cuda_endAllocateToPool", "_cuda_endAllocateCurrentStreamToPool"):
+        fn = getattr(torch._C, name, None)
+        if fn is not None:
+            with contextlib.suppress(Exception):
+                fn(index, pool)
+            return
 
 
 GRAPH_CLASSES = {"cuda-graph": CudaGraph, "cpu-graph": CpuGraph, "eager": EagerGraph}

@@ -95,9 +95,12 @@ class BucketKey:
         return " ".join(parts) or "<no arguments>"
 
     def sort_key(self):
-        """Larger buckets first: batch, then numeric static values."""
-        nums = tuple(v.value if isinstance(v.value, (int, float)) else 0 for _, v in self.statics)
-        return (self.batch or 0,) + nums
+        """Larger buckets first: batch, then the numeric static values (``batch``, ``kv_frames``,
+        ...) in their order; flags (bools such as ``kv_exact``) only break ties."""
+        nums = tuple(v.value for _, v in self.statics
+                     if isinstance(v.value, (int, float)) and not isinstance(v.value, bool))
+        flags = tuple(v.value for _, v in self.statics if isinstance(v.value, bool))
+        return (self.batch or 0,) + nums + flags
 
 
 @dataclass

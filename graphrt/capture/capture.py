@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -16,19 +17,24 @@ import torch
 import torch.utils._pytree as pytree
 
 from graphrt.capture.backends import BACKENDS, GRAPH_CLASSES
-from graphrt.errors import BackendUnavailableError, CaptureError
+from graphrt.capture.hostreads import HostReadRecorder, device_tensors, storage_key
+from graphrt.errors import BackendUnavailableError, CaptureError, GraphrtWarning, HostReadError
 
 
 @dataclass
 class Runtime:
-    """What all captures of one compiled module share."""
+    """What all captures of one compiled module share: the backend, the device, the CUDA memory
+    pool and side stream, and the output arena (every bucket's outputs live in it, so an output
+    is valid until the next replay of any bucket)."""
 
     backend: str                     # "cuda-graph" | "cpu-graph" | "eager"
     inductor: bool = False
     warmup: int = 2                  # eager runs before a CUDA capture (allocator, cuBLAS, autotune)
     check_host_reads: bool = True
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     _pool: Any = field(default=None, repr=False)
     _stream: Any = field(default=None, repr=False)
+    _arenas: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -37,24 +43,51 @@ class Runtime:
         if self.backend == "cuda-graph" and not torch.cuda.is_available():
             raise BackendUnavailableError("backend 'cuda-graph' needs a CUDA device and none is available",
                                           fix="use backend='cpu-graph' (CPU emulation) or 'auto'")
+        if self.warmup < 1:
+            raise CaptureError("warmup must be at least 1: the capture sizes its outputs from a warm-up run",
+                               got=self.warmup)
+        self.device = torch.device(self.device)
+        if self.backend == "cuda-graph" and self.device.type != "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())
 
     def memory_pool(self):
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         return self._pool
 
-    def pool_bytes(self) -> int:
-        """Bytes the allocator holds for this runtime's graph pool (all buckets share it)."""
+    def pool_bytes(self) -> int | None:
+        """Bytes the allocator holds for this runtime's graph pool (all buckets share it); None
+        under ``PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync``, which keeps no snapshots."""
         if self._pool is None:
             return 0
+        if getattr(torch.cuda, "get_allocator_backend", lambda: "native")() != "native":
+            return None
         pool = tuple(self._pool)
         return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
                    if tuple(seg.get("segment_pool_id", ())) == pool)
 
     def side_stream(self):
         if self._stream is None:
-            self._stream = torch.cuda.Stream()
+            self._stream = torch.cuda.Stream(self.device)
         return self._stream
+
+    def output_slots(self, tensors) -> list[torch.Tensor]:
+        """Static outputs shaped like ``tensors``, as views of the arena all buckets share: a
+        replay of any bucket overwrites them (on CUDA and in the CPU emulation alike)."""
+        align = 256
+        slots, offsets, need = [], [], {}
+        for t in tensors:
+            at = need.get(t.device, 0)
+            offsets.append(at)
+            need[t.device] = at + -(-t.numel() * t.element_size() // align) * align
+        for device, n in need.items():
+            arena = self._arenas.get(device)
+            if arena is None or arena.numel() < n:
+                self._arenas[device] = torch.empty(max(n, align), dtype=torch.uint8, device=device)
+        for t, at in zip(tensors, offsets):
+            raw = self._arenas[t.device][at:at + t.numel() * t.element_size()]
+            slots.append(raw.view(t.dtype).view(t.shape))
+        return slots
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -97,12 +130,27 @@ def state_guard(states):
                 s.restore(snap)
 
 
+@contextlib.contextmanager
+def rng_guard(device: torch.device):
+    """Put the random generators back as they were: a check, warm-up and capture that draw
+    random numbers must not shift the user's seeded stream."""
+    cpu = torch.random.get_rng_state()
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+
+
 def capture(runtime: Runtime, fn: Callable, rebuild: Callable, inputs: list[torch.Tensor], states,
             where: str) -> Captured:
     """Capture ``fn(*rebuild(inputs))`` over the static ``inputs`` (a list of tensors).
 
     ``rebuild(tensors) -> (args, kwargs)`` puts the tensors back into the call's structure.
-    Refuses a forward with host reads (the report names each file:line).
+    Refuses a forward with host reads, host values or host tensors (the report names each
+    file:line) and warns when it draws random numbers (each replay draws new ones).
     """
     out_info: dict[str, Any] = {}
 
@@ -113,18 +161,26 @@ def capture(runtime: Runtime, fn: Callable, rebuild: Callable, inputs: list[torc
         out_info["consts"] = [None if isinstance(x, torch.Tensor) else x for x in leaves]
         return [x for x in leaves if isinstance(x, torch.Tensor)]
 
+    owner = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
+    known = device_tensors(owner, states, inputs)
     t0 = time.perf_counter()
-    with torch.no_grad(), state_guard(states):
+    with torch.no_grad(), rng_guard(runtime.device), state_guard(states):
         if runtime.check_host_reads:
-            from graphrt.capture.hostreads import check
-
-            report = check(flat_fn, *inputs)
+            recorder = HostReadRecorder(known=known)
+            with recorder:
+                flat_fn(*inputs)
+            report = recorder.report()
             if not report.ok:
-                from graphrt.errors import HostReadError
-
                 raise HostReadError(report)
+            if report.notes:
+                warnings.warn(f"{where} draws random numbers at "
+                              f"{', '.join(s.where for s in report.notes)}: every replay draws new ones, so a "
+                              "replay never equals an eager rerun (verify will differ)", GraphrtWarning, stacklevel=3)
+        stored = {storage_key(t) for t in known}
+        host_scalar = None if runtime.backend == "cuda-graph" else (
+            lambda t: not isinstance(t, torch.nn.Parameter) and storage_key(t) not in stored)
         try:
-            graph = GRAPH_CLASSES[runtime.backend](flat_fn, inputs, runtime)
+            graph = GRAPH_CLASSES[runtime.backend](flat_fn, inputs, runtime, host_scalar)
         except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
             if isinstance(e, CaptureError):
                 raise

@@ -2,8 +2,9 @@
 
 One call: bind and flatten the arguments, map them to a bucket key, copy the tensors into that
 bucket's static buffers (skipped when the caller passed the static buffer itself), replay, and
-hand back the static outputs in the model's own structure (views valid until the next replay,
-unless ``clone_outputs``). Static buffers are allocated once per argument at the largest batch
+hand back the static outputs in the model's own structure (unless ``clone_outputs``). Every
+bucket's outputs live in one shared arena, so an output is valid until the next replay of *any*
+bucket of this module, on CUDA and in the CPU emulation alike: clone what you keep. Static buffers are allocated once per argument at the largest batch
 bucket; each bucket uses a view.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from graphrt.capture.backends import BACKENDS
 from graphrt.capture.buckets import (Buckets, BucketKey, Request, StateRef, TensorSpec, bind,
                                      is_runtime_state, parameter_names)
 from graphrt.capture.capture import Captured, Runtime, capture, resolve_backend
+from graphrt.capture.writes import WriteLog, tensor_names
 from graphrt.errors import (BackendUnavailableError, BucketMissError, CaptureError, InputError, ReplayMismatchError,
                             SignatureError)
 from graphrt.tolerance import max_rel_err, tolerance
@@ -230,8 +232,9 @@ class GraphedModule:
 
     def _capture(self, key: BucketKey, req: Request, load: bool = True) -> _Bucket:
         if self.runtime is None:
-            self.runtime = Runtime(resolve_backend(self.backend, self._device(req)), inductor=self.inductor,
-                                   check_host_reads=self.check)
+            device = self._device(req)
+            self.runtime = Runtime(resolve_backend(self.backend, device), inductor=self.inductor,
+                                   check_host_reads=self.check, device=device)
         frozen = dict(key.statics) | dict(key.signature)
         leaves = []
         for path in req.paths:
@@ -296,21 +299,27 @@ class GraphedModule:
         return entry.captured.outputs(tensors)
 
     def _verified_replay(self, entry: _Bucket):
-        """Replay, then rerun eagerly from the same state and compare outputs and state."""
+        """Run the eager forward, recording what it writes; undo it; replay; compare the replay's
+        outputs and the regions the eager run wrote with the eager ones.
+
+        Memory is proportional to what the forward writes (a chunk's rows of the KV pool), not to
+        the state (the whole pool). Returns the graph's static outputs, as an unverified replay
+        does, so verification never changes whether outputs alias."""
         states = entry.states
-        before = [s.snapshot(data=True) for s in states]
-        outs = [o.clone() for o in entry.captured.graph.replay()]
-        after = [s.snapshot(data=True) for s in states]
-        for s, snap in zip(states, before):
-            s.restore(snap)
+        snaps = [s.snapshot() for s in states]               # Python-side state: positions, flags
         args, kwargs = entry.request.rebuild(entry.leaves)
-        eager = [x for x in pytree.tree_flatten(self.fn(*args, **kwargs))[0] if isinstance(x, torch.Tensor)]
+        log = WriteLog(tensor_names(*states, *([self.module] if self.module is not None else [])))
+        with log:
+            eager = [x.clone() for x in pytree.tree_flatten(self.fn(*args, **kwargs))[0]
+                     if isinstance(x, torch.Tensor)]
+        wrote = log.values()
+        log.undo()
+        for s, snap in zip(states, snaps):
+            s.restore(snap)
+        outs = entry.captured.graph.replay()
         exact = not self.runtime.inductor
         pairs = [(f"output {i}", g, e) for i, (g, e) in enumerate(zip(outs, eager))]
-        for s, snap in zip(states, after):
-            live = s.snapshot(data=True)
-            pairs += [(f"{type(s).__name__}.{name}", snap[name], live[name]) for name in snap
-                      if isinstance(snap[name], torch.Tensor)]
+        pairs += [(f"{w.name} ({w.op})", now, e) for w, now, e in zip(log.writes, log.values(), wrote)]
         for what, g, e in pairs:
             same = torch.equal(g, e) if exact or not g.is_floating_point() else \
                 max_rel_err(g, e) <= tolerance(g.dtype)
@@ -319,10 +328,8 @@ class GraphedModule:
                 raise ReplayMismatchError(
                     f"graph replay differs from the eager forward in bucket [{entry.key}] ({what})",
                     expected="bit-identical" if exact else f"max rel err <= {tolerance(g.dtype)}", got=err,
-                    fix="a Python value that changes between calls was frozen into the graph: keep it in a "
-                        "device tensor (positions, lengths, indices) or make it part of the bucket key")
-        for s, snap in zip(states, after):
-            s.restore(snap)              # the state the graph left
+                    fix="a Python value (or a host tensor) that changes between calls was frozen into the graph: "
+                        "keep it in a device tensor (positions, lengths, indices) or make it part of the bucket key")
         entry.verified += 1
         self.stats.verified += 1
         return outs
@@ -365,11 +372,13 @@ def compile(model_or_fn: Callable, *, buckets: Buckets | None = None, backend: s
       CUDA graph does), ``"eager"`` (no graph), or ``"auto"`` (by the inputs' device).
     - ``inductor``: ``torch.compile(fullgraph=True, dynamic=False)`` each bucket before capture.
     - ``verify``: the first N replays of each bucket (after the call that captured it) also run
-      eagerly from the same state and must match (bit for bit without inductor); raises
-      :class:`ReplayMismatchError`.
+      eagerly from the same state and must match (bit for bit without inductor), outputs and
+      every region the forward writes; raises :class:`ReplayMismatchError`. It costs memory in
+      proportion to what one forward writes, not to the state (the KV pool).
     - ``fallback``: after ``prewarm()`` seals the graphs, a request no bucket serves raises
       :class:`BucketMissError` (``"error"``) or runs eagerly and is counted (``"eager"``).
-    - ``clone_outputs``: return clones instead of the static outputs (valid until the next replay).
+    - ``clone_outputs``: return clones instead of the static outputs. Static outputs of every
+      bucket share one arena: valid until the next replay of any bucket.
     - ``states``: runtime-state objects the function uses without taking them as arguments
       (caches passed as arguments are found automatically; a module's buffers are guarded too).
     - ``check``: refuse to capture a forward with host reads (see :func:`graphrt.check`).
