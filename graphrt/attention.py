@@ -8,7 +8,8 @@ Backends, all on the ``[B, L, H, D]`` layout Wan uses:
   of its kernels (CUDA; ``sdpa-math`` everywhere). A pinned kernel that cannot take a call (a
   masked bucket, a dtype) raises rather than falling back silently.
 - ``"flex"``: FlexAttention with a ``score_mod`` that reads ``seqlens`` on the device
-  (compiled on CUDA; the unfused reference elsewhere).
+  (compiled on CUDA, one compiled function per shape so dynamo's recompile limit is never hit;
+  flex's own unfused path on the CPU and under graphrt's checker and traces).
 - ``"flash"``: flash-attn's ``flash_attn_with_kvcache`` reading the slab pool in place through
   ``block_table`` and ``cache_seqlens`` (one block per batch row), when flash-attn is importable.
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
-import warnings
+import types
 
 import torch
 import torch.nn.functional as F
@@ -137,24 +138,66 @@ def _sdpa_kernels(backend: str):
 
 
 def _flex(q, k, v, seqlens):
-    from torch.nn.attention.flex_attention import flex_attention
+    """FlexAttention: compiled, one compiled function per shape, on CUDA; elsewhere, and while a
+    dispatch mode watches (the host-read checker, a trace, verification), flex's own unfused path."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-    fn = _compiled_flex() if q.is_cuda else flex_attention
+    if q.is_cuda and _get_current_dispatch_mode() is None:
+        key = (tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device, seqlens is not None)
+        return _compiled_flex(key)(q, k, v, seqlens)
+    return _flex_unfused(q, k, v, seqlens)
+
+
+def _valid_keys(score, b, h, q_idx, kv_idx, seqlens):
+    return torch.where(kv_idx < seqlens[b], score, -float("inf"))
+
+
+def _no_mod(score, b, h, q_idx, kv_idx):
+    return score
+
+
+def _flex_unfused(q, k, v, seqlens):
+    """flex_attention's unfused path, called as its higher-order op with ``seqlens`` passed as a
+    buffer of the score mod (so a trace takes it as an input, never as a frozen constant), and
+    without the compile-or-warn wrapper: running unfused here is deliberate."""
+    try:
+        from torch._higher_order_ops.flex_attention import flex_attention as flex_op
+        from torch.nn.attention.flex_attention import _apply_kernel_options, _create_empty_block_mask
+    except ImportError:            # another torch layout: the public function (it warns once: unfused)
+        from torch.nn.attention.flex_attention import flex_attention
+
+        if seqlens is None:
+            return flex_attention(q, k, v)
+        return flex_attention(q, k, v, score_mod=lambda s, b, h, i, j: _valid_keys(s, b, h, i, j, seqlens))
+    block_mask = _create_empty_block_mask(q, k).as_tuple()
+    options = _apply_kernel_options(q, k, v, False, None)
+    scale = q.shape[-1] ** -0.5
     if seqlens is None:
-        score_mod = None
-    else:
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return torch.where(kv_idx < seqlens[b], score, -float("inf"))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        return fn(q, k, v, score_mod=score_mod)
+        return flex_op(q, k, v, _no_mod, block_mask, scale, options)[0]
+    return flex_op(q, k, v, _valid_keys, block_mask, scale, options, score_mod_other_buffers=(seqlens,))[0]
 
 
 @functools.cache
-def _compiled_flex():
+def _compiled_flex(key, backend: str = "inductor"):
+    """A compiled flex_attention for one shape (``key``), behind a code object of its own.
+
+    Dynamo counts recompiles per code object: one compiled function shared by every KV length
+    would recompile per shape and, past ``recompile_limit``, silently run unfused. A fresh code
+    object per shape compiles each exactly once. The warning flex gives when it runs uncompiled
+    is left alone, so a fallback is never silent."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    def flex(q, k, v, seqlens):
+        if seqlens is None:
+            return flex_attention(q, k, v)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return torch.where(kv_idx < seqlens[b], score, -float("inf"))
+        return flex_attention(q, k, v, score_mod=score_mod)
+
+    fresh = types.FunctionType(flex.__code__.replace(), flex.__globals__, f"flex_attention_{abs(hash(key))}",
+                               flex.__defaults__, flex.__closure__)
+    return torch.compile(fresh, backend=backend, dynamic=False, fullgraph=True)
 
 
 def attend_paged(q, k_pool, v_pool, block_table, seqlens):

@@ -54,3 +54,53 @@ def test_cuda_kernels_match_math_in_bf16(backend):
         want = attend(q.float(), k.float(), v.float(), sl, "sdpa-math")
         got = attend(q, k, v, sl, backend).float()
         assert ((got - want).abs().max() / want.abs().max()).item() < 2e-2
+
+
+def test_flex_compiles_once_per_shape_and_never_hits_the_recompile_limit():
+    """One compiled flex per shape: with dynamo allowed no recompile at all, every KV length and
+    the masked variant still compile (one shared compiled function would fail on the second)."""
+    import torch._dynamo
+
+    from graphrt.attention import _compiled_flex
+
+    if not hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+        pytest.skip("this torch cannot make a hit recompile limit an error")
+    q = torch.randn(1, 4, 16, 8)
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        for kv, masked in ((24, False), (40, False), (40, True)):
+            k, v = torch.randn(1, 4, kv, 8), torch.randn(1, 4, kv, 8)
+            seqlens = torch.tensor([kv - 5], dtype=torch.int32) if masked else None
+            key = (tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device, masked)
+            for _ in range(2):
+                got = _compiled_flex(key, backend="eager")(q, k, v, seqlens)
+            want = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), seqlens).transpose(1, 2)
+            assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
+@torch.no_grad()
+def test_flex_is_checked_captured_and_served_by_the_engine(cfg):
+    """attention="flex": the checker passes its higher-order op through, a cpu-graph replays it
+    bit for bit (seqlens a graph input, not a frozen constant), and the Engine agrees with SDPA."""
+    import graphrt
+    from graphrt.kv import StaticKVCache
+    from graphrt.models.wan import CausalWan
+    from graphrt.pipeline import Engine
+
+    flex = CausalWan(cfg, attention="flex").eval()
+    sdpa = CausalWan(cfg, attention="sdpa").eval()
+    sdpa.load_state_dict(flex.state_dict())
+    cache = StaticKVCache.for_model(flex, num_slabs=2)
+    cache.bind([cache.acquire(), cache.acquire()])
+    x, t = torch.randn(2, cfg.in_dim, 3, cfg.height, cfg.width), torch.zeros(2)
+    assert graphrt.check(flex, x, t, cache=cache, kv_frames=6, kv_exact=False).ok
+    g = graphrt.compile(flex, verify=2, progress=False)
+    for frames in ([3, 6], [6, 3], [3, 3]):                   # masked: per-row lengths change
+        cache.frames[:2] = torch.tensor(frames)
+        snap = cache.snapshot(data=True)
+        got = g(x, t, cache=cache, kv_frames=9, kv_exact=False).clone()
+        cache.restore(snap)
+        assert torch.equal(got, flex(x, t, cache=cache, kv_frames=9, kv_exact=False))
+    ctx = torch.randn(1, cfg.text_len, cfg.text_dim)
+    video = Engine(flex, mode="chunk", progress=False).generate(ctx, 2, seed=3)
+    want = Engine(sdpa, mode="eager", progress=False).generate(ctx, 2, seed=3)
+    assert ((video - want).abs().max() / want.abs().max()).item() < 1e-5
