@@ -3,11 +3,12 @@
 # ${OUT:-bench/results}; the bench writes its JSON/markdown after every mode, so a step cut short
 # keeps the modes it finished. The package runs from the tree (no install: the machine is offline).
 #   bench/run_gpu.sh info                                    # GPU, driver, torch, CUDA
-#   bench/run_gpu.sh tests                                   # the CUDA tests (tests/test_cuda.py)
+#   bench/run_gpu.sh tests                                   # every CUDA test (test_cuda.py + the cuda-marked ones), ~2 min
 #   bench/run_gpu.sh suite                                   # the whole suite (run it with CUDA_VISIBLE_DEVICES= for the CPU part)
 #   bench/run_gpu.sh attention wan-1.3b-480p                 # attention kernels alone, per KV length
-#   bench/run_gpu.sh bench wan-1.3b-480p 1 reference,eager,graphs,chunk-graph
-#   bench/run_gpu.sh bench wan-1.3b-480p 1 graphs+inductor,compile   # cold inductor: its own step
+#   bench/run_gpu.sh bench wan-1.3b-480p 1 reference,eager,graphs,chunk-graph   # the default modes
+#   bench/run_gpu.sh bench wan-1.3b-480p 1 graphs+inductor   # each slow mode is a step of its own:
+#   bench/run_gpu.sh bench wan-1.3b-480p 1 compile           # a cold compile cache fills most of one
 set -uo pipefail
 out=${OUT:-bench/results}
 mkdir -p "$out"
@@ -19,14 +20,18 @@ case "${1:-}" in
       python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())"
       nproc; } > "$out/gpu.txt" 2>&1; cat "$out/gpu.txt" ;;
   tests)
-    timeout "${TEST_TIMEOUT:-540}" python -m pytest -q -rs -s -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/cuda-tests.txt" ;;
+    timeout "${TEST_TIMEOUT:-540}" python -m pytest -q -rs -s -p no:cacheprovider -m cuda --durations=0 \
+      tests/test_cuda.py tests/test_check.py tests/test_attention.py 2>&1 | tee "$out/cuda-tests.txt" ;;
   suite)
     timeout "${TEST_TIMEOUT:-540}" python -m pytest -q -rs -p no:cacheprovider 2>&1 | tee "$out/suite${CUDA_VISIBLE_DEVICES+-cpu}.txt" ;;
   attention)
     timeout "${BENCH_TIMEOUT:-300}" python -m graphrt.bench.attention --preset "$2" --json "$out/attention-$2.json" 2>&1 \
       | grep -v '^{' | tee "$out/attention-$2.txt" ;;
   bench)
-    preset=$2 batch=$3 modes=${4:-reference,eager,graphs,chunk-graph,graphs+inductor,compile}
+    preset=$2 batch=$3 modes=${4:-reference,eager,graphs,chunk-graph}
+    if [[ ",$modes," =~ ,(graphs\+inductor|compile), && "$modes" == *,* ]]; then
+      echo "run graphs+inductor and compile each as a step of its own (a cold compile takes minutes)" >&2; exit 2
+    fi
     tag="$preset-b$batch-${modes//[,+]/_}"
     timeout "${BENCH_TIMEOUT:-560}" python -m graphrt.bench --preset "$preset" --batch "$batch" --modes "$modes" \
       --repeats "${REPEATS:-1}" --no-progress --json "$out/$tag.json" --md "$out/$tag.md" 2>&1 \

@@ -57,6 +57,14 @@ def _fmt(v, unit=""):
     return f"{v:,}{unit}"
 
 
+def _mem(r: dict, fmt) -> str:
+    """Peak MiB in the steady state / while capturing (CUDA only)."""
+    steady, cap = r.get("peak_mem_bytes"), r.get("capture_peak_mem_bytes")
+    if steady is None:
+        return "-"
+    return fmt(steady / 2 ** 20) + ("" if cap is None else " / " + fmt(cap / 2 ** 20))
+
+
 def table(summary: dict) -> Table:
     c = summary["config"]
     t = Table(title=f"graphrt.bench: {summary['preset']} on {summary['device']}, torch {summary['torch']} "
@@ -64,7 +72,7 @@ def table(summary: dict) -> Table:
                     f"attention {c['attention']}, K/V {c.get('kv_dtype', c['dtype'])})")
     cols = [("mode", "left"), ("1st chunk ms", "right"), ("chunk ms", "right"), ("p90", "right"), ("cpu ms", "right"),
             ("denoise", "right"), ("cache pass", "right"), ("fps", "right"), ("host reads", "right"),
-            ("graphs", "right"), ("capture s", "right"), ("peak MiB", "right"), ("GPU busy", "right"),
+            ("graphs", "right"), ("capture s", "right"), ("peak MiB steady/capture", "right"), ("GPU busy", "right"),
             ("err vs ref", "right"), ("x ref", "right"), ("x eager", "right")]
     for name, just in cols:
         t.add_column(name, justify=just)
@@ -72,12 +80,12 @@ def table(summary: dict) -> Table:
         if "skipped" in r:
             t.add_row(mode, f"[yellow]skipped: {escape(r['skipped'])}[/]", *[""] * (len(cols) - 2))
             continue
-        mem = None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2 ** 20
+        mem = _mem(r, _fmt)
         busy = None if r["gpu_busy"] is None else f"{100 * r['gpu_busy']:.0f}%"
         t.add_row(mode, _fmt(r["first_chunk_ms"]), _fmt(r["chunk_ms_median"]), _fmt(r["chunk_ms_p90"]),
                   _fmt(r["chunk_cpu_ms_median"]),
                   _fmt(r["denoise_ms_median"]), _fmt(r["cache_pass_ms_median"]), _fmt(r["fps"]),
-                  _fmt(r["host_reads_per_chunk"]), _fmt(r["graphs"]), _fmt(r["capture_s"]), _fmt(mem), busy or "-",
+                  _fmt(r["host_reads_per_chunk"]), _fmt(r["graphs"]), _fmt(r["capture_s"]), mem, busy or "-",
                   _fmt(r["max_err_vs_reference"]), _fmt(r["speedup_vs_reference"], "x"),
                   _fmt(r["speedup_vs_eager"], "x"))
     return t
@@ -95,7 +103,7 @@ def markdown(summary: dict) -> str:
         return f"{v:,.{digits}f}" if isinstance(v, float) else str(v)
 
     head = ["mode", "first chunk ms", "chunk ms p50", "p90", "denoise ms", "cache pass ms", "video fps",
-            "host reads/chunk", "graphs", "capture s", "peak MiB", "GPU busy", "max err vs reference",
+            "host reads/chunk", "graphs", "capture s", "peak MiB steady / capture", "GPU busy", "max err vs reference",
             "x reference", "x eager"]
     lines = [f"{summary['preset']} on {summary['device']}, torch {summary['torch']}: {c['chunks']} chunks x "
              f"({c['steps']} steps + cache pass), batch {c['batch']}, {c['dtype']}, attention {c['attention']}, K/V {c.get('kv_dtype', c['dtype'])}",
@@ -105,11 +113,11 @@ def markdown(summary: dict) -> str:
         if "skipped" in r:
             lines.append(f"| {mode} | skipped: {r['skipped']} |" + " |" * (len(head) - 2))
             continue
-        mem = None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2 ** 20
+        mem = _mem(r, lambda v: f(v, 0))
         busy = None if r["gpu_busy"] is None else f"{100 * r['gpu_busy']:.0f}%"
         cells = [mode, f(r["first_chunk_ms"]), f(r["chunk_ms_median"]), f(r["chunk_ms_p90"]),
                  f(r["denoise_ms_median"]), f(r["cache_pass_ms_median"]), f(r["fps"], 1),
-                 f(r["host_reads_per_chunk"], 0), f(r["graphs"]), f(r["capture_s"]), f(mem, 0), busy or "-",
+                 f(r["host_reads_per_chunk"], 0), f(r["graphs"]), f(r["capture_s"]), mem, busy or "-",
                  f(r["max_err_vs_reference"]), f(r["speedup_vs_reference"]) + "x", f(r["speedup_vs_eager"]) + "x"]
         lines.append("| " + " | ".join(cells) + " |")
         notes += [f"- {mode}: {n}" for n in r.get("notes", [])]

@@ -13,8 +13,9 @@ Modes (all on the same weights, text context and seeds):
 Per mode: first-chunk latency (capture/compile included), steady per-chunk latency (median and
 p90) split into the denoising forwards and the cache pass where the mode exposes the boundary,
 on the CPU the thread CPU time per chunk next to the wall time, video frames per second, host
-reads per chunk (counted by the checker), graphs, capture seconds, peak memory, max error
-against ``reference`` and speedups against ``reference`` and ``eager``.
+reads per chunk (counted by the checker; pinned async uploads apart), graphs, capture seconds,
+peak memory (in the steady state, and while capturing), max error against ``reference`` and
+speedups against ``reference`` and ``eager``.
 
 On the CPU the bench runs torch at one thread unless told otherwise: on a shared machine the
 ratios between modes swing by an order of magnitude at the default thread count, while one
@@ -147,9 +148,11 @@ class ModeResult:
     cache_pass_ms_median: float | None = None
     fps: float | None = None
     host_reads_per_chunk: float | None = None
+    uploads_per_chunk: float | None = None       # pinned non-blocking copies: no sync, not reads
     graphs: int | None = None
     capture_s: float | None = None
-    peak_mem_bytes: int | None = None
+    peak_mem_bytes: int | None = None            # steady state: the timed videos, after capture
+    capture_peak_mem_bytes: int | None = None    # while capturing / compiling (prepare)
     gpu_busy: float | None = None
     max_err_vs_reference: float | None = None
     max_err_vs_unquantized: float | None = None
@@ -311,9 +314,9 @@ class Driver:
         return None if g is None else g.stats
 
 
-def _host_reads_per_chunk(driver: Driver, context, seed, chunks: int) -> float | None:
-    """Host reads of one steady chunk (the second of a video: no session set-up in it), or of
-    the only chunk of a one-chunk video."""
+def _host_reads_per_chunk(driver: Driver, context, seed, chunks: int) -> tuple[float, float | None] | None:
+    """Host reads and async uploads (the pinned block-table copy: no sync) of one steady chunk
+    (the second of a video: no session set-up in it), or of the only chunk of a one-chunk video."""
     from graphrt.capture.hostreads import HostReadRecorder
 
     if driver.mode == "compile":
@@ -335,11 +338,12 @@ def _host_reads_per_chunk(driver: Driver, context, seed, chunks: int) -> float |
         # on the CPU each replay enters inductor's compiled code, which refuses to run under the hooks
         driver.notes.append(f"replay not countable under the checker ({type(e).__name__}); "
                             "graphrt.check ran on every captured bucket and found 0")
-        return 0.0
+        return 0.0, None
     finally:
         for _ in it:
             pass
-    return float(recorder.report().count)
+    report = recorder.report()
+    return float(report.count), float(report.uploads)
 
 
 def _gpu_busy(driver: Driver, context, seed) -> float | None:
@@ -376,6 +380,9 @@ def measure(driver: Driver, context, chunks: int, repeats: int, seed: int, clock
     clock.sync()
     t0 = clock.mark()
     driver.prepare(context, chunks, seed)
+    if device.type == "cuda":
+        res.capture_peak_mem_bytes = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()       # what follows is the steady state
     rows = []
     video = None
     for rep in range(1 + repeats):
@@ -413,7 +420,8 @@ def measure(driver: Driver, context, chunks: int, repeats: int, seed: int, clock
             res.notes.append(f"gpu_busy not measured: {type(e).__name__}: {e}")
     else:
         res.notes.append("peak memory is measured on CUDA only")
-    res.host_reads_per_chunk = _host_reads_per_chunk(driver, context, seed, chunks)
+    res.host_reads_per_chunk, res.uploads_per_chunk = _host_reads_per_chunk(driver, context, seed, chunks) \
+        or (None, None)
     if driver.mode == "compile" and device.type == "cuda":
         skips = torch._dynamo.utils.counters["inductor"].get("cudagraph_skips", 0)
         if skips:
