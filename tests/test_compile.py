@@ -613,7 +613,9 @@ class _FakeCuda:
         def capture_end(self):
             self.cuda.capturing = False
             if self.cuda.invalidated:
+                self.cuda.invalidated = False          # the stream is out of capture mode, the generator is not
                 raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+            self.cuda.ended_ok += 1
 
         def replay(self):
             pass
@@ -621,6 +623,7 @@ class _FakeCuda:
     def __init__(self, monkeypatch):
         self.default = self.Stream("default")
         self.current, self.capturing, self.invalidated, self.pool_ended = self.default, False, False, []
+        self.ended_ok = 0
         cuda = torch.cuda
         monkeypatch.setattr(cuda, "current_stream", lambda device=None: self.current)
         monkeypatch.setattr(cuda, "set_stream", lambda s: setattr(self, "current", s))
@@ -629,6 +632,7 @@ class _FakeCuda:
         monkeypatch.setattr(cuda, "synchronize", lambda device=None: None)
         monkeypatch.setattr(cuda, "empty_cache", lambda: None)
         monkeypatch.setattr(cuda, "CUDAGraph", lambda: self.Graph(self))
+        monkeypatch.setattr(cuda, "Stream", lambda device=None: self.Stream())
         monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", lambda i, p: self.pool_ended.append(p),
                             raising=False)
 
@@ -658,7 +662,7 @@ def test_a_failed_cuda_capture_restores_the_stream_and_names_the_first_error(mon
 
     fake = _FakeCuda(monkeypatch)
     side = _FakeCuda.Stream()
-    runtime = SimpleNamespace(device=torch.device("cuda", 0), inductor=False, warmup=1, side_stream=lambda: side,
+    runtime = SimpleNamespace(device=torch.device("cpu", 0), inductor=False, warmup=1, side_stream=lambda: side,
                               memory_pool=lambda: (0, 7), output_slots=Runtime("cpu-graph").output_slots)
 
     def syncs(x):
@@ -672,7 +676,7 @@ def test_a_failed_cuda_capture_restores_the_stream_and_names_the_first_error(mon
     assert "graphrt.check" in str(e.value)
     assert fake.current is fake.default                     # the caller's stream is current again
     assert fake.pool_ended == [(0, 7)] and not fake.capturing  # the allocator stops routing to the pool
+    assert fake.ended_ok == 1              # a tiny capture took the random generator out of capture mode
 
-    fake.invalidated = False
     graph = CudaGraph(lambda x: [x * 2], [torch.ones(3)], runtime)   # and the next capture works
     assert fake.current is fake.default and torch.equal(graph.replay()[0], torch.full((3,), 2.0))

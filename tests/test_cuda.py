@@ -270,7 +270,8 @@ def test_outputs_live_until_the_next_replay_of_any_bucket():
 # -- failure paths --------------------------------------------------------------------------------------
 def test_a_failed_capture_leaves_the_process_usable():
     """A sync inside the captured region (check=False lets it through) fails the capture: the error
-    names the first cause, the caller's stream is current again, and the next capture works."""
+    names the first cause, the caller's stream is current again, eager random numbers still work
+    (the generator left capture mode), and the next capture works."""
     def syncs(x):
         return x * x.sum().item()
 
@@ -283,6 +284,10 @@ def test_a_failed_capture_leaves_the_process_usable():
     assert "previous error" not in message.splitlines()[0], f"the message hides the cause:\n{message}"
     assert "graphrt.check" in message
     assert torch.cuda.current_stream() == stream, "the side stream is still current after a failed capture"
+    try:
+        torch.randn(4, device="cuda")       # capture_end raised before the generator left capture mode
+    except RuntimeError as err:
+        pytest.fail(f"eager CUDA random numbers fail after a failed capture: {err}")
     good = graphrt.compile(lambda x: x * 2, progress=False)
     assert torch.equal(good(x), x * 2) and torch.equal(good(x + 1), (x + 1) * 2)
 

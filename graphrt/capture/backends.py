@@ -102,8 +102,9 @@ def root_cause(error: BaseException) -> BaseException:
 class CudaGraph:
     """One ``torch.cuda.CUDAGraph`` over the runtime's shared pool, captured on the runtime's
     device. A failed capture leaves the process as it found it: the caller's stream is current
-    again (``torch.cuda.graph`` does not restore it when ``capture_end`` raises) and the error
-    names its first cause."""
+    again (``torch.cuda.graph`` does not restore it when ``capture_end`` raises), the allocator no
+    longer routes to the pool, the default generator is out of capture mode, and the error names
+    its first cause."""
 
     def __init__(self, flat_fn, inputs, runtime, host_scalar=None):
         self.device = runtime.device
@@ -139,6 +140,7 @@ class CudaGraph:
                 self.graph.capture_end()
             except Exception as e:
                 _stop_allocating_to_pool(self.device, runtime.memory_pool())
+                _end_generator_capture(self.device)
                 error = error or e
             if error is not None:
                 raise error
@@ -163,14 +165,27 @@ class CudaGraph:
 def _stop_allocating_to_pool(device, pool) -> None:
     """After a capture that never ended, tell the allocator to stop routing to its pool (what
     ``capture_end`` would have done). Best effort: the binding's name differs across versions."""
-    index = torch.device(device).index
-    index = torch.cuda.current_device() if index is None else index
-    for name in ("_cuda_endAllocateToPool", "_cuda_endAllocateCurrentStreamToPool"):
-        fn = getattr(torch._C, name, None)
-        if fn is not None:
-            with contextlib.suppress(Exception):
+    with contextlib.suppress(Exception):
+        index = torch.device(device).index
+        index = torch.cuda.current_device() if index is None else index
+        for name in ("_cuda_endAllocateToPool", "_cuda_endAllocateCurrentStreamToPool"):
+            fn = getattr(torch._C, name, None)
+            if fn is not None:
                 fn(index, pool)
-            return
+                return
+
+
+def _end_generator_capture(device) -> None:
+    """A ``capture_end`` that raises skips the random generators' capture epilogue: the default
+    CUDA generator stays in capture mode and every later eager random op fails ("Offset increment
+    outside graph capture"). A tiny capture that succeeds ends it. Best effort, on a side stream."""
+    with contextlib.suppress(Exception):
+        scratch = torch.zeros(1, device=device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(torch.cuda.Stream(device)):
+            graph.capture_begin()
+            scratch.add_(1)
+            graph.capture_end()
 
 
 GRAPH_CLASSES = {"cuda-graph": CudaGraph, "cpu-graph": CpuGraph, "eager": EagerGraph}
