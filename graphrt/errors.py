@@ -55,7 +55,8 @@ class HostReadError(GraphrtError, RuntimeError):
 
     def __init__(self, report):
         self.report = report
-        blocking = [s for s in report.sites if s.kind not in ("random draw",)]
+        notes = report.notes
+        blocking = [s for s in report.sites if s not in notes]
         first = blocking[0] if blocking else None
         hazards = sum(s.count for s in report.hazards)
         super().__init__(f"{report.count} host read(s) and {hazards} host value(s)/tensor(s)/upload(s) in a "

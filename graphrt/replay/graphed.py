@@ -36,7 +36,7 @@ class GraphStats:
     eager_fallbacks: int = 0
     verified: int = 0
     capture_seconds: float = 0.0
-    pool_bytes: int = 0
+    pool_bytes: int | None = 0      # None under cudaMallocAsync (no memory snapshots)
 
 
 @dataclass
