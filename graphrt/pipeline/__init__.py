@@ -1,13 +1,29 @@
-"""Chunked video generation for causal DiTs: the schedule, the persistent :class:`Engine` with
-sessions and batching, and the reference generation the bench compares against.
+"""Chunked video generation for causal DiTs, from latents up to prompt-to-mp4.
 
 - ``schedule``: :class:`FlowMatchSchedule` and :func:`denoise_chunk` (the scheduler arithmetic);
 - ``engine``: :class:`Engine`, :class:`Session` (one graph per forward or per whole chunk),
   :class:`EngineMemory` (what :meth:`Engine.memory` reports);
-- ``reference``: :func:`reference_stream` (``ReferenceWan``, host reads and all).
+- ``reference``: :func:`reference_stream` (``ReferenceWan``, host reads and all);
+- ``text``: :class:`TextEncoder` (umT5 + tokenizer, prompt cache keyed by text);
+- ``decode``: :class:`WanVAEDecoder` (streaming VAE decode with its causal feature cache) and
+  :class:`DecodeQueue` (decode overlapped with the DiT on a worker thread / second stream);
+- ``video``: :func:`save_video`, :class:`VideoWriter` (frames -> mp4 with PyAV);
+- ``weights``: :func:`load_wan`/:func:`save_wan` (a diffusers-format Wan folder + causal DiT checkpoint);
+- ``tiny``: :func:`tiny_wan` (random tiny components: runs anywhere, no downloads);
+- ``video_pipeline``: :class:`VideoPipeline` (prompt in, frames out).
+
+transformers, diffusers and PyAV are imported only when those parts are used.
 """
+from graphrt.pipeline.decode import DecodeQueue, DecoderState, WanVAEDecoder
 from graphrt.pipeline.engine import MODES, Engine, EngineMemory, EngineStats, Session
 from graphrt.pipeline.reference import reference_stream
 from graphrt.pipeline.schedule import FlowMatchSchedule, denoise_chunk
+from graphrt.pipeline.text import TextEncoder
+from graphrt.pipeline.tiny import tiny_wan
+from graphrt.pipeline.video import VideoWriter, save_video
+from graphrt.pipeline.video_pipeline import VideoPipeline
+from graphrt.pipeline.weights import VideoShape, WanComponents, load_wan, save_wan
 
-__all__ = ["MODES", "Engine", "EngineMemory", "EngineStats", "FlowMatchSchedule", "Session", "denoise_chunk", "reference_stream"]
+__all__ = ["MODES", "DecodeQueue", "DecoderState", "Engine", "EngineMemory", "EngineStats", "FlowMatchSchedule",
+           "Session", "TextEncoder", "VideoPipeline", "VideoShape", "VideoWriter", "WanComponents", "WanVAEDecoder",
+           "denoise_chunk", "load_wan", "reference_stream", "save_video", "save_wan", "tiny_wan"]

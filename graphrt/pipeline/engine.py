@@ -29,7 +29,7 @@ import itertools
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -57,6 +57,7 @@ class Session:
     seed: int
     num_chunks: int | None
     chunk: int = 0                       # chunks done
+    decoder: Any = None                  # this video's decoder state (e.g. the VAE's feature cache)
 
     @property
     def done(self) -> bool:

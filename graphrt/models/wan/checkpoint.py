@@ -1,9 +1,11 @@
-"""Wan 2.1 checkpoint layout: loading safetensors files, and conversion to/from diffusers.
+"""Wan 2.1 checkpoint layout: loading checkpoints, and conversion to/from diffusers.
 
 The Wan layout is the one the original checkpoints use (``blocks.N.self_attn.q.weight``,
 ``blocks.N.norm3.weight``, ``head.modulation``, ...). Diffusers' ``WanTransformer3DModel`` names
 the same tensors differently and swaps ``norm2``/``norm3``; the tables below are the whole
-mapping.
+mapping. The causal Wan projects (Self-Forcing, CausVid) publish ``.pt`` files holding a training
+state whose generator weights sit under ``generator``/``generator_ema`` with a ``model.`` prefix;
+:func:`load_checkpoint` unwraps those too.
 """
 from __future__ import annotations
 
@@ -65,6 +67,14 @@ def state_dict_from_diffusers(sd: dict) -> dict:
     return {_rename(k, top, block): v for k, v in sd.items()}
 
 
+# Where training checkpoints keep the generator's weights, in the order they are looked for
+# (the EMA weights are the ones the projects sample with).
+NESTED_KEYS = ("generator_ema", "generator", "model", "state_dict", "module")
+# Wrappers' prefixes: the projects' ``self.model = CausalWanModel``, torch.compile, DDP.
+_PREFIXES = ("model.", "_orig_mod.", "module.")
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
 def _shards(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
@@ -76,21 +86,66 @@ def _shards(path: Path) -> list[Path]:
     raise CheckpointError(f"checkpoint {path} does not exist")
 
 
-def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool = True) -> dict:
-    """Load a local safetensors file, or a folder of shards, in the Wan or diffusers layout.
+def _read(shard: Path) -> dict:
+    if shard.suffix in _TORCH_SUFFIXES:
+        try:
+            return torch.load(str(shard), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"cannot read {shard} as a torch checkpoint: {type(e).__name__}: {e}",
+                                  fix="pass a safetensors file, or a .pt holding only tensors and dicts") from e
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(shard))
+    except Exception as e:   # safetensors raises its own error types for a file that is not one
+        raise CheckpointError(f"cannot read {shard} as safetensors: {type(e).__name__}: {e}",
+                              fix="point at a Wan 2.1 .safetensors file (or a folder of them), or a .pt "
+                                  "training checkpoint") from e
+
+
+def unwrap_state_dict(sd: dict, key: str | None = None, *, where: str = "checkpoint") -> dict:
+    """The model's flat state dict out of a training checkpoint.
+
+    ``key`` names the nested entry (``"generator_ema"``, ``"generator"``, ...); None takes the
+    first of :data:`NESTED_KEYS` present when the top level is not already flat. A common
+    wrapper prefix (``model.``, ``_orig_mod.``, ``module.``) is stripped from every key.
+    """
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{where} does not hold a state dict", expected="a dict", got=type(sd).__name__)
+    if key is not None:
+        if not isinstance(sd.get(key), dict):
+            raise CheckpointError(f"{where} has no state dict under {key!r}", expected=f"a dict under {key!r}",
+                                  got=f"top-level keys {sorted(sd)[:12]}",
+                                  fix="pick one of those keys (or none for a flat state dict)")
+        sd = sd[key]
+    elif not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        nested = next((k for k in NESTED_KEYS if isinstance(sd.get(k), dict)), None)
+        if nested is None:
+            raise CheckpointError(f"{where} is neither a flat state dict nor a known training checkpoint",
+                                  expected=f"tensors, or a dict under one of {NESTED_KEYS}",
+                                  got=f"top-level keys {sorted(sd)[:12]}", fix="name the entry with key=...")
+        sd = sd[nested]
+    bad = sorted(k for k, v in sd.items() if not isinstance(v, torch.Tensor))
+    if bad:
+        raise CheckpointError(f"{where}: entries that are not tensors: {bad[:8]}", fix="name the entry with key=...")
+    for prefix in _PREFIXES:
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool = True,
+                    key: str | None = None) -> dict:
+    """Load a local checkpoint into ``model``: a safetensors file or a folder of shards in the Wan or
+    diffusers layout, or a torch ``.pt``/``.pth`` training checkpoint whose weights are nested
+    under ``key`` (default: ``generator_ema``, then ``generator``, ...) with a ``model.`` prefix.
 
     Tensors are cast to each parameter's dtype and device. Missing or unexpected keys and
     shape mismatches raise :class:`CheckpointError` listing them. Returns the loaded state dict.
     """
-    from safetensors.torch import load_file
-
     sd: dict = {}
     for shard in _shards(Path(path)):
-        try:
-            sd.update(load_file(str(shard)))
-        except Exception as e:   # safetensors raises its own error types for a file that is not one
-            raise CheckpointError(f"cannot read {shard} as safetensors: {type(e).__name__}: {e}",
-                                  fix="point at a Wan 2.1 .safetensors file (or a folder of them)") from e
+        sd.update(unwrap_state_dict(_read(shard), key, where=str(shard)))
     if any(k.startswith("condition_embedder.") for k in sd):
         sd = state_dict_from_diffusers(sd)
     own = model.state_dict()

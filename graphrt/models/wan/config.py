@@ -70,6 +70,31 @@ class WanConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
+    def from_diffusers(cls, config: dict, **overrides) -> "WanConfig":
+        """The config of a diffusers ``WanTransformer3DModel`` (its ``config.json`` as a dict);
+        ``overrides`` set what diffusers does not store (``chunk_frames``, ``max_frames``,
+        ``height``, ``width``, ``text_len``)."""
+        known = {"num_attention_heads", "attention_head_dim", "num_layers", "ffn_dim", "freq_dim", "text_dim"}
+        missing = sorted(known - set(config))
+        if missing:
+            raise ConfigError(f"not a WanTransformer3DModel config: it lacks {missing}")
+        unsupported = {k: config[k] for k in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")
+                       if config.get(k) is not None}
+        if unsupported:
+            raise ConfigError(f"image-conditioned Wan variants are not supported: {unsupported}",
+                              fix="use a text-to-video Wan 2.1 transformer")
+        if config.get("qk_norm") not in (None, "rms_norm_across_heads"):
+            raise ConfigError(f"qk_norm={config['qk_norm']!r} is not Wan 2.1's", expected="'rms_norm_across_heads' or None")
+        heads = config["num_attention_heads"]
+        fields = dict(dim=heads * config["attention_head_dim"], num_heads=heads, num_layers=config["num_layers"],
+                      ffn_dim=config["ffn_dim"], freq_dim=config["freq_dim"], text_dim=config["text_dim"],
+                      in_dim=config.get("in_channels", 16), out_dim=config.get("out_channels", 16),
+                      patch_size=tuple(config.get("patch_size", (1, 2, 2))), eps=config.get("eps", 1e-6),
+                      qk_norm=config.get("qk_norm") is not None,
+                      cross_attn_norm=bool(config.get("cross_attn_norm", True)))
+        return cls(**{**fields, **overrides})
+
+    @classmethod
     def preset(cls, name: str, **overrides) -> "WanConfig":
         """``"tiny"`` (CPU tests), ``"wan-1.3b"`` or ``"wan-14b"``; keyword overrides win."""
         try:

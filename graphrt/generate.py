@@ -1,0 +1,115 @@
+"""``python -m graphrt.generate``: a prompt in, a playable mp4 out.
+
+    python -m graphrt.generate --model Wan2.1-T2V-1.3B-Diffusers --checkpoint self_forcing_dmd.pt \\
+        --prompt "a red fox running through snow" --chunks 7 --out fox.mp4
+
+``--model`` is a local diffusers-format Wan 2.1 folder; ``--checkpoint`` the causal DiT's weights
+(Wan/diffusers safetensors, or a causal project's .pt with generator/generator_ema). Without
+``--model`` a tiny random model is built in memory, so the command runs on any machine (its video
+is noise of the right shape). Frames are written as each chunk is decoded; the decode of chunk n
+overlaps the DiT's chunk n+1 unless ``--no-overlap``. Exits non-zero when no video was written.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from graphrt.errors import GraphrtError
+from graphrt.pipeline.engine import MODES
+
+
+def _args(argv):
+    p = argparse.ArgumentParser(prog="python -m graphrt.generate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="a local diffusers-format Wan 2.1 folder (default: a tiny random model)")
+    p.add_argument("--checkpoint", help="the causal DiT's weights (default: the folder's transformer/)")
+    p.add_argument("--checkpoint-key", help="the entry of a training checkpoint to load (default: generator_ema, "
+                                            "then generator, ...)")
+    p.add_argument("--prompt", default="a red fox runs through the snow in a forest at night")
+    p.add_argument("--chunks", type=int, default=7, help="chunks of --chunk-frames latent frames (default 7)")
+    p.add_argument("--chunk-frames", type=int, default=3, help="latent frames per chunk (default 3)")
+    p.add_argument("--height", type=int, help="frame height in pixels (default 480; the tiny model: 64)")
+    p.add_argument("--width", type=int, help="frame width in pixels (default 832; the tiny model: 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="video.mp4", help="the mp4 to write (default video.mp4)")
+    p.add_argument("--fps", type=float, default=16.0, help="frames per second of the mp4 (Wan: 16)")
+    p.add_argument("--mode", choices=MODES, help="graph granularity (default: chunk on CUDA, eager on the CPU)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on CUDA, float32 on the CPU")
+    p.add_argument("--attention", default="auto")
+    p.add_argument("--no-overlap", action="store_true", help="decode after each chunk instead of beside the next")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def build(opts):
+    """The pipeline the options ask for (loading the folder, or building the tiny model)."""
+    from graphrt.pipeline.tiny import tiny_wan
+    from graphrt.pipeline.video_pipeline import VideoPipeline
+    from graphrt.pipeline.weights import VideoShape, load_wan
+
+    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, opts.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    mode = opts.mode or ("chunk" if device.type == "cuda" else "eager")
+    if opts.model is None:
+        if opts.checkpoint:
+            raise GraphrtError("--checkpoint needs --model (the folder with the VAE, text encoder and tokenizer)")
+        if opts.height or opts.width:
+            raise GraphrtError("--height/--width need --model: the tiny model makes 64x64 frames")
+        shape = VideoShape(height=64, width=64, chunk_frames=opts.chunk_frames, chunks=opts.chunks, text_len=16)
+        parts = tiny_wan(shape, dtype=dtype, device=device)
+    else:
+        shape = VideoShape(height=opts.height or 480, width=opts.width or 832, chunk_frames=opts.chunk_frames,
+                           chunks=opts.chunks)
+        parts = load_wan(opts.model, opts.checkpoint, shape=shape, device=device, dtype=dtype,
+                         attention=opts.attention, checkpoint_key=opts.checkpoint_key)
+    return VideoPipeline.from_components(parts, overlap=not opts.no_overlap, mode=mode, progress=not opts.no_progress)
+
+
+def main(argv=None) -> int:
+    opts = _args(argv)
+    console = Console(stderr=True, highlight=False)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    if opts.chunks < 1 or opts.chunk_frames < 1 or opts.fps <= 0:
+        console.print("[red]error:[/] --chunks and --chunk-frames must be >= 1 and --fps > 0")
+        return 2
+    from graphrt.pipeline.video import VideoWriter
+
+    written = 0
+    try:
+        t0 = time.perf_counter()
+        with console.status("loading the model") if not opts.no_progress else contextlib.nullcontext():
+            pipe = build(opts).prewarm()
+        load_s = time.perf_counter() - t0
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[frames]} frames"))
+        t0 = time.perf_counter()
+        with Progress(*columns, console=console, disable=opts.no_progress) as bar, \
+                VideoWriter(opts.out, fps=opts.fps) as out:
+            task = bar.add_task("chunks", total=opts.chunks, frames=0)
+            for frames in pipe.stream(opts.prompt, num_chunks=opts.chunks, seed=opts.seed):
+                out.write(frames)
+                written += len(frames)
+                bar.update(task, advance=1, frames=written)
+        seconds = time.perf_counter() - t0
+        pipe.shutdown()
+    except (GraphrtError, OSError) as e:
+        console.print(f"[red]error:[/] {e}")
+        return 2
+    h, w = out.size
+    console.print(f"wrote {opts.out}: {written} frames of {w}x{h} at {opts.fps:g} fps "
+                  f"({written / opts.fps:.2f} s of video) in {seconds:.2f} s ({written / seconds:.1f} frames/s "
+                  f"end to end; loading {load_s:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

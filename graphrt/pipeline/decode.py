@@ -1,0 +1,165 @@
+"""Streaming VAE decode: the Wan 2.1 VAE decoding a video chunk by chunk, overlapped with the DiT.
+
+The Wan VAE decoder is causal in time: it decodes one latent frame at a time, and each causal conv
+keeps the last two frames it saw (diffusers' ``feat_cache``). Keeping that cache between chunks
+makes a video decoded chunk by chunk equal the same latents decoded at once, so frames can leave
+as soon as their chunk is denoised. Each video owns its cache (a :class:`DecoderState`), so
+sessions batched in the DiT never share decoder state.
+
+:class:`DecodeQueue` runs the decodes off the DiT's path: on a worker thread, which on CUDA issues
+its kernels on a second stream after an event recorded where the latents were produced. The host
+thread that replays the DiT's graphs never waits for a decode.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from graphrt.errors import InputError
+
+
+def to_uint8(video: torch.Tensor) -> torch.Tensor:
+    """A decoded video ``[3, T, H, W]`` in [-1, 1] -> frames ``[T, H, W, 3]`` uint8."""
+    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
+
+
+@dataclass
+class DecoderState:
+    """One video's decoder state: diffusers' causal feature cache and the latent frames seen."""
+
+    feat_cache: list
+    frames: int = 0
+
+
+class Decoder(Protocol):
+    """What the pipeline needs of a decoder (the Wan VAE, or any causal video decoder)."""
+
+    def new_state(self) -> DecoderState: ...
+    def decode(self, latents: torch.Tensor, state: DecoderState) -> torch.Tensor: ...
+
+
+@dataclass
+class WanVAEDecoder:
+    """The decoder half of diffusers' ``AutoencoderKLWan``, streaming.
+
+    >>> dec = WanVAEDecoder(vae)
+    >>> state = dec.new_state()
+    >>> frames = [dec.decode(chunk, state) for chunk in latent_chunks]   # each [T, H, W, 3] uint8
+
+    ``decode`` takes the DiT's latents ``[1, z_dim, F, h, w]`` (normalized, as the DiT outputs them;
+    the VAE's ``latents_mean``/``latents_std`` are undone here) and returns the chunk's frames on
+    the VAE's device. The first latent frame of a video gives one frame, every later one
+    ``scale_factor_temporal`` frames (Wan 2.1: 4): 21 latent frames -> 81 frames.
+    """
+
+    vae: torch.nn.Module
+    _scale: tuple = field(init=False, repr=False)
+
+    def __post_init__(self):
+        from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+        cfg = self.vae.config
+        p = next(self.vae.parameters())
+        self.z_dim = cfg.z_dim
+        self.time_scale = 2 ** sum(cfg.temperal_downsample)
+        self.space_scale = 2 ** (len(cfg.dim_mult) - 1) * (cfg.patch_size or 1)
+        self._convs = sum(isinstance(m, WanCausalConv3d) for m in self.vae.decoder.modules())
+        mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self._scale = (std.to(p.device, p.dtype), mean.to(p.device, p.dtype))
+
+    def new_state(self) -> DecoderState:
+        """The state of a video not yet begun (an empty feature cache)."""
+        return DecoderState([None] * self._convs)
+
+    def frames_out(self, latent_frames: int, first: bool) -> int:
+        """Frames a chunk of ``latent_frames`` decodes to (``first``: the video's first chunk)."""
+        return latent_frames * self.time_scale - (self.time_scale - 1 if first else 0)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, state: DecoderState) -> torch.Tensor:
+        """One chunk of one video: latents ``[1, z_dim, F, h, w]`` -> frames ``[T, H, W, 3]`` uint8."""
+        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+        if latents.dim() != 5 or latents.shape[0] != 1 or latents.shape[1] != self.z_dim:
+            raise InputError("the decoder takes one video's latents at a time",
+                             expected=f"[1, {self.z_dim}, frames, h, w]", got=list(latents.shape),
+                             fix="decode each session's chunk with its own DecoderState")
+        if len(state.feat_cache) != self._convs:
+            raise InputError("this DecoderState belongs to another decoder", expected=f"{self._convs} cache slots",
+                             got=len(state.feat_cache), fix="make states with this decoder's new_state()")
+        std, mean = self._scale
+        z = latents.to(std.device, std.dtype) * std + mean
+        x = self.vae.post_quant_conv(z)          # 1x1x1: frame by frame equals all at once
+        outs = []
+        for i in range(x.shape[2]):
+            outs.append(self.vae.decoder(x[:, :, i:i + 1], feat_cache=state.feat_cache, feat_idx=[0],
+                                         first_chunk=state.frames == 0))
+            state.frames += 1
+        out = torch.cat(outs, dim=2)
+        if self.vae.config.patch_size is not None:
+            out = unpatchify(out, patch_size=self.vae.config.patch_size)
+        return to_uint8(out[0])
+
+    @torch.no_grad()
+    def decode_all(self, latents: torch.Tensor) -> torch.Tensor:
+        """A whole video in one call through diffusers' own ``AutoencoderKLWan.decode`` (the
+        one-shot decode streaming must equal): latents ``[1, z_dim, F, h, w]`` -> ``[T, H, W, 3]``."""
+        std, mean = self._scale
+        z = latents.to(std.device, std.dtype) * std + mean
+        return to_uint8(self.vae.decode(z).sample[0])
+
+
+class DecodeQueue:
+    """Decodes submitted in order, off the caller's thread (``overlap=True``) or inline.
+
+    ``submit(latents, state)`` returns a future of the chunk's frames on the host (uint8
+    ``[T, H, W, 3]``). With overlap, one worker thread decodes in submission order, so each video's
+    chunks go through its cache in order; on CUDA the worker waits (on the device, not the host)
+    for an event recorded on the submitting stream, then runs on its own stream. Without overlap
+    the decode runs at once and the future is already done: the sequential path, same kernels.
+    """
+
+    def __init__(self, decoder: Decoder, *, overlap: bool = True):
+        self.decoder, self.overlap = decoder, overlap
+        self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix="graphrt-decode") if overlap else None
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def submit(self, latents: torch.Tensor, state: DecoderState) -> cf.Future:
+        if self._pool is None:
+            fut: cf.Future = cf.Future()
+            try:
+                fut.set_result(self._decode(latents, state, None))
+            except Exception as e:           # the same contract as the worker: raised by result()
+                fut.set_exception(e)
+            return fut
+        ready = None
+        if latents.is_cuda:
+            stream = self._stream(latents.device)
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(latents.device))
+            latents.record_stream(stream)    # the DiT's allocator must not reuse it before the decode ran
+        return self._pool.submit(self._decode, latents, state, ready)
+
+    def _stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    def _decode(self, latents: torch.Tensor, state: DecoderState, ready) -> torch.Tensor:
+        if ready is None:
+            return self.decoder.decode(latents, state).cpu()
+        stream = self._stream(latents.device)
+        with torch.cuda.stream(stream):
+            stream.wait_event(ready)
+            # the copy to the host waits for this stream only: the worker blocks, the DiT does not
+            return self.decoder.decode(latents, state).cpu()
+
+    def close(self) -> None:
+        """Finish the queued decodes and stop the worker."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None

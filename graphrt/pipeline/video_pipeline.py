@@ -1,0 +1,166 @@
+"""Prompt in, frames out: the text encoder, the :class:`Engine` (DiT chunks) and the streaming VAE.
+
+    prompt -> TextEncoder (cached by text) -> Engine.open -> per chunk: Engine.step (graph replays)
+           -> DecodeQueue (the session's own VAE feature cache; a worker thread / second stream)
+           -> frames uint8 [T, H, W, 3]
+
+With ``overlap=True`` the decode of chunk n runs while the DiT computes chunk n+1, and
+:meth:`VideoPipeline.stream` yields each chunk's frames as soon as they are decoded; with
+``overlap=False`` each chunk is denoised, then decoded, then yielded (the sequential path). Both
+run the same kernels on the same inputs, so they give the same frames.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import queue
+import threading
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from graphrt.errors import ConfigError, InputError
+from graphrt.pipeline.decode import DecodeQueue, Decoder, WanVAEDecoder
+from graphrt.pipeline.engine import Engine, Session
+from graphrt.pipeline.text import TextEncoder, clean_prompt
+from graphrt.pipeline.weights import VideoShape, WanComponents, load_wan
+
+
+class VideoPipeline:
+    """Text-to-video with a persistent engine: sessions, batching, streaming decode, overlap.
+
+    >>> pipe = VideoPipeline.from_pretrained("Wan2.1-T2V-1.3B-Diffusers", "self_forcing_dmd.pt",
+    ...                                      device="cuda", mode="chunk").prewarm()
+    >>> for frames in pipe.stream("a red fox in the snow", num_chunks=7, seed=0):   # [T, H, W, 3] uint8
+    ...     show(frames)
+    >>> video = pipe("a red fox in the snow", num_chunks=7)                          # [81, 480, 832, 3]
+
+    Many users: ``s = pipe.open(prompt, seed=1)``; ``futures = pipe.step()`` runs one DiT chunk for
+    every open session (batched) and queues each session's decode with its own decoder state;
+    ``futures[s.id].result()`` is that chunk's frames.
+    """
+
+    def __init__(self, engine: Engine, text: TextEncoder, decoder: Decoder, *, overlap: bool = True):
+        cfg = engine.cfg
+        if text.dim != cfg.text_dim:
+            raise ConfigError(f"the text encoder gives {text.dim}-dim states but the DiT reads {cfg.text_dim}")
+        z_dim = getattr(decoder, "z_dim", cfg.out_dim)
+        if z_dim != cfg.out_dim:
+            raise ConfigError(f"the DiT outputs {cfg.out_dim} latent channels but the decoder takes {z_dim}")
+        self.engine, self.text, self.decoder = engine, text, decoder
+        self.queue = DecodeQueue(decoder, overlap=overlap)
+
+    @classmethod
+    def from_components(cls, parts: WanComponents, *, overlap: bool = True, text_cache: int = 256,
+                        **engine_kwargs) -> "VideoPipeline":
+        """A pipeline over loaded parts; ``engine_kwargs`` go to :class:`Engine` (``mode``,
+        ``max_sessions``, ``batch_sizes``, ``window``, ...)."""
+        engine = Engine(parts.dit, **engine_kwargs)
+        text = TextEncoder(parts.text_encoder, parts.tokenizer, max_length=parts.dit.cfg.text_len,
+                           cache_size=text_cache)
+        return cls(engine, text, WanVAEDecoder(parts.vae), overlap=overlap)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, checkpoint: str | Path | None = None, *,
+                        shape: VideoShape = VideoShape(), device: str | torch.device | None = None,
+                        dtype: torch.dtype = torch.bfloat16, attention: str = "auto",
+                        checkpoint_key: str | None = None, overlap: bool = True, **engine_kwargs) -> "VideoPipeline":
+        """Load a local diffusers-format Wan folder (and the causal DiT's ``checkpoint``); see
+        :func:`graphrt.pipeline.weights.load_wan`."""
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        parts = load_wan(folder, checkpoint, shape=shape, device=device, dtype=dtype, attention=attention,
+                         checkpoint_key=checkpoint_key)
+        return cls.from_components(parts, overlap=overlap, **engine_kwargs)
+
+    # -- sessions -------------------------------------------------------------------------------
+    def open(self, prompt: str, *, seed: int = 0, num_chunks: int | None = None) -> Session:
+        """Start a video for ``prompt``; a prompt seen before skips the text encoder and the
+        cross-attention projections. The session carries its own decoder state."""
+        ctx = self.text(prompt)
+        session = self.engine.open(ctx, seed=seed, prompt=clean_prompt(prompt), num_chunks=num_chunks)
+        session.decoder = self.decoder.new_state()
+        return session
+
+    def close(self, session: Session) -> None:
+        """End a video: its slab and its decoder state are freed."""
+        self.engine.close(session)
+
+    @torch.no_grad()
+    def step(self, sessions: Sequence[Session] | None = None) -> dict[int, cf.Future]:
+        """One DiT chunk for each active session (batched), each session's decode queued with its
+        own decoder state. Returns session id -> future of the chunk's frames (uint8, host)."""
+        latents = self.engine.step(sessions)
+        out = {}
+        for sid, lat in latents.items():
+            state = self.engine.sessions[sid].decoder
+            if state is None:
+                raise InputError(f"session {sid} has no decoder state",
+                                 fix="open sessions with VideoPipeline.open(), not Engine.open()")
+            out[sid] = self.queue.submit(lat, state)
+        return out
+
+    # -- whole videos -----------------------------------------------------------------------------
+    def stream(self, prompt: str | Sequence[str], num_chunks: int, seed: int | Sequence[int] = 0
+               ) -> Iterator[torch.Tensor]:
+        """Each chunk's frames as soon as they are decoded: uint8 ``[T, H, W, 3]`` for one prompt,
+        ``[B, T, H, W, 3]`` for a list of B prompts (batched in the DiT). ``seed``: one int (row i
+        gets seed + i) or one per prompt. The stream owns the engine while it runs."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
+        if not prompts or len(seeds) != len(prompts):
+            raise InputError("one seed per prompt", expected=len(prompts), got=len(seeds))
+        if not isinstance(num_chunks, int) or num_chunks < 1:
+            raise InputError("num_chunks must be an int >= 1", got=num_chunks)
+        sessions: list[Session] = []
+        try:
+            for p, s in zip(prompts, seeds):
+                sessions.append(self.open(p, seed=s, num_chunks=num_chunks))
+            chunks = self._overlapped(sessions, num_chunks) if self.queue.overlap else \
+                (self.step(sessions) for _ in range(num_chunks))
+            for futures in chunks:
+                frames = [futures[s.id].result() for s in sessions]
+                yield frames[0] if isinstance(prompt, str) else torch.stack(frames)
+        finally:
+            for s in sessions:
+                self.close(s)
+
+    def _overlapped(self, sessions: list[Session], num_chunks: int) -> Iterator[dict[int, cf.Future]]:
+        """The DiT chunks on a producer thread, which never waits for a decode; the caller gets
+        each chunk's futures in order and waits only for the frames it is about to yield."""
+        ready: queue.Queue = queue.Queue()
+        stop = threading.Event()
+
+        def produce():
+            try:
+                for _ in range(num_chunks):
+                    if stop.is_set():
+                        return
+                    ready.put(self.step(sessions))
+            except BaseException as e:       # handed to the consumer, raised there
+                ready.put(e)
+
+        producer = threading.Thread(target=produce, name="graphrt-dit", daemon=True)
+        producer.start()
+        try:
+            for _ in range(num_chunks):
+                item = ready.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            producer.join()
+
+    def __call__(self, prompt: str | Sequence[str], num_chunks: int, seed: int | Sequence[int] = 0) -> torch.Tensor:
+        """The whole video: uint8 ``[T, H, W, 3]`` (``[B, T, H, W, 3]`` for a list of prompts)."""
+        return torch.cat(list(self.stream(prompt, num_chunks, seed)), dim=0 if isinstance(prompt, str) else 1)
+
+    def prewarm(self) -> "VideoPipeline":
+        """Capture the engine's graphs now (see :meth:`Engine.prewarm`)."""
+        self.engine.prewarm()
+        return self
+
+    def shutdown(self) -> None:
+        """Close every session and stop the decode worker."""
+        self.engine.reset()
+        self.queue.close()
