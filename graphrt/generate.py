@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import time
 
 import torch
@@ -80,6 +81,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(opts.threads)
     if opts.chunks < 1 or opts.chunk_frames < 1 or opts.fps <= 0:
         console.print("[red]error:[/] --chunks and --chunk-frames must be >= 1 and --fps > 0")
+        return 2
+    missing = [m for m in ("transformers", "diffusers", "av") if importlib.util.find_spec(m) is None]
+    if missing:
+        console.print(f"[red]error:[/] python -m graphrt.generate needs {', '.join(missing)}: "
+                      "pip install -e '.[video]' (or pip install 'graphrt[video]')")
         return 2
     from graphrt.pipeline.video import VideoWriter
 

@@ -270,3 +270,47 @@ def test_save_video_writes_a_playable_mp4(tmp_path):
     with pytest.raises(InputError, match="same frame size"), VideoWriter(tmp_path / "e.mp4") as w:
         w.write(frames[:2])
         w.write(frames[:2, :32])
+
+
+# -- the commands ---------------------------------------------------------------------------------
+def test_generate_command_writes_an_mp4(tmp_path):
+    """The README's command on the built-in tiny model (a fresh process), then a saved folder."""
+    av = pytest.importorskip("av")
+    import subprocess
+    import sys
+
+    from graphrt.generate import main
+
+    out = tmp_path / "tiny.mp4"
+    proc = subprocess.run([sys.executable, "-m", "graphrt.generate", "--prompt", PROMPT, "--chunks", "2",
+                           "--out", str(out), "--threads", "1", "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"wrote {out}: 21 frames of 64x64" in " ".join(proc.stderr.split())
+    with av.open(str(out)) as f:
+        frames = [fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)]
+    assert len(frames) == 21 and frames[0].shape == (64, 64, 3) and frames[-1].std() > 1
+
+    folder = save_wan(tiny_wan(VideoShape(64, 64, 3, 2, 16)), tmp_path / "wan")
+    args = ["--model", str(folder), "--height", "64", "--width", "64", "--chunks", "2", "--no-progress",
+            "--no-overlap"]
+    assert main(args + ["--out", str(tmp_path / "b.mp4")]) == 0
+    with av.open(str(tmp_path / "b.mp4")) as f:
+        assert sum(1 for _ in f.decode(video=0)) == 21
+    assert main(args[2:] + ["--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c.mp4")]) == 2
+    assert main(args + ["--height", "60", "--out", str(tmp_path / "d.mp4")]) == 2
+    assert main(["--chunks", "0", "--out", str(tmp_path / "e.mp4")]) == 2
+    assert not (tmp_path / "c.mp4").exists() and not (tmp_path / "d.mp4").exists()
+
+
+def test_bench_e2e_tiny():
+    from graphrt.bench.e2e import E2EConfig, run
+
+    s = run(E2EConfig(preset="tiny", chunks=2, repeats=1))
+    assert s["overlap_equals_sequential"] and s["decoder_host_reads"] == 0
+    assert s["dit_ms"] > 0 and s["decode_ms"] > 0 and 0 < s["decode_share"] < 1
+    for path in ("sequential", "overlapped"):
+        r = s[path]
+        assert r["frames"] == 1 + 4 * 5 and r["fps"] > 0 and r["chunk_ms_median"] > 0
+    with pytest.raises(ConfigError, match=">= 2 chunks"):
+        run(E2EConfig(preset="tiny", chunks=1))
