@@ -45,6 +45,8 @@ def _args(argv):
                    help="default: bfloat16 on CUDA, float32 on the CPU")
     p.add_argument("--attention", default="auto")
     p.add_argument("--no-overlap", action="store_true", help="decode after each chunk instead of beside the next")
+    p.add_argument("--decoder-graph", action="store_true",
+                   help="capture the VAE decoder's steady frame as a graph over static feature caches")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
     try:
         t0 = time.perf_counter()
         with console.status("loading the model") if not opts.no_progress else contextlib.nullcontext():
-            pipe = build(opts).prewarm()
+            pipe = build(opts).prewarm(decoder_graphs=opts.decoder_graph)
         load_s = time.perf_counter() - t0
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("{task.fields[frames]} frames"))

@@ -46,9 +46,10 @@ class E2EPreset:
 PRESETS = {
     # 64x64 frames: a tiny DiT and VAE, seconds on a CPU
     "tiny": E2EPreset(RandomSpec(), VideoShape(64, 64, 3, 4, 16)),
-    # 128x128 frames, Wan's VAE layout at a quarter of its width, a 4-layer 256-dim DiT
-    "cpu-small": E2EPreset(RandomSpec("tiny", (("dim", 256), ("ffn_dim", 1024), ("num_layers", 4), ("text_dim", 64)),
-                                      24, (1, 2, 4, 4), vae_res_blocks=2),
+    # 128x128 frames: an 8-layer 512-dim DiT, Wan's VAE layout at 1/12 of its width, the decode about
+    # as long as the DiT's chunk on a CPU core (on a GPU at 480p it is 40-90% of it)
+    "cpu-small": E2EPreset(RandomSpec("tiny", (("dim", 512), ("ffn_dim", 2048), ("num_heads", 8), ("num_layers", 8),
+                                               ("text_dim", 64)), 8, (1, 2, 4, 4)),
                            VideoShape(128, 128, 3, 4, 16), repeats=2),
     # Wan 2.1 1.3B's DiT and VAE at 480x832 (random weights), bf16, one graph per chunk
     "wan-1.3b-480p": E2EPreset(RandomSpec("wan-1.3b", (), 96, (1, 2, 4, 4), vae_res_blocks=2, text_layers=1),
@@ -95,6 +96,52 @@ def _median_steady(rows: list[list[float]]) -> float:
     return statistics.median(x for video in rows for x in video[1:])
 
 
+def _time_dit(engine, ctx, chunks, seed, device) -> list[float]:
+    row = []
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in engine.stream(ctx, chunks, seed=seed):
+        _sync(device)
+        now = time.perf_counter()
+        row.append((now - t0) * 1e3)
+        t0 = now
+    return row
+
+
+@torch.no_grad()
+def _time_decode(decoder, latents, device) -> list[float]:
+    state, row = decoder.new_state(), []
+    for z in latents:
+        _sync(device)
+        t0 = time.perf_counter()
+        decoder.decode(z, state).cpu()
+        _sync(device)
+        row.append((time.perf_counter() - t0) * 1e3)
+    decoder.release(state)
+    return row
+
+
+def _time_pipe(pipe, chunks, repeats, seed) -> tuple[dict, list]:
+    """Time between frames reaching the host, per chunk, over ``repeats`` videos."""
+    rows, walls, cpus = [], [], []
+    for _ in range(repeats):
+        row, out = [], []
+        c0, t0 = time.process_time(), time.perf_counter()
+        last = t0
+        for f in pipe.stream(PROMPT, chunks, seed=seed):
+            now = time.perf_counter()
+            row.append((now - last) * 1e3)
+            last = now
+            out.append(f)
+        walls.append(last - t0)
+        cpus.append(time.process_time() - c0)
+        rows.append(row)
+    frames, wall = sum(len(f) for f in out), statistics.median(walls)
+    return {"chunk_ms_median": _median_steady(rows), "first_chunk_ms": statistics.median(r[0] for r in rows),
+            "video_ms": wall * 1e3, "frames": frames, "fps": frames / wall,
+            "cpu_s_per_video": statistics.median(cpus)}, out
+
+
 def run(cfg: E2EConfig, log=lambda msg: None) -> dict:
     """Measure every path on one model and return the JSON summary."""
     import graphrt
@@ -110,99 +157,66 @@ def run(cfg: E2EConfig, log=lambda msg: None) -> dict:
     dtype = getattr(torch, preset.dtype)
     log(f"building {name} on {device}")
     parts = _components(preset, chunks, device, dtype, cfg.seed)
+    wcfg = parts.dit.cfg
     engine = Engine(parts.dit, mode=mode, progress=False)
-    text = TextEncoder(parts.text_encoder, parts.tokenizer, max_length=parts.dit.cfg.text_len)
+    text = TextEncoder(parts.text_encoder, parts.tokenizer, max_length=wcfg.text_len)
     decoder = WanVAEDecoder(parts.vae)
-    pipes = {ov: VideoPipeline(engine, text, decoder, overlap=ov) for ov in (False, True)}
-    log("capturing" if mode != "eager" else "warming up")
+    pipes = {label: VideoPipeline(engine, text, decoder, overlap=label != "sequential")
+             for label in ("sequential", "overlapped")}
+    log("capturing the DiT" if mode != "eager" else "warming up")
     engine.prewarm()
-    ctx = text(PROMPT)[None, 0].to(device)
-    latents = []
-    for video in range(repeats + 1):                       # video 0 warms up every path, untimed
-        latents = list(engine.stream(ctx, chunks, seed=cfg.seed))
-        state = decoder.new_state()
-        for z in latents:
-            decoder.decode(z, state)
-        for pipe in pipes.values():
-            for _ in pipe.stream(PROMPT, chunks, seed=cfg.seed):
-                pass
-    # -- each part alone -----------------------------------------------------------------------
+    ctx = text(PROMPT)
+    latents = list(engine.stream(ctx, chunks, seed=cfg.seed))      # one untimed video warms every path up
+    _time_decode(decoder, latents, device)
+    for pipe in pipes.values():
+        _time_pipe(pipe, chunks, 1, cfg.seed)
     log("timing the DiT and the decoder alone")
-    dit_rows, dec_rows = [], []
-    with torch.no_grad():
-        for _ in range(repeats):
-            row = []
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in engine.stream(ctx, chunks, seed=cfg.seed):
-                _sync(device)
-                now = time.perf_counter()
-                row.append((now - t0) * 1e3)
-                t0 = now
-            dit_rows.append(row)
-            state, row = decoder.new_state(), []
-            for z in latents:
-                _sync(device)
-                t0 = time.perf_counter()
-                decoder.decode(z, state).cpu()
-                _sync(device)
-                row.append((time.perf_counter() - t0) * 1e3)
-            dec_rows.append(row)
-    # -- end to end ------------------------------------------------------------------------------
-    paths = {}
-    videos = {}
-    for overlap, pipe in pipes.items():
-        label = "overlapped" if overlap else "sequential"
+    dit_rows = [_time_dit(engine, ctx, chunks, cfg.seed, device) for _ in range(repeats)]
+    dec_rows = [_time_decode(decoder, latents, device) for _ in range(repeats)]
+    paths, videos = {}, {}
+    for label, pipe in pipes.items():
         log(f"timing {label}")
-        rows, walls, cpus, frames = [], [], [], 0
-        for _ in range(repeats):
-            _sync(device)
-            row, out = [], []
-            c0, t0 = time.process_time(), time.perf_counter()
-            last = t0
-            for f in pipe.stream(PROMPT, chunks, seed=cfg.seed):
-                now = time.perf_counter()
-                row.append((now - last) * 1e3)
-                last = now
-                out.append(f)
-            walls.append(last - t0)
-            cpus.append(time.process_time() - c0)
-            rows.append(row)
-            frames = sum(len(f) for f in out)
-            videos[label] = out
-        wall = statistics.median(walls)
-        paths[label] = {"chunk_ms_median": _median_steady(rows), "first_chunk_ms": statistics.median(r[0] for r in rows),
-                        "video_ms": wall * 1e3, "frames": frames, "fps": frames / wall,
-                        "cpu_s_per_video": statistics.median(cpus)}
-    for p in pipes.values():
-        p.queue.close()
-    same = all(torch.equal(a, b) for a, b in zip(videos["sequential"], videos["overlapped"]))
-    dit_ms, dec_ms = _median_steady(dit_rows), _median_steady(dec_rows)
+        paths[label], videos[label] = _time_pipe(pipe, chunks, repeats, cfg.seed)
     state = decoder.new_state()
     decoder.decode(latents[0], state)
     reads = graphrt.check(decoder.decode, latents[1], state)
-    frames_steady = decoder.frames_out(parts.dit.cfg.chunk_frames, first=False)
+    # the decoder captured: one graph per steady latent frame over static feature caches
+    log("capturing the decoder")
+    t0 = time.perf_counter()
+    decoder.capture(wcfg.height, wcfg.width)
+    capture_s = time.perf_counter() - t0
+    _time_decode(decoder, latents, device)
+    graph_rows = [_time_decode(decoder, latents, device) for _ in range(repeats)]
+    log("timing overlapped with the captured decoder")
+    _time_pipe(pipes["overlapped"], chunks, 1, cfg.seed)
+    paths["overlapped+decoder-graph"], videos["overlapped+decoder-graph"] = _time_pipe(
+        pipes["overlapped"], chunks, repeats, cfg.seed)
+    for pipe in pipes.values():
+        pipe.queue.close()
+    same = {label: all(torch.equal(a, b) for a, b in zip(videos["sequential"], v))
+            for label, v in videos.items() if label != "sequential"}
+    dit_ms, dec_ms, graph_ms = _median_steady(dit_rows), _median_steady(dec_rows), _median_steady(graph_rows)
     seq, ovl = paths["sequential"], paths["overlapped"]
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "preset": name,
-        "config": {"dit": {"dim": parts.dit.cfg.dim, "layers": parts.dit.cfg.num_layers,
-                           "latent": [parts.dit.cfg.height, parts.dit.cfg.width]},
+        "config": {"dit": {"dim": wcfg.dim, "layers": wcfg.num_layers, "latent": [wcfg.height, wcfg.width]},
                    "vae": {"base_dim": parts.vae.config.base_dim, "dim_mult": list(parts.vae.config.dim_mult),
                            "num_res_blocks": parts.vae.config.num_res_blocks},
-                   "frame_size": [preset.shape.height, preset.shape.width], "chunk_frames": parts.dit.cfg.chunk_frames,
-                   "frames_per_steady_chunk": frames_steady, "chunks": chunks, "repeats": repeats,
-                   "dtype": preset.dtype, "mode": mode, "steps": len(engine.schedule.steps)},
+                   "frame_size": [preset.shape.height, preset.shape.width], "chunk_frames": wcfg.chunk_frames,
+                   "frames_per_steady_chunk": decoder.frames_out(wcfg.chunk_frames, first=False), "chunks": chunks,
+                   "repeats": repeats, "dtype": preset.dtype, "mode": mode, "steps": len(engine.schedule.steps)},
         "dit_ms": dit_ms,
         "decode_ms": dec_ms,
+        "decode_graph_ms": graph_ms,
+        "decoder_capture_s": capture_s,
         "decode_share": dec_ms / (dit_ms + dec_ms),
         "ideal_overlapped_ms": max(dit_ms, dec_ms),
-        "sequential": seq,
-        "overlapped": ovl,
+        **paths,
         "overlap_speedup": seq["video_ms"] / ovl["video_ms"],
-        "overlap_equals_sequential": same,
+        "overlap_equals_sequential": all(same.values()),
         "decoder_host_reads": reads.count,
     }
 
@@ -217,7 +231,8 @@ def table(s: dict) -> Table:
     fps_of = c["frames_per_steady_chunk"] * 1e3
     t.add_row("DiT only", f"{s['dit_ms']:.2f}", "", "", "", f"{fps_of / s['dit_ms']:.1f}", "")
     t.add_row("decode only", f"{s['decode_ms']:.2f}", "", "", "", f"{fps_of / s['decode_ms']:.1f}", "")
-    for label in ("sequential", "overlapped"):
+    t.add_row("decode only, graph", f"{s['decode_graph_ms']:.2f}", "", "", "", f"{fps_of / s['decode_graph_ms']:.1f}", "")
+    for label in ("sequential", "overlapped", "overlapped+decoder-graph"):
         r = s[label]
         t.add_row(label, f"{r['chunk_ms_median']:.2f}", f"{r['first_chunk_ms']:.2f}", f"{r['video_ms']:.1f}",
                   str(r["frames"]), f"{r['fps']:.1f}", f"{r['cpu_s_per_video']:.2f}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -28,10 +28,55 @@ def to_uint8(video: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class DecoderState:
-    """One video's decoder state: diffusers' causal feature cache and the latent frames seen."""
+    """One video's decoder state: diffusers' causal feature cache and the latent frames seen;
+    ``slot`` is the captured decoder's static cache the video lives in (None: eager)."""
 
-    feat_cache: list
+    feat_cache: list | None
     frames: int = 0
+    slot: int | None = None
+
+
+class StaticFeatureCache:
+    """diffusers' ``feat_cache`` list with every slot a fixed buffer, written in place.
+
+    From a video's third latent frame on, every causal conv caches exactly two frames, so the
+    decoder's op sequence is the same for every frame: with this cache it can be captured as one
+    graph. Reads return the buffer; ``cache[i] = x`` copies ``x`` into it. It is a runtime state
+    (snapshot/restore/reset), so a capture leaves it as it was.
+    """
+
+    def __init__(self, like: list):
+        # diffusers counts every causal conv, the 1x1x1 shortcuts too; those slots stay None
+        self.bufs = [None if t is None else torch.zeros_like(t) for t in like]
+
+    def __len__(self):
+        return len(self.bufs)
+
+    def __getitem__(self, i):
+        return self.bufs[i]
+
+    def __setitem__(self, i, value):
+        buf = self.bufs[i]
+        if buf is None or not isinstance(value, torch.Tensor) or value.shape != buf.shape:
+            raise InputError(f"feature cache slot {i} takes a fixed shape",
+                             expected=None if buf is None else list(buf.shape), got=getattr(value, "shape", value))
+        buf.copy_(value)
+
+    def load(self, tensors: list) -> None:
+        for b, t in zip(self.bufs, tensors):
+            if b is not None:
+                b.copy_(t)
+
+    def snapshot(self, data: bool = False):
+        return [None if b is None else b.clone() for b in self.bufs]
+
+    def restore(self, snap) -> None:
+        self.load(snap)
+
+    def reset(self) -> None:
+        for b in self.bufs:
+            if b is not None:
+                b.zero_()
 
 
 class Decoder(Protocol):
@@ -57,6 +102,8 @@ class WanVAEDecoder:
 
     vae: torch.nn.Module
     _scale: tuple = field(init=False, repr=False)
+    graphs: Any = field(default=None, init=False, repr=False)     # GraphedModule of one steady frame
+    eager_frames: int = field(default=0, init=False)               # steady frames run without a graph
 
     def __post_init__(self):
         from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
@@ -88,7 +135,7 @@ class WanVAEDecoder:
             raise InputError("the decoder takes one video's latents at a time",
                              expected=f"[1, {self.z_dim}, frames, h, w]", got=list(latents.shape),
                              fix="decode each session's chunk with its own DecoderState")
-        if len(state.feat_cache) != self._convs:
+        if state.slot is None and len(state.feat_cache) != self._convs:
             raise InputError("this DecoderState belongs to another decoder", expected=f"{self._convs} cache slots",
                              got=len(state.feat_cache), fix="make states with this decoder's new_state()")
         std, mean = self._scale
@@ -96,13 +143,63 @@ class WanVAEDecoder:
         x = self.vae.post_quant_conv(z)          # 1x1x1: frame by frame equals all at once
         outs = []
         for i in range(x.shape[2]):
-            outs.append(self.vae.decoder(x[:, :, i:i + 1], feat_cache=state.feat_cache, feat_idx=[0],
-                                         first_chunk=state.frames == 0))
+            frame = x[:, :, i:i + 1]
+            if state.slot is None and state.frames >= 2 and self.graphs is not None:
+                self._enter_slot(state, frame)
+            if state.slot is not None:
+                outs.append(self.graphs(frame, slot=state.slot).clone())   # static output: next replay overwrites
+            else:
+                outs.append(self.vae.decoder(frame, feat_cache=state.feat_cache, feat_idx=[0],
+                                             first_chunk=state.frames == 0))
+                self.eager_frames += state.frames >= 2 and self.graphs is not None
             state.frames += 1
         out = torch.cat(outs, dim=2)
         if self.vae.config.patch_size is not None:
             out = unpatchify(out, patch_size=self.vae.config.patch_size)
         return to_uint8(out[0])
+
+    # -- the captured decoder -------------------------------------------------------------------
+    def _steady(self, frame: torch.Tensor, *, slot: int) -> torch.Tensor:
+        return self.vae.decoder(frame, feat_cache=self._static[slot], feat_idx=[0])
+
+    @torch.no_grad()
+    def capture(self, height: int, width: int, *, videos: int = 1, backend: str = "auto",
+                progress: bool = False) -> "WanVAEDecoder":
+        """Capture the decode of one steady latent frame (``height`` x ``width`` latents) as a graph
+        per video slot, over static feature caches written in place. Up to ``videos`` videos at once
+        then replay it from their third latent frame on (the first two run eagerly: the cache has
+        not yet reached its fixed shape); more run eagerly, counted in ``eager_frames``. Frames
+        equal the eager decode's bit for bit (the same kernels)."""
+        import graphrt
+        from graphrt.capture.buckets import Buckets
+
+        if videos < 1:
+            raise InputError("videos must be >= 1", got=videos)
+        std = self._scale[0]
+        state = self.new_state()
+        x = self.vae.post_quant_conv(torch.zeros(1, self.z_dim, 2, height, width, device=std.device, dtype=std.dtype))
+        for i in range(2):                      # two frames give every cache slot its fixed shape
+            self.vae.decoder(x[:, :, i:i + 1], feat_cache=state.feat_cache, feat_idx=[0], first_chunk=i == 0)
+        self._static = [StaticFeatureCache(state.feat_cache) for _ in range(videos)]
+        self._free = list(range(videos))[::-1]
+        self._frame_shape = tuple(x[:, :, :1].shape)
+        self.graphs = graphrt.compile(self._steady, states=self._static, backend=backend, progress=progress,
+                                      buckets=Buckets(static_args={"slot": tuple(range(videos))}))
+        self.graphs.prewarm(x[:, :, :1], slot=0)
+        return self
+
+    def _enter_slot(self, state: DecoderState, frame: torch.Tensor) -> None:
+        if not self._free or tuple(frame.shape) != self._frame_shape:
+            return                                # no free slot, or another size: this video stays eager
+        state.slot = self._free.pop()
+        self._static[state.slot].load(state.feat_cache)
+        state.feat_cache = None
+
+    def release(self, state: DecoderState) -> None:
+        """Give a finished video's static cache back (a no-op for an eager video)."""
+        if state.slot is not None:
+            self._free.append(state.slot)
+            state.slot = None
 
     @torch.no_grad()
     def decode_all(self, latents: torch.Tensor) -> torch.Tensor:
@@ -157,6 +254,16 @@ class DecodeQueue:
             stream.wait_event(ready)
             # the copy to the host waits for this stream only: the worker blocks, the DiT does not
             return self.decoder.decode(latents, state).cpu()
+
+    def release(self, state: DecoderState) -> None:
+        """Hand a finished video's state back to the decoder, after its queued decodes."""
+        release = getattr(self.decoder, "release", None)
+        if release is None:
+            return
+        if self._pool is None:
+            release(state)
+        else:
+            self._pool.submit(release, state)
 
     def close(self) -> None:
         """Finish the queued decodes and stop the worker."""

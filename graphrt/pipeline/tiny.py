@@ -43,12 +43,22 @@ def tiny_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
+def tiny_text_encoder(dim: int, layers: int = 2):
+    """A random umT5 encoder with ``dim``-wide states and its tokenizer (:func:`tiny_tokenizer`)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = tiny_tokenizer()
+    encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=dim, d_kv=8, d_ff=2 * dim, num_layers=layers, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu"))
+    return encoder.eval(), tokenizer
+
+
 def tiny_wan(shape: VideoShape | None = None, spec: RandomSpec = RandomSpec(), *, seed: int = 0,
              dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> WanComponents:
     """Random components sized for ``shape`` (default: the preset's latent size, 3-frame chunks,
     7 chunks), built on ``device``: the tiny model unless ``spec`` says otherwise."""
     from diffusers import AutoencoderKLWan
-    from transformers import UMT5Config, UMT5EncoderModel
 
     base = WanConfig.preset(spec.dit, **dict(spec.dit_overrides))
     scale = 2 ** (len(spec.vae_mult) - 1)
@@ -63,11 +73,7 @@ def tiny_wan(shape: VideoShape | None = None, spec: RandomSpec = RandomSpec(), *
         vae = AutoencoderKLWan(base_dim=spec.vae_dim, z_dim=cfg.out_dim, dim_mult=list(spec.vae_mult),
                                num_res_blocks=spec.vae_res_blocks, latents_mean=[0.1 * i for i in range(cfg.out_dim)],
                                latents_std=[1.0 + 0.1 * i for i in range(cfg.out_dim)])
-        tokenizer = tiny_tokenizer()
-        text = UMT5EncoderModel(UMT5Config(
-            vocab_size=len(tokenizer), d_model=cfg.text_dim, d_kv=8, d_ff=2 * cfg.text_dim,
-            num_layers=spec.text_layers, num_heads=4, relative_attention_num_buckets=8,
-            relative_attention_max_distance=16, feed_forward_proj="gated-gelu"))
+        text, tokenizer = tiny_text_encoder(cfg.text_dim, spec.text_layers)
     parts = (dit, vae, text)
     if dtype != torch.float32:
         parts = tuple(m.to(dtype=dtype) for m in parts)

@@ -84,6 +84,8 @@ class VideoPipeline:
     def close(self, session: Session) -> None:
         """End a video: its slab and its decoder state are freed."""
         self.engine.close(session)
+        if session.decoder is not None:
+            self.queue.release(session.decoder)
 
     @torch.no_grad()
     def step(self, sessions: Sequence[Session] | None = None) -> dict[int, cf.Future]:
@@ -155,9 +157,16 @@ class VideoPipeline:
         """The whole video: uint8 ``[T, H, W, 3]`` (``[B, T, H, W, 3]`` for a list of prompts)."""
         return torch.cat(list(self.stream(prompt, num_chunks, seed)), dim=0 if isinstance(prompt, str) else 1)
 
-    def prewarm(self) -> "VideoPipeline":
-        """Capture the engine's graphs now (see :meth:`Engine.prewarm`)."""
+    def prewarm(self, decoder_graphs: bool = False) -> "VideoPipeline":
+        """Capture the engine's graphs now (see :meth:`Engine.prewarm`); with ``decoder_graphs``
+        also the decoder's steady frame, one static feature cache per engine slab
+        (:meth:`WanVAEDecoder.capture`)."""
         self.engine.prewarm()
+        if decoder_graphs:
+            if not hasattr(self.decoder, "capture"):
+                raise ConfigError(f"{type(self.decoder).__name__} cannot be captured")
+            cfg = self.engine.cfg
+            self.decoder.capture(cfg.height, cfg.width, videos=self.engine.cache.num_slabs)
         return self
 
     def shutdown(self) -> None:
