@@ -9,6 +9,8 @@
 #   bench/run_gpu.sh bench wan-1.3b-480p 1 reference,eager,graphs,chunk-graph   # the default modes
 #   bench/run_gpu.sh bench wan-1.3b-480p 1 graphs+inductor   # each slow mode is a step of its own:
 #   bench/run_gpu.sh bench wan-1.3b-480p 1 compile           # a cold compile cache fills most of one
+#   DEPS=wheels/ bench/run_gpu.sh e2e wan-1.3b-480p            # prompt -> frames: CUDA video tests + e2e bench
+#     (the Wan VAE is diffusers': DEPS names a folder of wheels, e.g. diffusers and pillow, installed offline)
 set -uo pipefail
 out=${OUT:-bench/results}
 mkdir -p "$out"
@@ -21,7 +23,7 @@ case "${1:-}" in
       nproc; } > "$out/gpu.txt" 2>&1; cat "$out/gpu.txt" ;;
   tests)
     timeout "${TEST_TIMEOUT:-540}" python -m pytest -q -rs -s -p no:cacheprovider -m cuda --durations=0 \
-      tests/test_cuda.py tests/test_check.py tests/test_attention.py 2>&1 | tee "$out/cuda-tests.txt" ;;
+      tests/test_cuda.py tests/test_check.py tests/test_attention.py tests/test_video_cuda.py 2>&1 | tee "$out/cuda-tests.txt" ;;
   suite)
     timeout "${TEST_TIMEOUT:-540}" python -m pytest -q -rs -p no:cacheprovider 2>&1 | tee "$out/suite${CUDA_VISIBLE_DEVICES+-cpu}.txt" ;;
   attention)
@@ -36,5 +38,14 @@ case "${1:-}" in
     timeout "${BENCH_TIMEOUT:-560}" python -m graphrt.bench --preset "$preset" --batch "$batch" --modes "$modes" \
       --repeats "${REPEATS:-1}" --no-progress --json "$out/$tag.json" --md "$out/$tag.md" 2>&1 \
       | grep -v '^{' | tee "$out/$tag.txt" ;;
-  *) echo "usage: $0 info | tests | suite | attention PRESET | bench PRESET BATCH [MODES]" >&2; exit 2 ;;
+  e2e)
+    preset=${2:-wan-1.3b-480p}
+    if [ -n "${DEPS:-}" ]; then
+      pip install --no-index --no-deps --target /tmp/graphrt-deps -q "$DEPS"/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/graphrt-deps
+    fi
+    timeout "${TEST_TIMEOUT:-150}" python -m pytest -q -rs -p no:cacheprovider tests/test_video_cuda.py 2>&1 \
+      | tee "$out/video-cuda-tests.txt"
+    timeout "${BENCH_TIMEOUT:-400}" python -m graphrt.bench.e2e --preset "$preset" --chunks "${CHUNKS:-4}" \
+      --json "$out/e2e-$preset.json" 2>&1 | grep -v '^{' | tee "$out/e2e-$preset.txt" ;;
+  *) echo "usage: $0 info | tests | suite | attention PRESET | bench PRESET BATCH [MODES] | e2e [PRESET]" >&2; exit 2 ;;
 esac

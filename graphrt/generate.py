@@ -68,6 +68,7 @@ def build(opts):
             raise GraphrtError("--height/--width need --model: the tiny model makes 64x64 frames")
         shape = VideoShape(height=64, width=64, chunk_frames=opts.chunk_frames, chunks=opts.chunks, text_len=16)
         parts = tiny_wan(shape, dtype=dtype, device=device)
+        parts.dit.attention = opts.attention
     else:
         shape = VideoShape(height=opts.height or 480, width=opts.width or 832, chunk_frames=opts.chunk_frames,
                            chunks=opts.chunks)

@@ -145,6 +145,17 @@ def test_overlap_equals_sequential_and_streams(parts):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_leaving_a_stream_early_closes_it(parts, overlap):
+    pipe = _pipe(parts, overlap=overlap)
+    stream = pipe.stream(PROMPT, num_chunks=4, seed=1)
+    first = next(stream)
+    stream.close()                                   # the producer stops, then the session closes
+    assert pipe.engine.sessions == {} and pipe.engine.stats.chunks <= 4
+    assert torch.equal(next(pipe.stream(PROMPT, num_chunks=4, seed=1)), first)   # the engine is free again
+    pipe.shutdown()
+
+
 def test_dit_never_waits_for_the_decoder(parts):
     """The decode of chunk 0 is held until the DiT has started chunk 1: the overlapped stream
     finishes (the DiT does not wait for the decoder); a sequential one would deadlock."""

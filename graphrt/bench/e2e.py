@@ -11,7 +11,9 @@ timed video):
 
 with end-to-end ms per chunk, frames per second over whole videos, the decode's share of the
 sequential chunk (decode / (dit + decode)), and the overlapped gain. The decoder is also run
-under :func:`graphrt.check`: its host reads are reported. The last line printed is JSON.
+under :func:`graphrt.check` (its host reads are reported), then captured (its steady latent frame
+as a graph over static feature caches) and timed again, alone and overlapped. The last line
+printed is JSON.
 Timings are wall clock (``perf_counter``; CUDA synchronized at each chunk boundary of the
 one-part rows only) with the process CPU seconds beside them: on the CPU, overlap needs a free core.
 """

@@ -11,11 +11,10 @@ import html
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from graphrt.errors import CheckpointError, InputError
+from graphrt.errors import InputError
 
 
 def clean_prompt(text: str) -> str:
@@ -32,7 +31,7 @@ class TextStats:
 class TextEncoder:
     """umT5 encoder + tokenizer -> text context, with an LRU prompt cache keyed by the cleaned text.
 
-    >>> text = TextEncoder.from_pretrained("Wan2.1-T2V-1.3B-Diffusers", device="cuda", dtype=torch.bfloat16)
+    >>> text = TextEncoder(UMT5EncoderModel.from_pretrained(...), AutoTokenizer.from_pretrained(...))
     >>> ctx = text("a red fox running through snow")          # [1, tokens, 4096]
 
     ``max_length`` is the token budget (Wan: 512); longer prompts are truncated, as upstream.
@@ -46,23 +45,6 @@ class TextEncoder:
         self.max_length, self.cache_size = max_length, cache_size
         self.stats = TextStats()
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-
-    @classmethod
-    def from_pretrained(cls, folder: str | Path, *, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, **kwargs) -> "TextEncoder":
-        """Load ``folder/text_encoder`` (a ``UMT5EncoderModel``) and ``folder/tokenizer`` from a local
-        diffusers-format Wan folder (nothing is downloaded)."""
-        from transformers import AutoTokenizer, UMT5EncoderModel
-
-        folder = Path(folder)
-        for sub in ("text_encoder", "tokenizer"):
-            if not (folder / sub).is_dir():
-                raise CheckpointError(f"{folder} has no {sub}/ folder",
-                                      fix="point at a diffusers-format Wan folder (transformer/, vae/, "
-                                          "text_encoder/, tokenizer/)")
-        encoder = UMT5EncoderModel.from_pretrained(str(folder / "text_encoder"), dtype=dtype, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
-        return cls(encoder.to(device), tokenizer, **kwargs)
 
     @property
     def device(self) -> torch.device:

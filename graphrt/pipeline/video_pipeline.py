@@ -114,6 +114,7 @@ class VideoPipeline:
         if not isinstance(num_chunks, int) or num_chunks < 1:
             raise InputError("num_chunks must be an int >= 1", got=num_chunks)
         sessions: list[Session] = []
+        chunks = None
         try:
             for p, s in zip(prompts, seeds):
                 sessions.append(self.open(p, seed=s, num_chunks=num_chunks))
@@ -123,6 +124,8 @@ class VideoPipeline:
                 frames = [futures[s.id].result() for s in sessions]
                 yield frames[0] if isinstance(prompt, str) else torch.stack(frames)
         finally:
+            if chunks is not None:
+                chunks.close()           # a stream left early: the producer stops before its sessions close
             for s in sessions:
                 self.close(s)
 
