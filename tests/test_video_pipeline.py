@@ -145,6 +145,12 @@ def test_overlap_equals_sequential_and_streams(parts):
         assert torch.equal(a, b)
 
 
+def test_overlap_equals_sequential_bf16():
+    parts = tiny_wan(VideoShape(64, 64, chunk_frames=2, chunks=3, text_len=16), dtype=torch.bfloat16)
+    seq, ovl = (list(_pipe(parts, overlap=o).stream(PROMPT, num_chunks=3, seed=2)) for o in (False, True))
+    assert all(torch.equal(a, b) for a, b in zip(seq, ovl)) and len(seq) == 3
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_leaving_a_stream_early_closes_it(parts, overlap):
     pipe = _pipe(parts, overlap=overlap)
