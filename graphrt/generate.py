@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import os
 import time
 
 import torch
@@ -110,7 +111,11 @@ def main(argv=None) -> int:
                 bar.update(task, advance=1, frames=written)
         seconds = time.perf_counter() - t0
         pipe.shutdown()
-    except (GraphrtError, OSError) as e:
+    except BaseException as e:
+        if written:                                # no half-written video left behind as if it were done
+            os.remove(opts.out)
+        if not isinstance(e, (GraphrtError, OSError)):
+            raise
         console.print(f"[red]error:[/] {e}")
         return 2
     h, w = out.size

@@ -135,6 +135,9 @@ class WanVAEDecoder:
             raise InputError("the decoder takes one video's latents at a time",
                              expected=f"[1, {self.z_dim}, frames, h, w]", got=list(latents.shape),
                              fix="decode each session's chunk with its own DecoderState")
+        if state.slot is None and state.feat_cache is None:
+            raise InputError("this DecoderState was released: its video is finished",
+                             fix="start the next video with new_state()")
         if state.slot is None and len(state.feat_cache) != self._convs:
             raise InputError("this DecoderState belongs to another decoder", expected=f"{self._convs} cache slots",
                              got=len(state.feat_cache), fix="make states with this decoder's new_state()")
@@ -175,6 +178,8 @@ class WanVAEDecoder:
 
         if videos < 1:
             raise InputError("videos must be >= 1", got=videos)
+        if self.graphs is not None:
+            raise InputError("the decoder is already captured", fix="capture once, before the first decode")
         std = self._scale[0]
         state = self.new_state()
         x = self.vae.post_quant_conv(torch.zeros(1, self.z_dim, 2, height, width, device=std.device, dtype=std.dtype))
@@ -200,6 +205,7 @@ class WanVAEDecoder:
         if state.slot is not None:
             self._free.append(state.slot)
             state.slot = None
+            state.feat_cache = None
 
     @torch.no_grad()
     def decode_all(self, latents: torch.Tensor) -> torch.Tensor:
