@@ -8,7 +8,8 @@ README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 CPU = [('device = "cuda"', 'device = "cpu"'), ('WanConfig.preset("wan-1.3b")', 'WanConfig.preset("tiny")')]
 
 
-def test_readme_python_examples_run_on_the_cpu():
+def test_readme_python_examples_run_on_the_cpu(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                               # the examples write files (fox.mp4)
     text = README.read_text()
     assert 'To run this on a CPU: `device = "cpu"` and `WanConfig.preset("tiny")`' in text   # the stated substitutions
     code = "\n".join(re.findall(r"```python\n(.*?)```", text, flags=re.S))
@@ -26,6 +27,8 @@ def test_readme_python_examples_run_on_the_cpu():
     assert set(ns["outs"]) == {ns["a"], ns["b"]} and list(engine.sessions.values()) == [ns["b"]]
     assert engine.graphs.stats.captures == 3                  # 2 KV lengths at batch 1, then batch 2
     assert ns["g"].stats.captures == 3 and ns["y"].shape == (3, 64) and ns["report"].ok
+    assert ns["clip"].shape == (21, 64, 64, 3) and ns["clip"].dtype == torch.uint8 and (tmp_path / "fox.mp4").exists()
+    assert ns["first"].shape == (9, 64, 64, 3) and ns["pipe"].engine.sessions == {}
 
 
 def test_dependencies_are_what_the_package_imports():

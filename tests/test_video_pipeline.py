@@ -195,29 +195,29 @@ def test_batched_sessions_keep_their_own_decoder_state(parts):
     """Two sessions batched in the DiT, the second joining a chunk later: each one's frames are its
     own latents decoded alone from an empty cache."""
     pipe = _pipe(parts, max_sessions=2, overlap=True)
-    latents: dict[int, list] = {}
+    latents: dict = {}
     step = pipe.engine.step
 
     def recording_step(*a, **kw):
         out = step(*a, **kw)
-        for sid, z in out.items():
-            latents.setdefault(sid, []).append(z)
+        for session, z in out.items():
+            latents.setdefault(session, []).append(z)
         return out
 
     pipe.engine.step = recording_step
     a = pipe.open(PROMPT, seed=1, num_chunks=3)
-    frames = {a.id: [pipe.step()[a.id].result()]}
+    frames = {a: [pipe.step()[a].result()]}
     b = pipe.open("a blue bird flies", seed=2, num_chunks=2)
-    frames[b.id] = []
+    frames[b] = []
     for _ in range(2):
         futures = pipe.step()
-        assert set(futures) == {a.id, b.id}                   # one batched DiT step for both
-        for sid, f in futures.items():
-            frames[sid].append(f.result())
+        assert set(futures) == {a, b}                         # one batched DiT step for both
+        for session, f in futures.items():
+            frames[session].append(f.result())
     dec = WanVAEDecoder(parts.vae)
     for s in (a, b):
-        want = dec.decode_all(torch.cat(latents[s.id], dim=2))
-        assert torch.equal(torch.cat(frames[s.id]), want), s.id
+        want = dec.decode_all(torch.cat(latents[s], dim=2))
+        assert torch.equal(torch.cat(frames[s]), want), s.id
     pipe.close(a)
     pipe.close(b)
     pipe.engine.open(torch.zeros(1, 3, 32), seed=0)            # not through the pipeline: no decoder

@@ -5,13 +5,14 @@ import os
 from fractions import Fraction
 from typing import Iterable
 
-import numpy as np
 import torch
 
 from graphrt.errors import BackendUnavailableError, InputError
 
 
-def _as_frames(frames) -> np.ndarray:
+def _as_frames(frames):
+    import numpy as np                  # PyAV's frames are numpy arrays (numpy comes with the video extra)
+
     arr = frames.detach().cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
         raise InputError("video frames must be uint8 [T, H, W, 3] (RGB)", got=f"{arr.dtype} {list(arr.shape)}",
@@ -83,7 +84,8 @@ class VideoWriter:
 def save_video(frames, path: str | os.PathLike, fps: float = 16, **kwargs) -> str:
     """Write ``frames`` (uint8 ``[T, H, W, 3]``, or an iterable of such chunks) to an mp4 at
     ``path``; returns the path. ``kwargs`` go to :class:`VideoWriter`."""
-    chunks: Iterable = [frames] if isinstance(frames, (torch.Tensor, np.ndarray)) else frames
+    chunks: Iterable = [frames] if isinstance(frames, torch.Tensor) or hasattr(frames, "__array_interface__") \
+        else frames
     with VideoWriter(path, fps, **kwargs) as w:
         for chunk in chunks:
             w.write(chunk)

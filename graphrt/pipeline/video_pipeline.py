@@ -37,7 +37,7 @@ class VideoPipeline:
 
     Many users: ``s = pipe.open(prompt, seed=1)``; ``futures = pipe.step()`` runs one DiT chunk for
     every open session (batched) and queues each session's decode with its own decoder state;
-    ``futures[s.id].result()`` is that chunk's frames.
+    ``futures[s].result()`` is that chunk's frames.
     """
 
     def __init__(self, engine: Engine, text: TextEncoder, decoder: Decoder, *, overlap: bool = True):
@@ -88,18 +88,16 @@ class VideoPipeline:
             self.queue.release(session.decoder)
 
     @torch.no_grad()
-    def step(self, sessions: Sequence[Session] | None = None) -> dict[int, cf.Future]:
-        """One DiT chunk for each active session (batched), each session's decode queued with its
-        own decoder state. Returns session id -> future of the chunk's frames (uint8, host)."""
+    def step(self, sessions: Sequence[Session] | None = None) -> dict[Session, cf.Future]:
+        """One DiT chunk for each active session (batched, as :meth:`Engine.step`), each session's
+        decode queued with its own decoder state. Returns session -> future of the chunk's frames
+        (uint8, on the host)."""
         latents = self.engine.step(sessions)
-        out = {}
-        for sid, lat in latents.items():
-            state = self.engine.sessions[sid].decoder
-            if state is None:
-                raise InputError(f"session {sid} has no decoder state",
-                                 fix="open sessions with VideoPipeline.open(), not Engine.open()")
-            out[sid] = self.queue.submit(lat, state)
-        return out
+        missing = [s.id for s in latents if s.decoder is None]
+        if missing:
+            raise InputError(f"session(s) {missing} have no decoder state",
+                             fix="open sessions with VideoPipeline.open(), not Engine.open()")
+        return {s: self.queue.submit(lat, s.decoder) for s, lat in latents.items()}
 
     # -- whole videos -----------------------------------------------------------------------------
     def stream(self, prompt: str | Sequence[str], num_chunks: int, seed: int | Sequence[int] = 0
@@ -121,7 +119,7 @@ class VideoPipeline:
             chunks = self._overlapped(sessions, num_chunks) if self.queue.overlap else \
                 (self.step(sessions) for _ in range(num_chunks))
             for futures in chunks:
-                frames = [futures[s.id].result() for s in sessions]
+                frames = [futures[s].result() for s in sessions]
                 yield frames[0] if isinstance(prompt, str) else torch.stack(frames)
         finally:
             if chunks is not None:
@@ -129,7 +127,7 @@ class VideoPipeline:
             for s in sessions:
                 self.close(s)
 
-    def _overlapped(self, sessions: list[Session], num_chunks: int) -> Iterator[dict[int, cf.Future]]:
+    def _overlapped(self, sessions: list[Session], num_chunks: int) -> Iterator[dict[Session, cf.Future]]:
         """The DiT chunks on a producer thread, which never waits for a decode; the caller gets
         each chunk's futures in order and waits only for the frames it is about to yield."""
         ready: queue.Queue = queue.Queue()
