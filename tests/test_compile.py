@@ -574,7 +574,7 @@ def test_verify_compares_what_the_replay_wrote():
 def test_write_log_costs_what_one_forward_writes_and_undoes_it(cfg):
     """Verification records the rows a forward writes, not the KV pool: a small fraction of it,
     and undoing leaves every tensor as it was."""
-    from graphrt.capture.writes import WriteLog
+    from graphrt.capture.undo import WriteLog
 
     cfg = cfg.replace(max_frames=21)
     model = CausalWan(cfg, attention="sdpa").eval()
@@ -588,7 +588,7 @@ def test_write_log_costs_what_one_forward_writes_and_undoes_it(cfg):
     rows = 2 * 3 * cfg.frame_tokens * cfg.dim * 4 * 2 * cfg.num_layers    # 2 rows x 1 chunk, K and V, fp32
     assert rows <= log.nbytes < 1.1 * rows and log.nbytes < pool / 7       # the chunk's rows, not the pool
     assert not all(torch.equal(t, before[n]) for n, t in cache.snapshot(data=True).items())
-    log.undo()
+    log.rollback()
     assert all(torch.equal(t, before[n]) for n, t in cache.snapshot(data=True).items())
 
 

@@ -14,6 +14,10 @@ Every backend captures ``flat_fn(*static_inputs) -> [output tensors]`` once and 
   eager costs, unless ``inductor`` compiles the trace.
 - :class:`EagerGraph`: no graph; runs the function on the static inputs (a control).
 
+Every run during capture goes through the capture's :class:`~graphrt.capture.undo.Sandbox` (one
+with no roots when none is given), so it leaves no trace in any tensor; compiled runs roll back
+what the recorded trace wrote.
+
 Outputs: both graph backends write their outputs into one arena per runtime that every bucket
 shares, so an output is valid until the next replay of *any* bucket (on CUDA, as with vLLM's
 shared outputs; on the CPU, the same lifetime, so code that keeps an output too long fails
@@ -25,13 +29,14 @@ import contextlib
 
 import torch
 
+from graphrt.capture.undo import Sandbox
 from graphrt.errors import CaptureError
 
 BACKENDS = ("cuda-graph", "cpu-graph", "eager")
 
 
 class EagerGraph:
-    def __init__(self, flat_fn, inputs, runtime, host_scalar=None):
+    def __init__(self, flat_fn, inputs, runtime, host_scalar=None, sandbox=None):
         self.fn, self.inputs = flat_fn, inputs
 
     def replay(self):
@@ -50,7 +55,7 @@ def _one_fake_mode():
         return contextlib.nullcontext()
 
 
-def trace(flat_fn, inputs, inductor: bool, host_scalar=None):
+def trace(flat_fn, inputs, inductor: bool, host_scalar=None, sandbox: Sandbox | None = None):
     """The aten ops of one call over ``inputs``, every Python value frozen (``make_fx``, real
     tensors: it runs once), optionally compiled by inductor. Each bucket gets its own GraphModule,
     so compiling many buckets never hits dynamo's recompile limit.
@@ -62,7 +67,7 @@ def trace(flat_fn, inputs, inductor: bool, host_scalar=None):
     from torch.fx.experimental.proxy_tensor import make_fx
 
     with _one_fake_mode():
-        gm = make_fx(flat_fn, tracing_mode="real")(*inputs)
+        gm = (sandbox or Sandbox({})).run(make_fx(flat_fn, tracing_mode="real"), *inputs)
     if host_scalar is not None:
         for name, t in list(gm.named_buffers()):
             if "." not in name and t.dim() == 0 and host_scalar(t):
@@ -73,10 +78,11 @@ def trace(flat_fn, inputs, inductor: bool, host_scalar=None):
 
 
 class CpuGraph:
-    def __init__(self, flat_fn, inputs, runtime, host_scalar=None):
+    def __init__(self, flat_fn, inputs, runtime, host_scalar=None, sandbox=None):
+        sandbox = sandbox or Sandbox({})
         self.inputs = inputs
-        self.run = trace(flat_fn, inputs, runtime.inductor, host_scalar)
-        first = self.run(*inputs)                     # compiles, if inductor
+        self.run = trace(flat_fn, inputs, runtime.inductor, host_scalar, sandbox)
+        first = (sandbox.run_opaque if runtime.inductor else sandbox.run)(self.run, *inputs)   # compiles, if inductor
         self.outputs = runtime.output_slots(first)
         for static, out in zip(self.outputs, first):
             static.copy_(out)
@@ -106,23 +112,26 @@ class CudaGraph:
     longer routes to the pool, the default generator is out of capture mode, and the error names
     its first cause."""
 
-    def __init__(self, flat_fn, inputs, runtime, host_scalar=None):
+    def __init__(self, flat_fn, inputs, runtime, host_scalar=None, sandbox=None):
+        sandbox = sandbox or Sandbox({})
         self.device = runtime.device
         self.inputs = inputs
+        warm = sandbox.run_opaque if runtime.inductor else sandbox.run
         with torch.cuda.device(self.device):
             # keep the compiled callable: the graph replays its kernels and reads its constants
-            self.fn = trace(flat_fn, inputs, inductor=True) if runtime.inductor else flat_fn
+            self.fn = trace(flat_fn, inputs, True, None, sandbox) if runtime.inductor else flat_fn
             caller = torch.cuda.current_stream()
             stream = runtime.side_stream()
             stream.wait_stream(caller)
             with torch.cuda.stream(stream):
                 for _ in range(runtime.warmup):
-                    outs = self.fn(*inputs)
+                    outs = warm(self.fn, *inputs)
             caller.wait_stream(stream)
             self.outputs = runtime.output_slots(outs)
             del outs
             self.graph = torch.cuda.CUDAGraph()
-            self._capture(stream, caller, runtime)
+            with sandbox.unexecuted():            # no kernel runs; Python could still rebind state
+                self._capture(stream, caller, runtime)
 
     def _capture(self, stream, caller, runtime):
         torch.cuda.synchronize()

@@ -18,6 +18,7 @@ import torch.utils._pytree as pytree
 
 from graphrt.capture.backends import BACKENDS, GRAPH_CLASSES
 from graphrt.capture.hostreads import HostReadRecorder, device_tensors, storage_key
+from graphrt.capture.undo import Sandbox, roots_of
 from graphrt.errors import BackendUnavailableError, CaptureError, GraphrtWarning, HostReadError
 
 
@@ -145,11 +146,13 @@ def rng_guard(device: torch.device):
 
 
 def capture(runtime: Runtime, fn: Callable, rebuild: Callable, inputs: list[torch.Tensor], states,
-            where: str) -> Captured:
+            where: str, roots: dict | None = None) -> Captured:
     """Capture ``fn(*rebuild(inputs))`` over the static ``inputs`` (a list of tensors).
 
-    ``rebuild(tensors) -> (args, kwargs)`` puts the tensors back into the call's structure.
-    Refuses a forward with host reads, host values or host tensors (the report names each
+    ``rebuild(tensors) -> (args, kwargs)`` puts the tensors back into the call's structure; ``roots``
+    names the call's argument objects (a cache passed in). Every run before the real call (check,
+    warm-ups, trace) runs in a :class:`~graphrt.capture.undo.Sandbox`: its writes are undone and a
+    rebound attribute is refused. Refuses a forward with host reads, host values or host tensors (the report names each
     file:line) and warns when it draws random numbers (each replay draws new ones).
     """
     out_info: dict[str, Any] = {}
@@ -164,11 +167,12 @@ def capture(runtime: Runtime, fn: Callable, rebuild: Callable, inputs: list[torc
     owner = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
     known = device_tensors(owner, states, inputs)
     t0 = time.perf_counter()
+    sandbox = Sandbox(roots_of(fn, roots), where)
     with torch.no_grad(), rng_guard(runtime.device), state_guard(states):
         if runtime.check_host_reads:
             recorder = HostReadRecorder(known=known)
             with recorder:
-                flat_fn(*inputs)
+                sandbox.run(flat_fn, *inputs)
             report = recorder.report()
             if not report.ok:
                 raise HostReadError(report)
@@ -180,7 +184,7 @@ def capture(runtime: Runtime, fn: Callable, rebuild: Callable, inputs: list[torc
         host_scalar = None if runtime.backend == "cuda-graph" else (
             lambda t: not isinstance(t, torch.nn.Parameter) and storage_key(t) not in stored)
         try:
-            graph = GRAPH_CLASSES[runtime.backend](flat_fn, inputs, runtime, host_scalar)
+            graph = GRAPH_CLASSES[runtime.backend](flat_fn, inputs, runtime, host_scalar, sandbox)
         except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
             if isinstance(e, CaptureError):
                 raise

@@ -82,7 +82,7 @@ def _tracked(t) -> bool:
 # -- what one write overwrote ---------------------------------------------------------------------
 @dataclasses.dataclass
 class _Region:
-    """The part of ``tensor`` one op overwrote, and what it held before."""
+    """The part of ``tensor`` one op overwrote (``op``: which), and what it held before."""
 
     tensor: torch.Tensor
 
@@ -246,7 +246,9 @@ class WriteLog(TorchDispatchMode):
                     target = kwargs.get(name) if pos is None else (args[pos] if pos < len(args) else kwargs.get(name))
                     for t in (target if isinstance(target, (list, tuple)) else (target,)):
                         if _tracked(t) and _storage_ptr(t) not in self._fresh:
-                            self.regions.append(_region(func, t, name, args, kwargs).save())
+                            region = _region(func, t, name, args, kwargs)
+                            region.op = str(func)
+                            self.regions.append(region.save())
         out = func(*args, **kwargs)
         if not written:
             inputs = {_storage_ptr(t) for t in pytree.tree_leaves((args, kwargs)) if _tracked(t)}

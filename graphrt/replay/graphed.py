@@ -21,7 +21,7 @@ from graphrt.capture.backends import BACKENDS
 from graphrt.capture.buckets import (Buckets, BucketKey, Request, StateRef, TensorSpec, bind,
                                      is_runtime_state, parameter_names)
 from graphrt.capture.capture import Captured, Runtime, capture, resolve_backend
-from graphrt.capture.writes import WriteLog, tensor_names
+from graphrt.capture.undo import Bindings, WriteLog, roots_of
 from graphrt.errors import (BackendUnavailableError, BucketMissError, CaptureError, InputError, ReplayMismatchError,
                             SignatureError)
 from graphrt.tolerance import max_rel_err, tolerance
@@ -51,24 +51,6 @@ class _Bucket:
 
     def tensor_positions(self):
         return [i for i, x in enumerate(self.leaves) if isinstance(x, torch.Tensor)]
-
-
-class ModuleBuffers:
-    """Runtime state of an ``nn.Module`` held in its buffers: snapshot and restored around capture
-    and verification, so warm-up runs leave no trace there either."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.module = module
-
-    def snapshot(self, data: bool = False):
-        return {name: b.clone() for name, b in self.module.named_buffers()}
-
-    def restore(self, snap):
-        for name, b in self.module.named_buffers():
-            b.copy_(snap[name])
-
-    def reset(self):
-        """Module buffers have no "empty" graphrt knows of: give the module the state protocol."""
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -105,12 +87,8 @@ class GraphedModule:
         self._graphs: dict[BucketKey, _Bucket] = {}
         self._buffers: dict[tuple, torch.Tensor] = {}
         owner = self.module if self.module is not None else getattr(fn, "__self__", None)
-        if is_runtime_state(fn) or is_runtime_state(owner):
-            own = [fn if is_runtime_state(fn) else owner]
-        elif isinstance(owner, torch.nn.Module) and any(True for _ in owner.buffers()):
-            own = [ModuleBuffers(owner)]    # a module's (or a bound method's module's) buffers
-        else:
-            own = []
+        # module buffers, closures and argument objects need no declaration: capture's write log undoes them
+        own = [fn if is_runtime_state(fn) else owner] if is_runtime_state(fn) or is_runtime_state(owner) else []
         self._fixed_states = list(states) + own          # always guarded
         self._states: dict[int, Any] = {id(s): s for s in self._fixed_states}   # every state seen, for reset()
 
@@ -257,7 +235,7 @@ class GraphedModule:
             return req.rebuild(filled)
 
         entry.captured = capture(self.runtime, self.fn, rebuild, [leaves[i] for i in positions], entry.states,
-                                 where=f"bucket [{key}]")
+                                 where=f"bucket [{key}]", roots=_object_roots(req))
         self.stats.pool_bytes = self.runtime.pool_bytes()
         self.stats.captures += 1
         self.stats.capture_seconds += entry.captured.seconds
@@ -308,18 +286,19 @@ class GraphedModule:
         states = entry.states
         snaps = [s.snapshot() for s in states]               # Python-side state: positions, flags
         args, kwargs = entry.request.rebuild(entry.leaves)
-        log = WriteLog(tensor_names(*states, *([self.module] if self.module is not None else [])))
-        with log:
+        with WriteLog() as log:
             eager = [x.clone() for x in pytree.tree_flatten(self.fn(*args, **kwargs))[0]
                      if isinstance(x, torch.Tensor)]
-        wrote = log.values()
-        log.undo()
+        wrote = log.contents()
+        log.rollback()
         for s, snap in zip(states, snaps):
             s.restore(snap)
         outs = entry.captured.graph.replay()
         exact = not self.runtime.inductor
+        names = Bindings(roots_of(self.fn, {type(s).__name__: s for s in states} | _object_roots(entry.request))).names()
         pairs = [(f"output {i}", g, e) for i, (g, e) in enumerate(zip(outs, eager))]
-        pairs += [(f"{w.name} ({w.op})", now, e) for w, now, e in zip(log.writes, log.values(), wrote)]
+        pairs += [(f"{_region_name(r.tensor, names)} ({r.op})", now, e)
+                  for r, now, e in zip(log.regions, log.contents(), wrote)]
         for what, g, e in pairs:
             same = torch.equal(g, e) if exact or not g.is_floating_point() else \
                 max_rel_err(g, e) <= tolerance(g.dtype)
@@ -360,6 +339,18 @@ class GraphedModule:
             expected=f"one of the captured buckets: {existing}",
             fix="add the batch size / static value to the Buckets spec and prewarm again, or compile with "
                 "fallback='eager' to run such requests eagerly (counted in stats.eager_fallbacks)")
+
+
+def _object_roots(req: Request) -> dict[str, Any]:
+    """The call's argument objects (a cache, a dict's dataclass) by path: what capture must leave as found."""
+    return {p: x for p, x in zip(req.paths, req.leaves)
+            if not isinstance(x, (torch.Tensor, bool, int, float, complex, str, type(None)))}
+
+
+def _region_name(t: torch.Tensor, names: dict[int, str]) -> str:
+    base = t._base if t._base is not None else t
+    return names.get(id(t)) or names.get(id(base)) or \
+        f"a tensor {str(base.dtype).removeprefix('torch.')}{list(base.shape)} the function wrote"
 
 
 def compile(model_or_fn: Callable, *, buckets: Buckets | None = None, backend: str = "auto",
