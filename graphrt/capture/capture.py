@@ -105,6 +105,7 @@ class Captured:
     out_spec: pytree.TreeSpec
     out_consts: list             # output leaves, None where a tensor goes
     seconds: float
+    undo_bytes: int = 0          # the most one run before the real call wrote (and capture saved to undo it)
 
     def outputs(self, tensors):
         it = iter(tensors)
@@ -191,4 +192,4 @@ def capture(runtime: Runtime, fn: Callable, rebuild: Callable, inputs: list[torc
             raise CaptureError(f"capturing {where} failed: {type(e).__name__}: {e}",
                                fix="run the function eagerly with these inputs to see the error; "
                                    "graphrt.check(fn, ...) lists host reads") from e
-    return Captured(graph, out_info["spec"], out_info["consts"], time.perf_counter() - t0)
+    return Captured(graph, out_info["spec"], out_info["consts"], time.perf_counter() - t0, sandbox.peak_bytes)

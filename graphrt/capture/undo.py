@@ -282,30 +282,38 @@ _OPAQUE = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type
 
 @dataclasses.dataclass(frozen=True)
 class _Slot:
-    """Where a value lives: ``owner.<attr>`` or ``owner[key]``."""
+    """Where a value lives: ``owner[key]`` (kind "item"), ``owner.<key>`` ("attr") or a closure
+    cell's contents ("cell")."""
 
     owner: Any
     key: Any
-    item: bool                               # owner[key] rather than getattr(owner, key)
+    kind: str = "attr"
 
     def get(self, default=None):
-        if self.item:
+        if self.kind == "item":
             try:
                 return self.owner[self.key]
             except (KeyError, IndexError):
                 return default
+        if self.kind == "cell":
+            try:
+                return self.owner.cell_contents
+            except ValueError:
+                return default
         return self.owner.__dict__.get(self.key, default)
 
     def set(self, value) -> None:
-        if self.item:
+        if self.kind == "item":
             self.owner[self.key] = value
+        elif self.kind == "cell":
+            self.owner.cell_contents = value
         else:
             self.owner.__dict__[self.key] = value
 
     def delete(self) -> None:
-        if not self.item:
+        if self.kind == "attr":
             self.owner.__dict__.pop(self.key, None)
-        elif isinstance(self.owner, dict):
+        elif self.kind == "item" and isinstance(self.owner, dict):
             self.owner.pop(self.key, None)
 
 
@@ -347,7 +355,10 @@ class Bindings:
         self.slots: dict[str, tuple[_Slot, Any]] = {}
         self._seen: set[int] = set()
         for name, obj in roots.items():
-            self._walk(obj, name, 0)
+            if isinstance(obj, _Slot):                    # a closure cell or a global: rebinding it counts too
+                self._record(obj, obj.get(), name, -1)
+            else:
+                self._walk(obj, name, 0)
         self._seen.clear()
 
     def _record(self, slot: _Slot, value, path: str, level: int):
@@ -363,29 +374,29 @@ class Bindings:
         self._seen.add(id(obj))
         if isinstance(obj, torch.nn.Module):
             for name, b in obj._buffers.items():
-                self._record(_Slot(obj._buffers, name, True), b, f"{path}.{name}", 0)
+                self._record(_Slot(obj._buffers, name, "item"), b, f"{path}.{name}", 0)
             for name, m in obj._modules.items():
                 if m is not None:
                     self._walk(m, f"{path}.{name}", 0)
             items = [(k, v) for k, v in vars(obj).items() if not k.startswith("_") and k != "training"]
             for k, v in items:
-                self._record(_Slot(obj, k, False), v, f"{path}.{k}", 0)
+                self._record(_Slot(obj, k), v, f"{path}.{k}", 0)
             return
         if level >= self.depth:
             return
         if isinstance(obj, dict):
             for k, v in list(obj.items())[:self.max_items]:
                 if isinstance(k, (str, int)):
-                    self._record(_Slot(obj, k, True), v, f"{path}[{k!r}]", level)
+                    self._record(_Slot(obj, k, "item"), v, f"{path}[{k!r}]", level)
         elif isinstance(obj, list):
             for i, v in enumerate(obj[:self.max_items]):
-                self._record(_Slot(obj, i, True), v, f"{path}[{i}]", level)
+                self._record(_Slot(obj, i, "item"), v, f"{path}[{i}]", level)
         elif isinstance(obj, tuple):
             for i, v in enumerate(obj[:self.max_items]):   # immutable: only what it holds can change
                 self._walk(v, f"{path}[{i}]", level + 1)
         elif hasattr(obj, "__dict__"):
             for k, v in list(vars(obj).items())[:self.max_items]:
-                self._record(_Slot(obj, k, False), v, f"{path}.{k}", level)
+                self._record(_Slot(obj, k), v, f"{path}.{k}", level)
 
     def changes(self) -> list[Change]:
         """Every recorded binding that no longer holds what it held, and tensors bound since."""
@@ -425,8 +436,8 @@ class Bindings:
 
 def roots_of(fn: Callable, named: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a call of ``fn`` can reach besides its tensors: the module (or a bound method's owner),
-    closure cells, the globals its code names (not modules, functions or classes), and ``named``
-    (the call's argument objects by name)."""
+    closure cells and the globals its code names (as slots, so rebinding them counts; not modules,
+    functions or classes), and ``named`` (the call's argument objects by name)."""
     roots: dict[str, Any] = {}
     owner = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
     if owner is not None and not isinstance(owner, types.ModuleType):
@@ -435,14 +446,11 @@ def roots_of(fn: Callable, named: dict[str, Any] | None = None) -> dict[str, Any
     code = getattr(func, "__code__", None)
     if code is not None:
         for name, cell in zip(code.co_freevars, func.__closure__ or ()):
-            try:
-                roots[name] = cell.cell_contents
-            except ValueError:               # an empty cell
-                pass
+            roots[name] = _Slot(cell, name, "cell")
         g = getattr(func, "__globals__", {})
         for name in code.co_names:
             if name in g and not isinstance(g[name], _OPAQUE):
-                roots.setdefault(name, g[name])
+                roots.setdefault(name, _Slot(g, name, "item"))
     roots.update(named or {})
     return roots
 

@@ -18,7 +18,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from graphrt.capture.backends import BACKENDS
-from graphrt.capture.buckets import (Buckets, BucketKey, Request, StateRef, TensorSpec, bind,
+from graphrt.capture.buckets import (Buckets, BucketKey, PyValue, Request, StateRef, TensorSpec, bind,
                                      is_runtime_state, parameter_names)
 from graphrt.capture.capture import Captured, Runtime, capture, resolve_backend
 from graphrt.capture.undo import Bindings, WriteLog, roots_of
@@ -37,6 +37,7 @@ class GraphStats:
     verified: int = 0
     capture_seconds: float = 0.0
     pool_bytes: int | None = 0      # None under cudaMallocAsync (no memory snapshots)
+    undo_bytes: int = 0             # the most capture saved to undo one run (what it wrote, not the caches)
 
 
 @dataclass
@@ -105,6 +106,7 @@ class GraphedModule:
         entry = self._graphs.get(key)
         captured_now = entry is None
         if entry is None:
+            self._refuse_swapped_objects(key)
             why = self.buckets.allows(key)
             if self.sealed or why:
                 return self._miss(req, key, why)
@@ -208,7 +210,25 @@ class GraphedModule:
         buf = self._buffers[k]
         return buf[:spec.shape[0]] if spec.batched else buf
 
+    def _refuse_swapped_objects(self, key: BucketKey) -> None:
+        """A request that differs from a captured bucket only in a stateful argument object (a cache):
+        the graph reads and writes that object's tensors, so another object needs another graph, and
+        each would hold its cache alive. Refused, with the argument named."""
+        for k in self._graphs:
+            if (k.batch, k.statics, k.structure) != (key.batch, key.statics, key.structure):
+                continue
+            old, new = dict(k.signature), dict(key.signature)
+            diffs = [p for p in new if old.get(p) != new[p]]
+            if diffs and all(_stateful(old.get(p)) and _stateful(new[p]) for p in diffs):
+                p = diffs[0]
+                raise SignatureError(
+                    f"{p} is another {type(new[p].value).__name__} object than the one bucket [{k}] was captured with",
+                    expected=f"the captured object at {id(old[p].value):#x}", got=f"an object at {id(new[p].value):#x}",
+                    fix="a graph reads and writes the tensors of the object it was captured with: pass that object "
+                        "again (reset it for a new sequence), or compile one graphrt.compile(...) per object")
+
     def _capture(self, key: BucketKey, req: Request, load: bool = True) -> _Bucket:
+        _check_caches(req, key)
         if self.runtime is None:
             device = self._device(req)
             self.runtime = Runtime(resolve_backend(self.backend, device), inductor=self.inductor,
@@ -239,6 +259,7 @@ class GraphedModule:
         self.stats.pool_bytes = self.runtime.pool_bytes()
         self.stats.captures += 1
         self.stats.capture_seconds += entry.captured.seconds
+        self.stats.undo_bytes = max(self.stats.undo_bytes, entry.captured.undo_bytes)
         self._graphs[key] = entry
         return entry
 
@@ -345,6 +366,31 @@ def _object_roots(req: Request) -> dict[str, Any]:
     """The call's argument objects (a cache, a dict's dataclass) by path: what capture must leave as found."""
     return {p: x for p, x in zip(req.paths, req.leaves)
             if not isinstance(x, (torch.Tensor, bool, int, float, complex, str, type(None)))}
+
+
+def _stateful(v) -> bool:
+    """A Python leaf keyed by identity that holds tensors (a transformers Cache, a state dataclass)."""
+    if not isinstance(v, PyValue) or type(v.value).__eq__ is not object.__eq__:
+        return False
+    return any(isinstance(x, torch.Tensor) for _, x in Bindings({"arg": v.value}).slots.values())
+
+
+def _check_caches(req: Request, key: BucketKey) -> None:
+    """transformers caches among the arguments: a layout a graph can replay, rows for the batch run."""
+    caches = {p: x for p, x in _object_roots(req).items() if type(x).__module__.startswith("transformers.")}
+    if not caches:
+        return
+    from graphrt.llm.cache import check_batch, check_layout, is_transformers_cache
+
+    batch = key.batch
+    if batch is None:
+        batch = next((x.shape[0] for p, x in zip(req.paths, req.leaves)
+                      if p in ("input_ids", "inputs_embeds") and isinstance(x, torch.Tensor)), None)
+    for path, cache in caches.items():
+        if is_transformers_cache(cache):
+            check_layout(cache)
+            if batch is not None:
+                check_batch(cache, batch, path)
 
 
 def _region_name(t: torch.Tensor, names: dict[int, str]) -> str:
