@@ -18,6 +18,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from graphrt.bench.core import MODES, PRESETS, BenchConfig, ModeResult, run
+from graphrt.bench.llm import PRESETS as LLM_PRESETS, is_llm_argv, main as llm_main
 from graphrt.attention import BACKENDS
 from graphrt.errors import ConfigError, GraphrtError
 from graphrt.kv import KV_DTYPES
@@ -25,8 +26,9 @@ from graphrt.kv import KV_DTYPES
 
 def _args(argv):
     p = argparse.ArgumentParser(prog="python -m graphrt.bench", description=__doc__)
-    p.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
-                   help="auto: tiny on the CPU, wan-1.3b-480p on CUDA")
+    p.add_argument("--preset", default="auto", choices=["auto", *PRESETS, *LLM_PRESETS],
+                   help="auto: tiny on the CPU, wan-1.3b-480p on CUDA; the llama-* presets bench LLM decode "
+                        "(their options: python -m graphrt.bench.llm --help)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--batch", type=int, default=1, help="videos generated together (sessions in one batch)")
     p.add_argument("--chunks", type=int, help="chunks per video (default: the preset's)")
@@ -178,6 +180,8 @@ def _one_line(e: Exception) -> str:
 
 
 def main(argv=None) -> int:
+    if is_llm_argv(argv):
+        return llm_main(argv)
     opts = _args(argv)
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 220)
     errors = Console(stderr=True, highlight=False, soft_wrap=True)

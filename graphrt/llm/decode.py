@@ -41,7 +41,7 @@ class DecodeStats:
     prompt_tokens: int = 0
     new_tokens: int = 0              # tokens per row generated (stops early when every row has stopped)
     host_reads: int = 0              # reads the loop made (stop checks); the replays make none
-    prefill_s: float = 0.0
+    prefill_s: float = 0.0           # host wall time (no device sync)
     decode_s: float = 0.0
 
 
@@ -91,6 +91,7 @@ class Decoder:
         self.has_stop = bool(stop_tokens)
         self.done = torch.zeros(self.max_batch, dtype=torch.bool, device=self.device)
         self.stats = DecodeStats()
+        self._budget = 0
         self.graphs = None
         if mode == "graphs":
             self.graphs = graphrt_compile(self._step, buckets=Buckets(self.batch_sizes, batch_args=("tokens",)),
@@ -120,9 +121,9 @@ class Decoder:
         return self
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy tokens after ``input_ids`` [B, T] (one prompt length per batch): [B, n] with
-        ``n <= max_new_tokens`` (fewer when every row met a stop token); a finished row is padded."""
+    def start(self, input_ids: torch.Tensor, max_new_tokens: int = 1) -> torch.Tensor:
+        """Reset the cache and prefill ``input_ids`` [B, T] eagerly (one prompt length per batch);
+        returns the first new token per row [B]. Refuses a request that would run past the cache."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise InputError("input_ids must be an int64 tensor [batch, prompt_len]",
                              got=getattr(input_ids, "shape", type(input_ids).__name__))
@@ -138,32 +139,49 @@ class Decoder:
             raise CacheError(f"the request runs past the cache: prompt {prompt} + {max_new_tokens} new tokens needs "
                              f"{last} positions", expected=f"<= max_cache_len = {self.max_cache_len}", got=last,
                              fix="build the Decoder with a larger max_cache_len, or ask for fewer tokens")
-        input_ids = input_ids.to(self.device)
         bucket = None if self.graphs is None else next(b for b in self.batch_sizes if b >= batch)
         self.stats = DecodeStats(batch=batch, bucket=bucket, prompt_tokens=prompt)
-        t0 = time.perf_counter()
+        self._budget = max_new_tokens - 1
         self.cache.reset()
         self.done.zero_()
-        logits = self.model(input_ids=input_ids, past_key_values=self.view(batch), use_cache=True,
+        logits = self.model(input_ids=input_ids.to(self.device), past_key_values=self.view(batch), use_cache=True,
                             logits_to_keep=1).logits[:, -1]
         tok = logits.argmax(-1)
         self.done[:batch].logical_or_(torch.isin(tok, self.stop))
-        out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=self.device)
+        self.stats.new_tokens = 1
+        return tok
+
+    @torch.no_grad()
+    def step(self, tok: torch.Tensor) -> torch.Tensor:
+        """One decode step after :meth:`start`: the next token per row [B] (a static output in graph
+        mode: valid until the next step). Refuses a step past the tokens :meth:`start` allowed for."""
+        if self._budget < 1:
+            raise CacheError("a step past the request: the tokens start() was told of are all generated",
+                             expected=f"at most {self.stats.new_tokens - 1} steps after start()",
+                             fix="call start(input_ids, max_new_tokens) with the number of tokens you will step")
+        self._budget -= 1
+        self.stats.new_tokens += 1
+        return (self._step if self.graphs is None else self.graphs)(tok[:, None])
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy tokens after ``input_ids`` [B, T] (one prompt length per batch): [B, n] with
+        ``n <= max_new_tokens`` (fewer when every row met a stop token); a finished row is padded."""
+        t0 = time.perf_counter()
+        tok = self.start(input_ids, max_new_tokens)
+        out = torch.empty(tok.shape[0], max_new_tokens, dtype=torch.long, device=self.device)
         out[:, 0] = tok
         t1 = time.perf_counter()
-        self.stats.prefill_s = t1 - t0
         n = 1
-        step = self._step if self.graphs is None else self.graphs
         while n < max_new_tokens:
             if self.has_stop and n % self.check_every == 0:
                 self.stats.host_reads += 1
-                if bool(self.done[:batch].all()):     # host-read-ok: one stop check per check_every tokens
+                if bool(self.done[:tok.shape[0]].all()):   # host-read-ok: one stop check per check_every tokens
                     break
-            tok = step(tok[:, None])
+            tok = self.step(tok)
             out[:, n] = tok
             n += 1
-        self.stats.new_tokens = n
-        self.stats.decode_s = time.perf_counter() - t1
+        self.stats.prefill_s, self.stats.decode_s = t1 - t0, time.perf_counter() - t1
         return out[:, :n]
 
 

@@ -1,0 +1,52 @@
+"""python -m graphrt.bench --preset llama-tiny: dispatch, JSON summary, token agreement, exit codes."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from graphrt.bench.llm import MODES, PRESETS, LlmBenchConfig, is_llm_argv, run  # noqa: E402
+from graphrt.errors import ConfigError  # noqa: E402
+
+FIELDS = {"first_token_ms", "token_ms_median", "token_ms_p90", "token_cpu_ms_median", "tokens_per_s",
+          "host_reads_per_token", "graphs", "capture_s", "peak_mem_bytes", "token_agreement_vs_eager",
+          "first_mismatch_vs_eager", "speedup_vs_eager"}
+
+
+def test_llm_bench_cli(tmp_path):
+    out = tmp_path / "llm.json"
+    proc = subprocess.run([sys.executable, "-m", "graphrt.bench", "--preset", "llama-tiny", "--modes", "eager,graphs",
+                           "--new-tokens", "12", "--repeats", "1", "--batch", "2", "--no-progress", "--json", str(out),
+                           "--md", str(tmp_path / "llm.md")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert last == json.loads(out.read_text())
+    assert {"device", "torch", "cuda", "date", "preset", "config", "modes"} <= set(last)
+    assert last["preset"] == "llama-tiny" and last["config"]["batch"] == 2 and last["config"]["new_tokens"] == 12
+    assert last["device"] == "cpu (1 threads)"
+    for mode, r in last["modes"].items():
+        assert FIELDS <= set(r), (mode, FIELDS - set(r))
+        assert r["token_agreement_vs_eager"] == 1.0 and r["first_mismatch_vs_eager"] is None
+        assert r["host_reads_per_token"] == 0 and r["tokens_per_s"] > 0
+        assert r["token_ms_p90"] >= r["token_ms_median"] > 0
+    assert last["modes"]["graphs"]["graphs"] == 1 and last["modes"]["eager"]["graphs"] == 0
+    assert "graphrt.bench: llama-tiny" in proc.stdout and "| graphs |" in (tmp_path / "llm.md").read_text()
+
+
+@pytest.mark.parametrize("argv", [["--preset", "llama-tiny", "--modes", "warp"], ["--preset", "llama-tiny", "--batch", "0"],
+                                  ["--preset", "llama-tiny", "--threads", "0"]])
+def test_llm_bench_cli_refuses_bad_arguments(argv, capsys):
+    from graphrt.bench.__main__ import main
+
+    assert main(argv) == 2
+    assert "error" in capsys.readouterr().out
+
+
+def test_presets_and_dispatch():
+    assert {"llama-tiny", "llama-small"} <= set(PRESETS) and MODES == ("eager", "graphs", "graphs+inductor", "compile")
+    assert is_llm_argv(["--preset", "llama-small"]) and is_llm_argv(["--preset=llama-tiny"])
+    assert not is_llm_argv(["--preset", "tiny"]) and not is_llm_argv([])
+    with pytest.raises(ConfigError, match="unknown"):
+        run(LlmBenchConfig(modes=("eager", "fast")))
