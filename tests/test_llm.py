@@ -15,6 +15,7 @@ from graphrt.capture.undo import RebindError  # noqa: E402
 from graphrt.errors import CacheError, InputError, SignatureError  # noqa: E402
 from graphrt.llm import Decoder, greedy_eager  # noqa: E402
 
+CACHE = 64           # one static length for graphs and the eager reference: same kernels, same bits
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=256)
 
@@ -29,7 +30,7 @@ def prompts(batch, length=8, seed=1):
     return torch.randint(1, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def prefilled(model, batch, max_cache_len=64, ids=None, cache=None):
+def prefilled(model, batch, max_cache_len=CACHE, ids=None, cache=None):
     if cache is None:
         cache = transformers.StaticCache(config=model.config, max_cache_len=max_cache_len)
     cache.reset()
@@ -42,9 +43,9 @@ def prefilled(model, batch, max_cache_len=64, ids=None, cache=None):
 def test_greedy_decode_equals_eager_at_batch_1(dtype):
     model = llama(dtype=dtype)
     ids = prompts(1)
-    dec = Decoder(model, max_cache_len=64, verify=2, progress=False).prewarm()
+    dec = Decoder(model, max_cache_len=CACHE, verify=2, progress=False).prewarm()
     tokens = dec.generate(ids, 40)
-    assert torch.equal(tokens, greedy_eager(model, ids, 40))
+    assert torch.equal(tokens, greedy_eager(model, ids, 40, max_cache_len=CACHE))
     assert dec.stats.new_tokens == 40 and dec.stats.host_reads == 0 and dec.graphs.stats.verified == 2
     if dtype == torch.float32:                   # transformers' own static-cache generate agrees too
         hf = model.generate(ids, max_new_tokens=40, do_sample=False, cache_implementation="static",
@@ -52,13 +53,14 @@ def test_greedy_decode_equals_eager_at_batch_1(dtype):
         assert torch.equal(tokens, hf[:, ids.shape[1]:])
 
 
-def test_batch_buckets_equal_eager_per_batch():
-    model = llama()
-    dec = Decoder(model, max_cache_len=64, batch_sizes=(1, 2, 4), verify=1, progress=False).prewarm()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_buckets_equal_eager_per_batch(dtype):
+    model = llama(dtype=dtype)
+    dec = Decoder(model, max_cache_len=CACHE, batch_sizes=(1, 2, 4), verify=1, progress=False).prewarm()
     assert sorted(k.batch for k in dec.graphs.keys) == [1, 2, 4] and dec.graphs.sealed
     for batch in (1, 2, 3, 4):
         ids = prompts(batch, seed=batch)
-        assert torch.equal(dec.generate(ids, 32), greedy_eager(model, ids, 32)), batch
+        assert torch.equal(dec.generate(ids, 32), greedy_eager(model, ids, 32, max_cache_len=CACHE)), batch
         assert dec.stats.bucket == {1: 1, 2: 2, 3: 4, 4: 4}[batch]
     assert dec.graphs.stats.captures == 3 and dec.graphs.stats.eager_fallbacks == 0
 
@@ -108,17 +110,17 @@ def test_capture_leaves_no_trace_in_a_static_cache_argument():
 def test_decode_with_inductor_equals_eager():
     model = llama(layers=1)
     ids = prompts(1)
-    dec = Decoder(model, max_cache_len=48, inductor=True, progress=False).prewarm()
-    assert torch.equal(dec.generate(ids, 32), greedy_eager(model, ids, 32))
+    dec = Decoder(model, max_cache_len=CACHE, inductor=True, progress=False).prewarm()
+    assert torch.equal(dec.generate(ids, 32), greedy_eager(model, ids, 32, max_cache_len=CACHE))
 
 
 def test_stop_tokens_pad_finished_rows_and_stop_early():
     model = llama()
     ids = prompts(2)
-    ref = greedy_eager(model, ids, 48)
+    ref = greedy_eager(model, ids, 48, max_cache_len=CACHE)
     stops = {int(ref[0, 5]), int(ref[1, 9])}      # each row meets one by its 6th / 10th token
     ends = [int(next(i for i, t in enumerate(ref[r].tolist()) if t in stops)) + 1 for r in range(2)]
-    dec = Decoder(model, max_cache_len=64, batch_sizes=(2,), stop_tokens=sorted(stops), check_every=4,
+    dec = Decoder(model, max_cache_len=CACHE, batch_sizes=(2,), stop_tokens=sorted(stops), check_every=4,
                   progress=False).prewarm()
     out = dec.generate(ids, 48)
     for row, end in enumerate(ends):
@@ -134,10 +136,10 @@ def test_hybrid_family_goes_through_the_same_path():
     cfg = transformers.Lfm2Config(num_hidden_layers=4, layer_types=["conv", "full_attention"] * 2, **SMALL)
     model = transformers.Lfm2ForCausalLM(cfg).eval()
     ids = prompts(2)
-    dec = Decoder(model, max_cache_len=64, batch_sizes=(1, 2), verify=2, progress=False).prewarm()
+    dec = Decoder(model, max_cache_len=CACHE, batch_sizes=(1, 2), verify=2, progress=False).prewarm()
     assert {type(layer).__name__ for layer in dec.cache.layers} == {"LinearAttentionLayer", "StaticLayer"}
-    assert torch.equal(dec.generate(ids, 32), greedy_eager(model, ids, 32))
-    assert torch.equal(dec.generate(ids[:1], 32), greedy_eager(model, ids[:1], 32))
+    assert torch.equal(dec.generate(ids, 32), greedy_eager(model, ids, 32, max_cache_len=CACHE))
+    assert torch.equal(dec.generate(ids[:1], 32), greedy_eager(model, ids[:1], 32, max_cache_len=CACHE))
 
 
 def test_sliding_window_layout_is_refused_with_the_reason():
@@ -145,7 +147,7 @@ def test_sliding_window_layout_is_refused_with_the_reason():
     cfg = transformers.MistralConfig(num_hidden_layers=2, sliding_window=16, **SMALL)
     model = transformers.MistralForCausalLM(cfg).eval()
     with pytest.raises(CacheError, match=r"StaticSlidingWindowLayer at layers \[0, 1\].*Python int"):
-        Decoder(model, max_cache_len=64)
+        Decoder(model, max_cache_len=CACHE)
     cache, tok = prefilled(model, 1)
     length = cache.layers[0].cumulative_length_int
     with pytest.raises(CacheError, match="sliding_window=None"):
@@ -222,3 +224,37 @@ def test_wrong_batch_past_the_cache_and_swapped_cache_are_clear_errors():
     with pytest.raises(InputError, match="does not fit the batch buckets"):
         dec.generate(prompts(3), 4)
     assert dec.generate(prompts(2, length=8), 9).shape == (2, 9)   # exactly 16 positions: fits
+    tok = dec.start(prompts(1), 2)
+    tok = dec.step(tok)
+    with pytest.raises(CacheError, match="a step past the request"):
+        dec.step(tok)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_decode_equals_eager(dtype):
+    """Real CUDA graphs: warm-ups on the side stream leave no trace, the capture itself runs no kernel,
+    and every bucket's replays equal the eager loop token for token."""
+    model = llama(dtype=dtype).cuda()
+    dec = Decoder(model, max_cache_len=CACHE, batch_sizes=(1, 2, 4), backend="cuda-graph", verify=1,
+                  progress=False).prewarm()
+    assert dec.graphs.runtime.backend == "cuda-graph"
+    for batch in (1, 3):
+        ids = prompts(batch).cuda()
+        assert torch.equal(dec.generate(ids, 32), greedy_eager(model, ids, 32, max_cache_len=CACHE)), batch
+    assert 0 < dec.graphs.stats.undo_bytes < 1 << 16
+
+
+@pytest.mark.cuda
+def test_cuda_graph_of_the_user_loop_leaves_the_cache_as_found():
+    model = llama().cuda()
+    cache, tok = prefilled(model, 1, ids=prompts(1).cuda())
+    twin, _ = prefilled(model, 1, ids=prompts(1).cuda())
+    g = graphrt.compile(model, backend="cuda-graph", verify=2, progress=False)
+    for step in range(4):
+        out = g(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1:]
+        with torch.no_grad():
+            ref = model(input_ids=tok, past_key_values=twin, use_cache=True).logits[:, -1:]
+        assert torch.equal(out, ref), step
+        assert cache.layers[0].cumulative_length.item() == twin.layers[0].cumulative_length.item() == 9 + step
+        tok = out.argmax(-1)

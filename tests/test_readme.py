@@ -29,6 +29,9 @@ def test_readme_python_examples_run_on_the_cpu(tmp_path, monkeypatch):
     assert ns["g"].stats.captures == 3 and ns["y"].shape == (3, 64) and ns["report"].ok
     assert ns["clip"].shape == (21, 64, 64, 3) and ns["clip"].dtype == torch.uint8 and (tmp_path / "fox.mp4").exists()
     assert ns["first"].shape == (9, 64, 64, 3) and ns["pipe"].engine.sessions == {}
+    assert ns["tokens"].shape[0] == 2 and ns["dec"].graphs.stats.captures == 3       # LLM decode: 3 buckets
+    assert ns["step"].stats.captures == 1 and ns["step"].stats.verified == 2
+    assert ns["cache"].layers[0].cumulative_length.item() == 8 + 31                 # one position per real call
 
 
 def test_dependencies_are_what_the_package_imports():

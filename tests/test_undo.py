@@ -37,6 +37,16 @@ def test_index_copy_saves_only_the_rows_it_writes(dtype):
     assert _same((cache, pos), before)
 
 
+def test_int32_indices_restore():
+    t = torch.randn(6, 3)
+    before = _snap(t)
+    with WriteLog() as log:
+        t.index_add_(0, torch.tensor([1, 4], dtype=torch.int32), torch.ones(2, 3))   # index_add_ takes int32
+        t[torch.tensor([2], dtype=torch.int32)] = 0.0
+    log.rollback()
+    assert _same((t,), before)
+
+
 def test_slice_copy_index_put_and_scatter_save_their_region():
     t = torch.randn(64, 16)
     before = _snap(t)
@@ -249,3 +259,19 @@ def test_bindings_name_tensors_by_path():
     cache = _Cache()
     names = Bindings({"past_key_values": cache}).names()
     assert names[id(cache.layers[1].keys)] == "past_key_values.layers[1].keys"
+
+
+@pytest.mark.cuda
+def test_write_log_on_cuda_tensors_and_a_side_stream():
+    cache = torch.randn(2, 4, 64, 8, device="cuda")
+    pos = torch.tensor(3, device="cuda")
+    before = _snap(cache, pos)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        with WriteLog() as log:
+            cache.index_copy_(2, pos.reshape(1), torch.zeros(2, 4, 1, 8, device="cuda"))
+            pos.add_(1)
+        log.rollback()
+    torch.cuda.current_stream().wait_stream(side)
+    assert _same((cache, pos), before) and log.nbytes == 2 * 4 * 8 * 4 + 8

@@ -199,7 +199,7 @@ def _region(func, t: torch.Tensor, name: str, args, kwargs) -> _Region:
         return _Whole(t)
     if func in _ROWS:
         dim, index = args[1], args[2]
-        return _Rows(t, dim % max(t.dim(), 1), index.reshape(-1).clone())
+        return _Rows(t, dim % max(t.dim(), 1), index.reshape(-1).to(torch.long, copy=True))   # int32 too
     if func in _SCATTER:
         dim, index = args[1], args[2]
         return _Gathered(t, dim, index.clone())

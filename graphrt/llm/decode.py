@@ -12,6 +12,9 @@ The loop a user would otherwise write, with the graph-specific parts done once:
   reads one flag every ``check_every`` tokens to stop early, so host reads per token are
   ``1 / check_every`` (none without stop tokens).
 
+``generate`` is the whole loop; ``start`` (prefill, first token) and ``step`` (one replay) are its
+parts, for a loop of your own.
+
 Positions never leave the device: transformers' static layers keep ``cumulative_length`` as a
 device tensor that the graph advances in place. The host counts tokens itself, so a request that
 would run past the cache is refused before any step.
@@ -189,7 +192,10 @@ class Decoder:
 def greedy_eager(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *,
                  max_cache_len: int | None = None, return_logits: bool = False):
     """The plain eager loop (a fresh ``StaticCache`` at the batch's size, no graphrt): the reference
-    a graph decode must equal. Returns tokens [B, max_new_tokens] (and each step's logits)."""
+    a graph decode must equal. Returns tokens [B, max_new_tokens] (and each step's logits).
+
+    Pass the Decoder's ``max_cache_len`` for a bit-exact reference: attention reads the whole static
+    length, and another length sums in another order (bf16 greedy tokens can then diverge)."""
     batch, prompt = input_ids.shape
     cache = _new_cache(model, max_cache_len or prompt + max_new_tokens)
     logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
