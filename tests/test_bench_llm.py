@@ -23,7 +23,7 @@ def test_llm_bench_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = json.loads(proc.stdout.strip().splitlines()[-1])
     assert last == json.loads(out.read_text())
-    assert {"device", "torch", "cuda", "date", "preset", "config", "modes"} <= set(last)
+    assert {"device", "torch", "cuda", "date", "threads", "load_avg", "preset", "config", "modes"} <= set(last)
     assert last["preset"] == "llama-tiny" and last["config"]["batch"] == 2 and last["config"]["new_tokens"] == 12
     assert last["device"] == "cpu (1 threads)"
     for mode, r in last["modes"].items():
@@ -36,12 +36,33 @@ def test_llm_bench_cli(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["--preset", "llama-tiny", "--modes", "warp"], ["--preset", "llama-tiny", "--batch", "0"],
-                                  ["--preset", "llama-tiny", "--threads", "0"]])
+                                  ["--preset", "llama-tiny", "--threads", "0"],
+                                  ["--preset=llama-tiny", "--json", "/no/such/folder/x.json"]])
 def test_llm_bench_cli_refuses_bad_arguments(argv, capsys):
     from graphrt.bench.__main__ import main
 
     assert main(argv) == 2
-    assert "error" in capsys.readouterr().out
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_llm_bench_exits_1_when_a_mode_did_not_run(monkeypatch, capsys, tmp_path):
+    import graphrt.bench.llm as llm
+
+    real = llm._driver
+
+    def broken(mode, *a):
+        if mode == "graphs":
+            raise RuntimeError("no graphs today")
+        return real(mode, *a)
+
+    monkeypatch.setattr(llm, "_driver", broken)
+    out = tmp_path / "s.json"
+    assert llm.main(["--modes", "eager,graphs", "--new-tokens", "4", "--repeats", "0", "--no-progress",
+                     "--json", str(out)]) == 1
+    summary = json.loads(out.read_text())
+    assert summary["modes"]["graphs"] == {"skipped": "RuntimeError: no graphs today"}
+    assert summary["modes"]["eager"]["token_agreement_vs_eager"] == 1.0
+    assert "1 of 2 mode(s) did not run" in capsys.readouterr().err
 
 
 def test_presets_and_dispatch():

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -30,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from graphrt.bench.core import Clock, _percentile
+from graphrt.bench.core import BUSY_WALL_OVER_CPU, NOISY_P90, Clock, _load, _percentile, _torch_threads
 from graphrt.errors import ConfigError, GraphrtError
 
 MODES = ("eager", "graphs", "graphs+inductor", "compile")
@@ -86,6 +87,7 @@ class LlmBenchConfig:
     repeats: int | None = None
     modes: tuple[str, ...] = MODES
     seed: int = 0
+    threads: int | None = None     # torch threads; None: 1 on the CPU (stable timings), torch's own on CUDA
 
     def resolve(self) -> tuple[LlmPreset, torch.device, torch.dtype]:
         if self.preset not in PRESETS:
@@ -99,6 +101,8 @@ class LlmBenchConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1", got=v)
         if self.repeats is not None and self.repeats < 0:
             raise ConfigError("--repeats must be at least 0", got=self.repeats)
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError("--threads must be at least 1", got=self.threads)
         device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda, but no CUDA device is available", fix="use --device cpu")
@@ -121,6 +125,7 @@ class LlmModeResult:
     first_mismatch_vs_eager: int | None = None      # first step where any row differs, None if none
     speedup_vs_eager: float | None = None
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)   # numbers not to trust as they stand
     skipped: str | None = None
 
     def to_json(self) -> dict:
@@ -128,8 +133,9 @@ class LlmModeResult:
             return {"skipped": self.skipped}
         d = asdict(self)
         d.pop("skipped")
-        if not d["notes"]:
-            d.pop("notes")
+        for key in ("notes", "warnings"):
+            if not d[key]:
+                d.pop(key)
         return d
 
 
@@ -168,22 +174,21 @@ def _driver(mode: str, model, max_cache_len: int, batch: int, device: torch.devi
                    progress=False)
 
 
-def _sequence(driver, ids, new_tokens: int, clock: Clock, cpu: bool):
-    """One greedy sequence: tokens [B, new_tokens], prefill ms, per-step wall ms and CPU ms."""
+def _sequence(driver, ids, new_tokens: int, clock: Clock):
+    """One greedy sequence: tokens [B, new_tokens], prefill ms, per-step wall ms and CPU ms (CPU only)."""
     out = torch.empty(ids.shape[0], new_tokens, dtype=torch.long, device=ids.device)
     clock.sync()
     t0 = clock.mark()
     tok = driver.start(ids, new_tokens)
     out[:, 0] = tok
-    marks, cpus = [clock.mark()], [time.thread_time()]
+    marks = [clock.mark()]
     for i in range(1, new_tokens):
         tok = driver.step(tok)
         out[:, i] = tok
         marks.append(clock.mark())
-        cpus.append(time.thread_time())
     clock.sync()
     steps = [clock.ms(a, b) for a, b in zip(marks, marks[1:])]
-    cpu_steps = [1000.0 * (b - a) for a, b in zip(cpus, cpus[1:])] if cpu else []
+    cpu_steps = [] if clock.cuda else [clock.cpu_ms(a, b) for a, b in zip(marks, marks[1:])]
     return out, clock.ms(t0, marks[0]), steps, cpu_steps
 
 
@@ -212,7 +217,6 @@ def measure(mode: str, model, ids, cfg: LlmBenchConfig, preset: LlmPreset, devic
     repeats = preset.repeats if cfg.repeats is None else cfg.repeats
     res = LlmModeResult()
     clock = Clock(device)
-    cpu = device.type == "cpu"
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -220,19 +224,26 @@ def measure(mode: str, model, ids, cfg: LlmBenchConfig, preset: LlmPreset, devic
     if mode == "compile":
         res.notes.append(("torch.compile(mode='reduce-overhead')" if device.type == "cuda" else
                           "torch.compile (default mode)") + " of the decode step; one untimed sequence compiles it")
-        _sequence(driver, ids, new_tokens, clock, cpu)
+        _sequence(driver, ids, new_tokens, clock)
     elif driver.graphs is not None:
         driver.prewarm()
     clock.sync()
     res.capture_s = round(time.perf_counter() - t0, 3)
-    runs = [_sequence(driver, ids, new_tokens, clock, cpu) for _ in range(1 + repeats)]
+    runs = [_sequence(driver, ids, new_tokens, clock) for _ in range(1 + repeats)]
     tokens = runs[0][0]
     res.first_token_ms = statistics.median(run[1] for run in runs)
     steps = [ms for run in runs for ms in run[2]]
     res.token_ms_median = statistics.median(steps)
     res.token_ms_p90 = _percentile(steps, 0.9)
-    if cpu:
+    if res.token_ms_p90 / res.token_ms_median > NOISY_P90:
+        res.warnings.append(f"p90 is {res.token_ms_p90 / res.token_ms_median:.1f}x the median over {len(steps)} "
+                            "tokens: noisy timings (another process, or more threads than free cores?)")
+    if not clock.cuda:
         res.token_cpu_ms_median = statistics.median(ms for run in runs for ms in run[3])
+        busy = res.token_ms_median / max(res.token_cpu_ms_median, 1e-9)
+        if torch.get_num_threads() == 1 and busy > BUSY_WALL_OVER_CPU:
+            res.warnings.append(f"wall time is {busy:.1f}x the CPU time: the process waited for a core "
+                                "(the machine is busy); compare modes by cpu ms")
     res.tokens_per_s = ids.shape[0] * 1000.0 / res.token_ms_median
     g = getattr(driver, "graphs", None)
     res.graphs = g.stats.captures if g is not None else (0 if mode == "eager" else None)
@@ -247,6 +258,12 @@ def measure(mode: str, model, ids, cfg: LlmBenchConfig, preset: LlmPreset, devic
 def run(cfg: LlmBenchConfig, on_mode: Callable[[str, LlmModeResult, dict], None] | None = None) -> dict:
     """Run the selected modes and return the JSON summary (``on_mode`` after each, for partial saves)."""
     preset, device, dtype = cfg.resolve()
+    threads = cfg.threads if cfg.threads is not None else (1 if device.type == "cpu" else None)
+    with _torch_threads(threads):
+        return _run(cfg, preset, device, dtype, on_mode)
+
+
+def _run(cfg: LlmBenchConfig, preset: LlmPreset, device: torch.device, dtype: torch.dtype, on_mode) -> dict:
     from transformers import LlamaForCausalLM
 
     prompt = cfg.prompt or preset.prompt
@@ -260,6 +277,8 @@ def run(cfg: LlmBenchConfig, on_mode: Callable[[str, LlmModeResult, dict], None]
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "threads": torch.get_num_threads(),
+        "load_avg": {"cpus": os.cpu_count(), "start": _load(), "end": None},   # 1, 5, 15 minutes
         "preset": cfg.preset,
         "config": {"model": "LlamaForCausalLM", "params": params, "hidden": preset.hidden, "num_layers": preset.layers,
                    "num_heads": preset.heads, "num_kv_heads": preset.kv_heads, "vocab": preset.vocab,
@@ -282,6 +301,7 @@ def run(cfg: LlmBenchConfig, on_mode: Callable[[str, LlmModeResult, dict], None]
         if device.type == "cuda":
             torch.cuda.empty_cache()
         summary["modes"] = _compare(results, tokens)
+        summary["load_avg"]["end"] = _load()
         if on_mode is not None:
             on_mode(mode, results[mode], summary)
     return summary
@@ -344,6 +364,7 @@ def markdown(summary: dict) -> str:
             continue
         lines.append("| " + " | ".join(_cells(mode, r)) + " |")
         notes += [f"- {mode}: {n}" for n in r.get("notes", [])]
+        notes += [f"- {mode}: warning: {w}" for w in r.get("warnings", [])]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
@@ -358,7 +379,8 @@ def _args(argv):
     p.add_argument("--repeats", type=int, help="sequences timed after the first")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the preset's")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1: timings that repeat)")
+    p.add_argument("--threads", type=int, help="torch threads (default: 1 on the CPU, for stable timings; "
+                   "torch's own on CUDA)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_path", help="also write the JSON summary here")
     p.add_argument("--md", help="also write the table as markdown here")
@@ -366,25 +388,31 @@ def _args(argv):
     return p.parse_args(argv)
 
 
+def _one_line(e: Exception) -> str:
+    return "; ".join(" ".join(line.split()) for line in str(e).splitlines() if line.strip())
+
+
 def main(argv=None) -> int:
+    """The command line: 0 when every mode ran, 1 when one did not, 2 on bad arguments."""
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
 
     opts = _args(argv)
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 220)
-    if opts.threads < 1:
-        console.print(f"error: --threads must be at least 1 (got {opts.threads})", markup=False)
-        return 2
-    torch.set_num_threads(opts.threads)
+    errors = Console(stderr=True, highlight=False, soft_wrap=True)
     cfg = LlmBenchConfig(preset=opts.preset, device=opts.device, batch=opts.batch, prompt=opts.prompt,
                          new_tokens=opts.new_tokens, dtype=opts.dtype, repeats=opts.repeats, seed=opts.seed,
-                         modes=tuple(m.strip() for m in opts.modes.split(",") if m.strip()))
+                         threads=opts.threads, modes=tuple(m.strip() for m in opts.modes.split(",") if m.strip()))
     try:
         cfg.resolve()
+        for flag, path in (("--json", opts.json_path), ("--md", opts.md)):
+            if path is not None and (not os.path.isdir(os.path.dirname(os.path.abspath(path))) or os.path.isdir(path)):
+                raise ConfigError(f"{flag} {path}: cannot write there", expected="a file path in an existing folder",
+                                  got=path)
         import transformers  # noqa: F401
     except (GraphrtError, ImportError) as e:
-        console.print(f"error: {e}", markup=False)
+        errors.print(f"error: {_one_line(e)}", style="red", markup=False)
         return 2
 
     def save(summary: dict):
@@ -400,7 +428,9 @@ def main(argv=None) -> int:
 
         def on_mode(mode, r, partial):
             bar.console.print(f"  {mode}: " + (f"skipped ({r.skipped})" if r.skipped else
-                                               f"{r.token_ms_median:.3f} ms/token"))
+                                               f"{r.token_ms_median:.3f} ms/token"), markup=False)
+            for w in r.warnings:
+                bar.console.print(f"  {mode}: warning: {w}", style="yellow", markup=False)
             save(partial)
             bar.advance(task)
             i = cfg.modes.index(mode) + 1
@@ -412,13 +442,16 @@ def main(argv=None) -> int:
     for h, _ in _COLUMNS:
         t.add_column(h, justify="left" if h == "mode" else "right")
     for mode, r in summary["modes"].items():
-        t.add_row(*([mode, f"[yellow]skipped: {r['skipped']}[/]"] + [""] * (len(_COLUMNS) - 2) if "skipped" in r
+        t.add_row(*([mode, f"skipped: {r['skipped']}"] + [""] * (len(_COLUMNS) - 2) if "skipped" in r
                     else _cells(mode, r)))
     console.print(t)
     save(summary)
+    failed = {m: r["skipped"] for m, r in summary["modes"].items() if "skipped" in r}
+    if failed:
+        errors.print(f"error: {len(failed)} of {len(cfg.modes)} mode(s) did not run: "
+                     + "; ".join(f"{m} ({why})" for m, why in failed.items()), style="red", markup=False)
     sys.stdout.write(json.dumps(summary) + "\n")
-    skipped = [m for m, r in summary["modes"].items() if "skipped" in r]
-    return 1 if skipped else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
