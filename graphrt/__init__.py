@@ -7,7 +7,7 @@ from graphrt.attention import attend
 from graphrt.capture.buckets import BucketKey, Buckets
 from graphrt.capture.hostreads import HostReadReport, HostReadSite, check
 from graphrt.errors import (BackendUnavailableError, BucketMissError, CacheError, CaptureError, CheckpointError,
-                            ConfigError, GraphrtError, GraphrtWarning, HostReadError, InputError,
+                            ConfigError, GraphrtError, GraphrtWarning, HostReadError, InputError, RebindError,
                             ReplayMismatchError, SignatureError)
 from graphrt.kv import RollingKVCache, StaticKVCache
 from graphrt.replay.graphed import GraphedModule, GraphStats, compile
@@ -17,4 +17,5 @@ __version__ = "0.1.0"
 __all__ = ["compile", "check", "GraphedModule", "GraphStats", "Buckets", "BucketKey", "StaticKVCache",
            "RollingKVCache", "attend", "HostReadReport", "HostReadSite", "GraphrtError", "ConfigError",
            "InputError", "CheckpointError", "CacheError", "BackendUnavailableError", "HostReadError",
-           "CaptureError", "BucketMissError", "SignatureError", "ReplayMismatchError", "GraphrtWarning"]
+           "CaptureError", "BucketMissError", "SignatureError", "ReplayMismatchError", "GraphrtWarning",
+           "RebindError"]

@@ -88,3 +88,17 @@ class ReplayMismatchError(GraphrtError, AssertionError):
 class GraphrtWarning(UserWarning):
     """Something graphrt does that works but may surprise (a captured function that draws random
     numbers: every replay draws new ones)."""
+
+
+class RebindError(CaptureError):
+    """A captured function that rebinds state (a tensor attribute, a Python number) instead of
+    updating tensors in place: a graph replay runs no Python, so it cannot reproduce that.
+    ``changes`` lists each binding as ``path: before -> after``."""
+
+    def __init__(self, changes: list[str], *, where: str, fix: str):
+        self.changes = changes
+        more = len(changes) - 8
+        shown = "\n            ".join(changes[:8] + ([f"... {more} more"] if more > 0 else []))
+        super().__init__("the captured function changed state that a graph replay cannot reproduce", where=where,
+                         expected="only in-place writes to existing tensors",
+                         got=f"{len(changes)} binding(s) changed during the call:\n            {shown}", fix=fix)

@@ -35,7 +35,8 @@ def test_llm_bench_cli(tmp_path):
     assert "graphrt.bench: llama-tiny" in proc.stdout and "| graphs |" in (tmp_path / "llm.md").read_text()
 
 
-@pytest.mark.parametrize("argv", [["--preset", "llama-tiny", "--modes", "warp"], ["--preset", "llama-tiny", "--batch", "0"],
+@pytest.mark.parametrize("argv", [["--preset", "llama-tiny", "--modes", "warp"],
+                                  ["--preset", "llama-tiny", "--batch", "0"],
                                   ["--preset", "llama-tiny", "--threads", "0"],
                                   ["--preset=llama-tiny", "--json", "/no/such/folder/x.json"]])
 def test_llm_bench_cli_refuses_bad_arguments(argv, capsys):

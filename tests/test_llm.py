@@ -11,7 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import graphrt  # noqa: E402
-from graphrt.capture.undo import RebindError  # noqa: E402
+from graphrt.errors import RebindError  # noqa: E402
 from graphrt.errors import CacheError, InputError, SignatureError  # noqa: E402
 from graphrt.llm import Decoder, greedy_eager  # noqa: E402
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from graphrt.capture.undo import Bindings, RebindError, Sandbox, WriteLog, roots_of
+from graphrt.capture.undo import Bindings, Sandbox, WriteLog, roots_of
+from graphrt.errors import RebindError
 
 DTYPES = [torch.float32, torch.bfloat16]
 

@@ -273,7 +273,8 @@ def _run(cfg: LlmBenchConfig, preset: LlmPreset, device: torch.device, dtype: to
     ids = torch.randint(1, preset.vocab, (cfg.batch, prompt), generator=gen).to(device)
     params = sum(p.numel() for p in model.parameters())
     summary = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({torch.get_num_threads()} threads)"),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

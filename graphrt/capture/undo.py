@@ -41,7 +41,7 @@ import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-from graphrt.errors import CaptureError
+from graphrt.errors import CaptureError, RebindError
 
 aten = torch.ops.aten
 
@@ -236,8 +236,10 @@ class WriteLog(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not isinstance(func, torch._ops.OpOverload):
-            return func(*args, **kwargs)
+        if not isinstance(func, torch._ops.OpOverload):     # a higher-order op (FlexAttention): runs unrecorded
+            out = func(*args, **kwargs)
+            self._fresh.update(_storage_ptr(t) for t in pytree.tree_leaves(out) if _tracked(t))
+            return out
         written = _written_args(func)
         if written:
             # the copies run below every mode: a tracer (make_fx) sits under this one and must not see them
@@ -506,28 +508,18 @@ class Sandbox:
             changes = bindings.changes()
             bindings.restore(changes)
             if changes and ok:
-                raise RebindError(changes, self.where)
+                raise _rebind_error(changes, self.where)
 
 
-class RebindError(CaptureError):
-    """A captured function that rebinds state (a tensor attribute, a Python number) instead of
-    updating tensors in place: a graph replay cannot reproduce it."""
-
-    def __init__(self, changes: list[Change], where: str):
-        self.changes = changes
-        new = [c for c in changes if c.before is _MISSING]
-        tensors = [c for c in changes if isinstance(c.before, torch.Tensor) or isinstance(c.after, torch.Tensor)]
-        if new and len(new) == len(changes):
-            fix = ("the state was created during the call (lazy initialization): run one eager call (a prefill) "
-                   "before capturing, so the tensors exist and the graph can update them in place")
-        elif tensors:
-            fix = ("update the tensor in place (self.pos.add_(1), self.buf.copy_(new), index_copy_) instead of "
-                   "assigning a new tensor: a replay writes into the tensor the graph captured")
-        else:
-            fix = ("keep the value in a device tensor updated in place (a replay runs no Python, so a Python "
-                   "number stays as it was at capture), or keep it out of the captured function")
-        shown = "\n            ".join(str(c) for c in changes[:8]) + ("" if len(changes) <= 8 else
-                                                                          f"\n            ... {len(changes) - 8} more")
-        super().__init__("the captured function changed state that a graph replay cannot reproduce",
-                         where=where, expected="only in-place writes to existing tensors",
-                         got=f"{len(changes)} binding(s) changed during the call:\n            {shown}", fix=fix)
+def _rebind_error(changes: list[Change], where: str) -> RebindError:
+    """The error for bindings a run changed, with the fix that fits what changed."""
+    if all(c.before is _MISSING for c in changes):
+        fix = ("the state was created during the call (lazy initialization): run one eager call (a prefill) "
+               "before capturing, so the tensors exist and the graph can update them in place")
+    elif any(isinstance(c.before, torch.Tensor) or isinstance(c.after, torch.Tensor) for c in changes):
+        fix = ("update the tensor in place (self.pos.add_(1), self.buf.copy_(new), index_copy_) instead of "
+               "assigning a new tensor: a replay writes into the tensor the graph captured")
+    else:
+        fix = ("keep the value in a device tensor updated in place (a replay runs no Python, so a Python "
+               "number stays as it was at capture), or keep it out of the captured function")
+    return RebindError([str(c) for c in changes], where=where, fix=fix)
