@@ -142,7 +142,7 @@ def test_hybrid_family_goes_through_the_same_path():
     assert torch.equal(dec.generate(ids[:1], 32), greedy_eager(model, ids[:1], 32, max_cache_len=CACHE))
 
 
-def test_sliding_window_layout_is_refused_with_the_reason():
+def test_sliding_window_and_dynamic_layouts_are_refused_with_the_reason():
     torch.manual_seed(0)
     cfg = transformers.MistralConfig(num_hidden_layers=2, sliding_window=16, **SMALL)
     model = transformers.MistralForCausalLM(cfg).eval()
@@ -153,6 +153,12 @@ def test_sliding_window_layout_is_refused_with_the_reason():
     with pytest.raises(CacheError, match="sliding_window=None"):
         graphrt.compile(model, progress=False)(input_ids=tok, past_key_values=cache, use_cache=True)
     assert cache.layers[0].cumulative_length_int == length
+    llama_model = llama(layers=1)
+    dynamic = transformers.DynamicCache(config=llama_model.config)
+    with torch.no_grad():
+        llama_model(input_ids=prompts(1), past_key_values=dynamic, use_cache=True)
+    with pytest.raises(CacheError, match="DynamicLayer at layers \\[0\\]: it grows keys and values by concatenation"):
+        graphrt.compile(llama_model, progress=False)(input_ids=tok, past_key_values=dynamic, use_cache=True)
 
 
 def test_python_counter_in_a_cache_is_named_at_capture():
