@@ -229,6 +229,8 @@ def test_wrong_batch_past_the_cache_and_swapped_cache_are_clear_errors():
         dec.generate(prompts(1, length=8), 10)    # 8 + 10 - 1 = 17 positions > 16
     with pytest.raises(InputError, match="does not fit the batch buckets"):
         dec.generate(prompts(3), 4)
+    with pytest.raises(InputError, match="max_cache_len"):
+        Decoder(model, max_cache_len=1)
     assert dec.generate(prompts(2, length=8), 9).shape == (2, 9)   # exactly 16 positions: fits
     tok = dec.start(prompts(1), 2)
     tok = dec.step(tok)

@@ -75,6 +75,8 @@ class Decoder:
             raise InputError("check_every must be at least 1 (tokens between two stop checks)", got=check_every)
         if not batch_sizes or min(batch_sizes) < 1:
             raise InputError("batch_sizes must be positive batch sizes", got=batch_sizes)
+        if max_cache_len < 2:
+            raise InputError("max_cache_len must hold a prompt token and a new one", expected=">= 2", got=max_cache_len)
         p = next(model.parameters())
         self.model, self.device, self.mode = model, p.device, mode
         self.max_cache_len, self.check_every = max_cache_len, check_every
