@@ -18,7 +18,7 @@ import torch.utils._pytree as pytree
 
 from graphrt.capture.backends import BACKENDS, GRAPH_CLASSES
 from graphrt.capture.hostreads import HostReadRecorder, device_tensors, storage_key
-from graphrt.capture.undo import Sandbox, roots_of
+from graphrt.capture.undo import Sandbox, root_values, roots_of
 from graphrt.errors import BackendUnavailableError, CaptureError, GraphrtWarning, HostReadError
 
 
@@ -165,15 +165,19 @@ def capture(runtime: Runtime, fn: Callable, rebuild: Callable, inputs: list[torc
         out_info["consts"] = [None if isinstance(x, torch.Tensor) else x for x in leaves]
         return [x for x in leaves if isinstance(x, torch.Tensor)]
 
-    owner = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
-    known = device_tensors(owner, states, inputs)
+    reachable = roots_of(fn)                     # the owner, closure cells, globals
+    known = device_tensors(states, inputs, list((roots or {}).values()), through=root_values(reachable))
     t0 = time.perf_counter()
-    sandbox = Sandbox(roots_of(fn, roots), where)
+    sandbox = Sandbox(reachable | (roots or {}), where)
     with torch.no_grad(), rng_guard(runtime.device), state_guard(states):
         if runtime.check_host_reads:
             recorder = HostReadRecorder(known=known)
-            with recorder:
-                sandbox.run(flat_fn, *inputs)
+
+            def checked(*tensors):               # the sandbox's undo runs after the recorder stops
+                with recorder:
+                    flat_fn(*tensors)
+
+            sandbox.run(checked, *inputs)
             report = recorder.report()
             if not report.ok:
                 raise HostReadError(report)

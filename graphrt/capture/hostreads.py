@@ -46,6 +46,7 @@ import linecache
 import os
 import sys
 import traceback
+import types
 from collections import Counter
 from dataclasses import dataclass
 
@@ -336,33 +337,56 @@ def storage_key(t: torch.Tensor):
         return t.device, id(t)
 
 
-def device_tensors(*objs, depth: int = 2) -> list[torch.Tensor]:
-    """The tensors that live on the model's device: tensors among ``objs``, a module's
-    parameters and buffers, and the tensors a runtime-state object (a cache) holds, looked up
-    ``depth`` levels into containers and attributes."""
+def device_tensors(*objs, through=(), depth: int = 3) -> list[torch.Tensor]:
+    """The tensors that live on the model's device, for telling host values apart on a CPU model.
+
+    From ``objs`` (the call's arguments, runtime states): every tensor, and every tensor the
+    objects among them hold (a transformers ``Cache`` or a dataclass passed in is state the call
+    updates), looked up ``depth`` levels into attributes and containers. From ``through`` (a
+    method's owner, closure cells): only what the state holders found inside hold (runtime states,
+    transformers caches) and modules' parameters and buffers. A plain tensor attribute of a module
+    or of an owner object is not among them: ``model.to(device)`` leaves it on the host.
+    """
     from graphrt.capture.buckets import is_runtime_state
 
     out: list[torch.Tensor] = []
+    seen: set[int] = set()
 
-    def walk(x, d):
+    def holds_state(x) -> bool:
+        return is_runtime_state(x) or (type(x).__module__.startswith("transformers.")
+                                       and isinstance(getattr(x, "layers", None), list))
+
+    def walk(x, d, collect):
         if isinstance(x, torch.Tensor):
-            out.append(x)
-        elif isinstance(x, torch.nn.Module):
+            if collect:
+                out.append(x)
+            return
+        if id(x) in seen or isinstance(x, _NOT_STATE):
+            return
+        seen.add(id(x))
+        if isinstance(x, torch.nn.Module):
             out.extend(x.parameters())
             out.extend(x.buffers())
         elif isinstance(x, (list, tuple)):
             for v in x:
-                walk(v, d)
+                walk(v, d, collect)
         elif isinstance(x, dict):
             for v in x.values():
-                walk(v, d)
-        elif d > 0 and is_runtime_state(x):
+                walk(v, d, collect)
+        elif d > 0 and hasattr(x, "__dict__"):
+            inner = collect or holds_state(x)
             for v in vars(x).values():
-                walk(v, d - 1)
+                walk(v, d - 1, inner)
 
     for o in objs:
-        walk(o, depth)
+        walk(o, depth, True)
+    for o in through:
+        walk(o, depth, False)
     return out
+
+
+_NOT_STATE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType, functools.partial,
+              str, bytes)
 
 
 class _Placement:
@@ -538,7 +562,7 @@ def check(fn, *args, **kwargs) -> HostReadReport:
     ``check(model, x, t).raise_if_any()`` fails with the table when the forward is not graph-safe.
     """
     owner = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
-    recorder = HostReadRecorder(known=device_tensors(owner, args, kwargs))
+    recorder = HostReadRecorder(known=device_tensors(args, kwargs, through=(owner,)))
     with recorder:
         fn(*args, **kwargs)
     return recorder.report()

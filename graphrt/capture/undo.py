@@ -457,6 +457,11 @@ def roots_of(fn: Callable, named: dict[str, Any] | None = None) -> dict[str, Any
     return roots
 
 
+def root_values(roots: dict[str, Any]) -> list:
+    """The objects ``roots`` names (a closure cell's or a global's current value)."""
+    return [v.get() if isinstance(v, _Slot) else v for v in roots.values()]
+
+
 class Sandbox:
     """Runs a function outside a real call any number of times and leaves no trace of any run.
 

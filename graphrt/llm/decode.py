@@ -91,7 +91,7 @@ class Decoder:
         self._views = {self.max_batch: self.cache}
         if pad_token_id is None:
             pad_token_id = getattr(model.config, "pad_token_id", None)
-        self.pad = torch.tensor(0 if pad_token_id is None else pad_token_id, device=self.device)
+        self.pad = 0 if pad_token_id is None else int(pad_token_id)     # a constant: frozen into the graph
         self.stop = torch.tensor(list(stop_tokens) or [-1], dtype=torch.long, device=self.device)
         self.has_stop = bool(stop_tokens)
         self.done = torch.zeros(self.max_batch, dtype=torch.bool, device=self.device)
