@@ -19,6 +19,11 @@ A cache owns every tensor that changes from chunk to chunk, all on the device:
   once per session (per prompt). They stay in the model dtype whatever ``kv_dtype`` is: a few
   percent of a session's bytes at 480p, read by every forward, and never re-encoded.
 
+Under sequence parallelism each rank's cache holds the self-attention K/V of its own heads
+(``num_heads`` = H/N, and with a quantized ``kv_dtype`` their scales) and the cross-attention
+K/V of all heads (``cross_heads`` = H), since cross-attention runs on the rank's token shard
+with every head.
+
 A forward asks :meth:`step` once for the device indices every layer uses, writes with
 ``index_copy_`` and reads a static number of tokens chosen by its bucket. Nothing here reads
 a device value on the host; slab bookkeeping (which slab a session owns) is host-side Python.
@@ -30,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from graphrt.errors import CacheError, InputError
+from graphrt.errors import CacheError, ConfigError, InputError
 
 # storage dtypes that quantize, by name, and the largest code each holds
 KV_DTYPES = {"int8": torch.int8, "float8_e4m3fn": torch.float8_e4m3fn}
@@ -131,10 +136,11 @@ class SlabKVCache:
     def __init__(self, *, num_layers: int, num_heads: int, head_dim: int, frame_tokens: int,
                  slab_frames: int, num_slabs: int = 1, max_batch: int | None = None, text_len: int = 0,
                  device=None, dtype=torch.float32, kv_dtype=None, align: int = 1,
-                 scratch_frames: int | None = None):
+                 scratch_frames: int | None = None, cross_heads: int | None = None):
         if num_slabs < 1:
             raise CacheError("a cache needs at least one slab", got=num_slabs)
         self.num_layers, self.num_heads, self.head_dim = num_layers, num_heads, head_dim
+        self.cross_heads = num_heads if cross_heads is None else cross_heads
         self.frame_tokens = frame_tokens
         self.slab_frames = slab_frames
         self.slab_tokens = slab_frames * frame_tokens
@@ -161,7 +167,7 @@ class SlabKVCache:
         n = num_layers if self.quantized else 0
         self.k_scale = [torch.zeros(shape[:2], **kw) for _ in range(n)]
         self.v_scale = [torch.zeros(shape[:2], **kw) for _ in range(n)]
-        cshape = (num_layers, num_slabs + 1, text_len, num_heads, head_dim)
+        cshape = (num_layers, num_slabs + 1, text_len, self.cross_heads, head_dim)
         self.cross_k = torch.zeros(cshape, **kw)
         self.cross_v = torch.zeros(cshape, **kw)
         ikw = dict(device=self.device, dtype=torch.int32)
@@ -177,7 +183,10 @@ class SlabKVCache:
 
     @classmethod
     def for_model(cls, model, **kw):
-        """A cache shaped for a Wan model (its config, device and dtype); see :meth:`for_config`."""
+        """A cache shaped for a Wan model (its config, device and dtype); see :meth:`for_config`.
+        Self-attention K/V hold the heads the model keeps on this process (``model.kv_heads``:
+        H/N of N sequence-parallel ranks)."""
+        kw.setdefault("num_heads", getattr(model, "kv_heads", model.cfg.num_heads))
         p = next(model.parameters())
         kw.setdefault("device", p.device)
         kw.setdefault("dtype", p.dtype)
@@ -194,20 +203,32 @@ class SlabKVCache:
         """A cache shaped for a Wan config. ``device="meta"`` builds it without memory (for sizing:
         see :meth:`memory`). The scratch region holds one chunk (``cfg.chunk_frames``); pass
         ``scratch_frames`` for forwards that write more frames at once (a prefill). ``num_heads``
-        may be a shard of the config's heads (rank-local caches)."""
+        may be a shard of the config's heads (a rank-local cache of N sequence-parallel ranks keeps
+        H/N); the cross-attention K/V keep all of them (``cross_heads``, default the config's)."""
         kw.setdefault("scratch_frames", cfg.chunk_frames)
         kw.setdefault("num_heads", cfg.num_heads)
+        kw.setdefault("cross_heads", cfg.num_heads)
+        if kw["num_heads"] < 1 or cfg.num_heads % kw["num_heads"]:
+            raise ConfigError(f"num_heads={kw['num_heads']} is not a shard of the config's {cfg.num_heads} heads",
+                              expected=f"H/N for N ranks that divide {cfg.num_heads}",
+                              got=kw["num_heads"], fix="pass cfg.num_heads // ranks (or leave num_heads out)")
         return cls(num_layers=cfg.num_layers, head_dim=cfg.head_dim, frame_tokens=frame_tokens or cfg.frame_tokens,
                    num_slabs=num_slabs, max_batch=max_batch, text_len=cfg.text_len, dtype=dtype,
                    **cls._model_kw(cfg, kw))
 
-    def check_model(self, cfg, dtype: torch.dtype, device: torch.device) -> None:
-        """Raise :class:`InputError` when this cache was built for another model, dtype or device."""
-        want = (cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.text_len, dtype, torch.device(device))
-        got = (self.num_layers, self.num_heads, self.head_dim, self.text_len, self.dtype, self.device)
-        if want[:5] != got[:5] or not same_device(want[5], got[5]):
-            raise InputError("the cache does not fit this model", expected="layers, heads, head_dim, text_len, "
-                             f"dtype, device = {want}", got=got, fix="build it with Cache.for_model(model, ...)")
+    def check_model(self, cfg, dtype: torch.dtype, device: torch.device, heads: int | None = None) -> None:
+        """Raise :class:`InputError` when this cache was built for another model, dtype or device.
+
+        ``heads``: the self-attention heads the model keeps here (default all; H/N of N ranks)."""
+        heads = cfg.num_heads if heads is None else heads
+        want = (cfg.num_layers, heads, cfg.num_heads, cfg.head_dim, cfg.text_len, dtype, torch.device(device))
+        got = (self.num_layers, self.num_heads, self.cross_heads, self.head_dim, self.text_len, self.dtype,
+               self.device)
+        if want[:6] != got[:6] or not same_device(want[6], got[6]):
+            raise InputError("the cache does not fit this model", expected="layers, heads, cross heads, head_dim, "
+                             f"text_len, dtype, device = {want}", got=got,
+                             fix="build it with Cache.for_model(model, ...) (after sequence_parallel(model), "
+                                 "when the model runs on several ranks)")
 
     @staticmethod
     def _model_kw(cfg, kw):
@@ -324,7 +345,7 @@ class SlabKVCache:
 
     def set_cross(self, slab: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store a session's cross-attention K/V ([layers, text_len, H, D]) in its slab."""
-        expected = (self.num_layers, self.text_len, self.num_heads, self.head_dim)
+        expected = (self.num_layers, self.text_len, self.cross_heads, self.head_dim)
         if tuple(k.shape) != expected or tuple(v.shape) != expected:
             raise InputError("cross-attention K/V have the wrong shape", expected=list(expected), got=list(k.shape))
         self.cross_k[:, slab].copy_(k)

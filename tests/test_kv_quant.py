@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import graphrt
-from graphrt.errors import CacheError, InputError
+from graphrt.errors import CacheError, ConfigError, InputError
 from graphrt.kv import RollingKVCache, StaticKVCache, dequantize, quantize
 from graphrt.models.wan import CausalWan, WanConfig
 from graphrt.pipeline import Engine
@@ -44,30 +44,38 @@ def test_quantize_error_is_bounded_per_element(dtype, kv_dtype):
     assert (err > 0).any()
 
 
-def _closed_form(cfg, dtype, kv_dtype, window=None):
-    """Bytes of one session, written out: K and V codes (+ scales) per token, head and layer,
-    cross-attention K/V in the model dtype, one int32 position."""
+def _closed_form(cfg, dtype, kv_dtype, window=None, heads=None):
+    """Bytes of one session, written out: K and V codes (+ scales) per token, head and layer for
+    the ``heads`` this cache keeps (all, or a rank's shard), cross-attention K/V of every head in
+    the model dtype, one int32 position."""
     tokens = (window or cfg.max_frames) * cfg.frame_tokens
     item = torch.empty(0, dtype=dtype).element_size()
     code = item if kv_dtype is None else 1
     scale = 0 if kv_dtype is None else item
-    self_kv = cfg.num_layers * 2 * tokens * cfg.num_heads * (cfg.head_dim * code + scale)
+    self_kv = cfg.num_layers * 2 * tokens * (heads or cfg.num_heads) * (cfg.head_dim * code + scale)
     return self_kv + cfg.num_layers * 2 * cfg.text_len * cfg.num_heads * cfg.head_dim * item + 4
 
 
+@pytest.mark.parametrize("ranks", [1, 2])
 @pytest.mark.parametrize("kv_dtype", (None, *KV))
 @pytest.mark.parametrize("cls", ["static", "rolling"])
-def test_bytes_from_config_match_real_allocations(cfg, kv_dtype, cls):
-    kw = dict(dtype=torch.bfloat16, kv_dtype=kv_dtype, num_slabs=3, max_batch=2)
+def test_bytes_from_config_match_real_allocations(cfg, kv_dtype, cls, ranks):
+    """Sizing on the meta device equals what a real cache allocates, also for a rank-local cache
+    (H/2 self-attention heads and scales, all H cross-attention heads)."""
+    heads = cfg.num_heads // ranks
+    kw = dict(dtype=torch.bfloat16, kv_dtype=kv_dtype, num_slabs=3, max_batch=2, num_heads=heads)
     if cls == "rolling":
         kw.update(window_frames=9, sink_frames=3)
     Cache = StaticKVCache if cls == "static" else RollingKVCache
     meta = Cache.for_config(cfg, device="meta", **kw).memory()
     real = Cache.for_config(cfg, **kw)
+    assert (real.num_heads, real.cross_heads) == (heads, cfg.num_heads)
+    assert all(t.shape[1] == heads for t in real.k + real.v + real.k_scale + real.v_scale)
+    assert real.cross_k.shape[3] == real.cross_v.shape[3] == cfg.num_heads
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in real.tensors().values()}
     assert real.memory() == meta
     assert meta.total == sum(storages.values())         # every byte the cache allocated, none counted twice
-    assert meta.per_session == _closed_form(cfg, torch.bfloat16, kv_dtype, 9 if cls == "rolling" else None)
+    assert meta.per_session == _closed_form(cfg, torch.bfloat16, kv_dtype, 9 if cls == "rolling" else None, heads)
 
 
 @pytest.mark.parametrize("preset,heads", [("wan-1.3b", 12), ("wan-14b", 40)])
@@ -80,10 +88,13 @@ def test_full_size_sessions_take_about_half_the_bf16_bytes(preset, heads):
         m = StaticKVCache.for_config(cfg, dtype=torch.bfloat16, kv_dtype=kv, device="meta").memory()
         assert m.per_session == _closed_form(cfg, torch.bfloat16, kv)
         assert m.per_session / plain <= 0.52, (kv, m.per_session / plain)
-    # a rank-local cache holding a shard of the heads holds that share of the self-attention bytes
+    # a rank-local cache holding a shard of the heads holds that share of the self-attention bytes;
+    # the cross-attention K/V (every head) and the position (4 bytes) are per slab, not per head
     shard = StaticKVCache.for_config(cfg, dtype=torch.bfloat16, kv_dtype="int8", device="meta",
                                      num_heads=heads // 4).memory()
-    assert shard.per_session * 4 - 3 * 4 == m.per_session   # the position (4 bytes) is per slab, not per head
+    assert shard.per_session == _closed_form(cfg, torch.bfloat16, "int8", heads=heads // 4)
+    per_slab = 2 * cfg.num_layers * cfg.text_len * heads * cfg.head_dim * 2 + 4
+    assert (shard.per_session - per_slab) * 4 == m.per_session - per_slab
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -198,6 +209,8 @@ def test_kv_dtype_misuse(cfg):
     assert StaticKVCache.for_model(model, kv_dtype="float32").quantized is False   # the model dtype: plain
     with pytest.raises(CacheError, match="holds codes and scales"):
         StaticKVCache.for_model(model, kv_dtype="int8").paged(0)
+    with pytest.raises(ConfigError, match="num_heads=3 is not a shard of the config's 4 heads"):
+        StaticKVCache.for_config(cfg, dtype=torch.float32, kv_dtype="int8", num_heads=3)
 
 
 # -- CUDA --------------------------------------------------------------------------------------------
