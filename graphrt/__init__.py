@@ -7,8 +7,8 @@ from graphrt.attention import attend
 from graphrt.capture.buckets import BucketKey, Buckets
 from graphrt.capture.hostreads import HostReadReport, HostReadSite, check
 from graphrt.errors import (BackendUnavailableError, BucketMissError, CacheError, CaptureError, CheckpointError,
-                            ConfigError, GraphrtError, GraphrtWarning, HostReadError, InputError, RebindError,
-                            ReplayMismatchError, SignatureError)
+                            ConfigError, GraphrtError, GraphrtWarning, HostReadError, InputError, ParallelError,
+                            RebindError, ReplayMismatchError, SignatureError)
 from graphrt.kv import RollingKVCache, StaticKVCache
 from graphrt.replay.graphed import GraphedModule, GraphStats, compile
 
@@ -18,4 +18,4 @@ __all__ = ["compile", "check", "GraphedModule", "GraphStats", "Buckets", "Bucket
            "RollingKVCache", "attend", "HostReadReport", "HostReadSite", "GraphrtError", "ConfigError",
            "InputError", "CheckpointError", "CacheError", "BackendUnavailableError", "HostReadError",
            "CaptureError", "BucketMissError", "SignatureError", "ReplayMismatchError", "GraphrtWarning",
-           "RebindError"]
+           "RebindError", "ParallelError"]

@@ -81,6 +81,10 @@ class SignatureError(InputError):
     """A replay whose inputs do not match the captured signature (shape, dtype, device)."""
 
 
+class ParallelError(GraphrtError, RuntimeError):
+    """A sequence-parallel run whose ranks cannot go on together (one failed or left at start-up)."""
+
+
 class ReplayMismatchError(GraphrtError, AssertionError):
     """A graph replay that differs from the eager forward on the same inputs."""
 

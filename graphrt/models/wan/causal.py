@@ -4,6 +4,9 @@ Same parameters and state-dict keys as :class:`ReferenceWan`. Everything that ch
 chunk to chunk is a device tensor (positions, block table, sequence lengths, timesteps); the
 Python numbers inside the forward come from shapes and from the bucket (``kv_frames``,
 ``kv_exact``), so a captured graph stays correct for every chunk its bucket serves.
+
+Over several ranks (:func:`graphrt.parallel.sequence_parallel`) ``model.parallel`` holds the
+rank's token shard and the all-to-alls around self-attention; the forward is otherwise the same.
 """
 from __future__ import annotations
 
@@ -29,12 +32,19 @@ class CausalWan(WanModelBase):
     Call ``model(x, t, context)`` for one chunk with full attention (as ``ReferenceWan``), or
     ``model(x, t, cache=cache, kv_frames=..., kv_exact=...)`` for a chunk of a video whose rows
     live in ``cache`` slabs. ``attention`` picks the backend (``"auto"``, ``"sdpa"``, ``"flex"``,
-    ``"flash"``); :attr:`attention_backend` says which one runs.
+    ``"flash"``); :attr:`attention_backend` says which one runs. ``parallel`` is None on one
+    process; :func:`graphrt.parallel.sequence_parallel` sets it.
     """
 
     def __init__(self, cfg: WanConfig, attention: str = "auto"):
         super().__init__(cfg)
         self.attention = attention
+        self.parallel = None
+
+    @property
+    def kv_heads(self) -> int:
+        """Self-attention heads whose K/V this process keeps: all, or H/N on each of N ranks."""
+        return self.cfg.num_heads // (1 if self.parallel is None else self.parallel.world)
 
     @property
     def attention_backend(self) -> str:
@@ -75,15 +85,20 @@ class CausalWan(WanModelBase):
         q = apply_rope(attn.project_q(h), *rope)
         k, v = attn.project_kv(h)
         k = apply_rope(k, *rope)
+        sp = self.parallel
+        if sp is not None:                  # Ulysses: every token of this rank's heads
+            q, k, v = sp.to_heads(q, k, v)
         if cache is None:
-            return attn.out(attn_mod.attend(q, k, v, backend=backend))
-        cache.write(layer, step, k, v)
-        if backend == "flash" and not cache.quantized:
-            out = attn_mod.attend_paged(q, *cache.paged(layer), step.block_table, step.seqlens)
+            out = attn_mod.attend(q, k, v, backend=backend)
         else:
-            ks, vs = cache.read(layer, step)
-            out = attn_mod.attend(q, ks, vs, seqlens=None if step.exact else step.seqlens, backend=backend)
-        return attn.out(out.type_as(v))
+            cache.write(layer, step, k, v)
+            if backend == "flash" and not cache.quantized:
+                out = attn_mod.attend_paged(q, *cache.paged(layer), step.block_table, step.seqlens)
+            else:
+                ks, vs = cache.read(layer, step)
+                out = attn_mod.attend(q, ks, vs, seqlens=None if step.exact else step.seqlens, backend=backend)
+            out = out.type_as(v)
+        return attn.out(out if sp is None else sp.to_tokens(out))
 
     def _cross_attn(self, layer, attn, h, ctx, cache, step, backend):
         q = attn.project_q(h)
@@ -114,16 +129,21 @@ class CausalWan(WanModelBase):
         b, f = tokens.shape[0], grid[0]
         step = None
         if cache is not None:
-            cache.check_model(self.cfg, x.dtype, x.device)
+            cache.check_model(self.cfg, x.dtype, x.device, heads=self.kv_heads)
             step = cache.step(b, f, grid[1] * grid[2], kv_frames, kv_exact, positions)
             positions = step.positions
         frames = torch.arange(f, device=x.device)
         frame_pos = frames.expand(b, f) if positions is None else positions.long()[:, None] + frames
         rope = self.rope(frame_pos, grid)
+        sp = self.parallel
+        if sp is not None:                  # this rank's tokens, with their own positions
+            tokens, rope = sp.shard(tokens), tuple(sp.shard(r) for r in rope)
         ctx = None if context is None else self.embed_text(self._pad_context(context))
         for i, block in enumerate(self.blocks):
             tokens = block(
                 tokens, e0,
                 lambda h, a=block.self_attn, i=i: self._self_attn(i, a, h, rope, cache, step, backend),
                 lambda h, a=block.cross_attn, i=i: self._cross_attn(i, a, h, ctx, cache, step, backend))
-        return self.finish(tokens, e, grid, out_dtype)
+        if sp is None:
+            return self.finish(tokens, e, grid, out_dtype)
+        return self.unpatchify(sp.gather(self.head(tokens, e)), grid).to(out_dtype)

@@ -1,0 +1,161 @@
+"""One rank of the sequence-parallel tests: ``python tests/parallel_ranks.py SCENARIO OUTDIR [DEVICE]``.
+
+Launched N times by ``tests/test_parallel.py`` with the variables torchrun sets (``RANK``,
+``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``). Each rank writes what it saw to
+``OUTDIR/rank<r>.json`` (and its videos to ``OUTDIR/rank<r>.pt``); the test asserts on them.
+
+- ``startup``: the start-up checks (a model that differs on one rank, heads or tokens that do not
+  divide), then three chunks of two batched sessions in eager, forward-graph and chunk-graph
+  modes in float32, eager and chunk-graph in bfloat16; rank 0 also runs the single-process
+  generation.
+- ``generate``: the generation only (any number of ranks, also 1: one GPU's NCCL in CUDA graphs).
+- ``fail``: rank 1 fails inside the handshake, then rank 1 dies before reaching it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+torch.set_num_threads(1)
+
+from graphrt.capture.hostreads import HostReadRecorder  # noqa: E402
+from graphrt.errors import GraphrtError  # noqa: E402
+from graphrt.models.wan import CausalWan, WanConfig  # noqa: E402
+from graphrt.parallel import init_distributed, kv_bytes_per_rank, sequence_parallel  # noqa: E402
+from graphrt.pipeline import Engine, FlowMatchSchedule  # noqa: E402
+
+CHUNKS = 3
+SEED = 7
+SCHEDULE = FlowMatchSchedule(steps=(1000.0, 500.0))   # 2 denoising forwards + the cache pass per chunk
+# bfloat16 skips the forward graphs: the whole-chunk graph holds the same forwards (test time)
+MODES = {torch.float32: ("eager", "forward", "chunk"), torch.bfloat16: ("eager", "chunk")}
+
+
+def config(**kw) -> WanConfig:
+    return WanConfig.preset("tiny", max_frames=3 * CHUNKS, **kw)
+
+
+def build(cfg, device, dtype, seed=0, attention="sdpa") -> CausalWan:
+    torch.manual_seed(seed)
+    return CausalWan(cfg, attention=attention).to(device, dtype).eval()
+
+
+def expect_error(fn) -> str:
+    """The first line of the GraphrtError ``fn`` raises (the test asserts on the text)."""
+    try:
+        fn()
+    except GraphrtError as e:
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+def startup(rank, world, device, out):
+    cfg = config()
+    # another config on rank 1, other weights on rank 1, heads and tokens that do not divide
+    out["mismatch_config"] = expect_error(lambda: sequence_parallel(
+        build(cfg.replace(text_len=6) if rank == 1 else cfg, device, torch.float32)))
+    out["mismatch_weights"] = expect_error(lambda: sequence_parallel(
+        build(cfg, device, torch.float32, seed=rank)))
+    out["heads"] = expect_error(lambda: sequence_parallel(
+        build(cfg.replace(num_heads=world + 1, dim=12 * (world + 1)), device, torch.float32)))
+    out["tokens"] = expect_error(lambda: sequence_parallel(
+        build(cfg.replace(height=6, width=6), device, torch.float32)))
+    model = sequence_parallel(build(cfg, device, torch.float32))
+    out["twice"] = expect_error(lambda: sequence_parallel(model))
+
+
+def run_engine(engine, ctx, out, key):
+    """Two sessions, CHUNKS chunks each, batched; the host reads of a steady chunk are counted."""
+    sessions = [engine.open(ctx[i:i + 1], seed=SEED + i) for i in range(ctx.shape[0])]
+    parts = []
+    for c in range(CHUNKS):
+        recorder = HostReadRecorder()
+        with recorder:
+            outs = engine.step()
+        if c == 1:
+            out[f"{key}.host_reads"] = recorder.report().count
+        parts.append(torch.cat([outs[s.id] for s in sessions]))
+    for s in sessions:
+        engine.close(s)
+    return torch.cat(parts, dim=2).cpu()
+
+
+def generate(rank, world, device, out, videos):
+    """Graphs are captured as the buckets are first used (prewarm would capture every KV length
+    and the masked variants too: the bench covers it), identically on every rank."""
+    gen = torch.Generator().manual_seed(1)
+    cfg = config()
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        ctx = torch.randn(2, cfg.text_len, cfg.text_dim, generator=gen).to(device, dtype)
+        model = sequence_parallel(build(cfg, device, dtype))
+        res = out.setdefault(name, {})
+        for mode in MODES[dtype]:
+            engine = Engine(model, max_sessions=2, batch_sizes=(2,), mode=mode, schedule=SCHEDULE, progress=False)
+            cache = engine.cache
+            res[f"{mode}.kv_heads"] = [cache.num_heads, cache.cross_heads]
+            res[f"{mode}.kv_bytes"] = sum(t.nbytes for t in (*cache.k, *cache.v, cache.cross_k, cache.cross_v))
+            res[f"{mode}.kv_bytes_formula"] = kv_bytes_per_rank(cfg, world, dtype=dtype, sessions=2)["total"]
+            t0 = time.thread_time()
+            videos[f"{name}.{mode}"] = run_engine(engine, ctx, res, mode)
+            res[f"{mode}.cpu_s"] = round(time.thread_time() - t0, 2)
+            if engine.graphs is not None:
+                res[f"{mode}.graphs"] = engine.graphs.stats.captures
+        if rank == 0:      # the same generation on one process, same weights: the reference
+            single = Engine(build(cfg, device, dtype), max_sessions=2, mode="eager", schedule=SCHEDULE, progress=False)
+            videos[f"{name}.single"] = run_engine(single, ctx, {}, "single")
+
+
+def fail(rank, world, device, out):
+    cfg = config()
+    # rank 1 fails inside the handshake (its attention backend cannot run here) ...
+    out["inside"] = expect_error(lambda: sequence_parallel(
+        build(cfg, device, torch.float32, attention="flash" if rank == 1 else "sdpa")))
+    # ... then dies before reaching the next one: rank 0 must exit with an error, not wait
+    if rank == 1:
+        _write(out)
+        os._exit(3)
+    sequence_parallel(build(cfg, device, torch.float32))
+
+
+def _write(out):
+    with open(os.path.join(out["dir"], f"rank{out['rank']}.json"), "w") as f:
+        json.dump(out, f, indent=1)
+
+
+def main(scenario: str, outdir: str, device: str = "cpu") -> int:
+    device = init_distributed(device, timeout_s=60)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    out = {"rank": rank, "world": world, "dir": outdir}
+    videos: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            if scenario == "startup":
+                t0 = time.thread_time()
+                startup(rank, world, device, out)
+                out["startup_cpu_s"] = round(time.thread_time() - t0, 2)
+                generate(rank, world, device, out, videos)
+            elif scenario == "generate":
+                generate(rank, world, device, out, videos)
+            elif scenario == "fail":
+                fail(rank, world, device, out)
+            else:
+                raise SystemExit(f"unknown scenario {scenario!r}")
+    except Exception:
+        out["error"] = traceback.format_exc()
+        _write(out)
+        raise
+    out["process_cpu_s"] = round(time.process_time(), 2)
+    torch.save(videos, os.path.join(outdir, f"rank{rank}.pt"))
+    _write(out)
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))

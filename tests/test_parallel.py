@@ -1,0 +1,231 @@
+"""Sequence parallelism (Ulysses) over torch.distributed: 2 ranks with gloo on the CPU.
+
+Each test launches its ranks as separate processes with the variables torchrun sets, on a free
+port, under a hard timeout (a hang fails the test, it never stalls CI); the ranks run
+``tests/parallel_ranks.py`` and report in JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import graphrt
+from graphrt.errors import ConfigError, InputError
+from graphrt.models.wan import CausalWan, WanConfig
+from graphrt.parallel import Ulysses, init_distributed, kv_bytes_per_rank, sequence_parallel
+from graphrt.pipeline import Engine
+from graphrt.tolerance import max_rel_err, tolerance
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODES = {"float32": ("eager", "forward", "chunk"), "bfloat16": ("eager", "chunk")}   # as parallel_ranks.py runs
+ROOT = os.path.dirname(HERE)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def rank_env(rank: int, world: int, port: int) -> dict:
+    """The variables torchrun sets for one rank."""
+    return dict(base_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port))
+
+
+def launch(tmp_path, scenario: str, world: int = 2, device: str = "cpu", timeout: float = 150.0):
+    """Run ``world`` ranks of a scenario; returns (return codes, stderr texts, per-rank JSON)."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "parallel_ranks.py"), scenario, str(tmp_path),
+                               device], env=rank_env(r, world, port), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(world)]
+    deadline = time.monotonic() + timeout
+    errs = []
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            errs.append(err)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the ranks of {scenario!r} did not finish within {timeout:.0f} s (a hang)")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    reports = []
+    for r in range(world):
+        path = tmp_path / f"rank{r}.json"
+        reports.append(json.loads(path.read_text()) if path.exists() else {})
+    return [p.returncode for p in procs], errs, reports
+
+
+@pytest.fixture(scope="module")
+def startup_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sp")
+    codes, errs, reports = launch(tmp, "startup")
+    if codes != [0, 0]:
+        pytest.fail(f"ranks exited with {codes}:\n" + "\n".join(e[-3000:] for e in errs))
+    videos = [torch.load(tmp / f"rank{r}.pt") for r in range(2)]
+    return reports, videos
+
+
+def test_mismatched_ranks_fail_at_startup_on_every_rank(startup_run):
+    reports, _ = startup_run
+    for rep in reports:       # both ranks raise the same error, naming the rank and the field
+        assert rep["mismatch_config"].startswith("ConfigError: rank 1 holds another model than rank 0")
+        assert "config.text_len differ" in rep["mismatch_config"] and "config.text_len=6" in rep["mismatch_config"]
+        assert "rank 1 holds another model" in rep["mismatch_weights"] and "weights differ" in rep["mismatch_weights"]
+        assert "num_heads=3 does not divide among 2 ranks" in rep["heads"] and "[1, 3]" in rep["heads"]
+        assert "27 tokens" in rep["tokens"] and "do not divide among 2 ranks" in rep["tokens"]
+        assert "already sequence-parallel" in rep["twice"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sequence_parallel_generation_equals_one_process(startup_run, dtype):
+    """Two batched sessions, three chunks: eager, forward graphs (fp32) and the chunk graph on 2
+    ranks equal the single-process generation within the dtype's tolerance, every graph mode
+    agrees bit for bit with the 2-rank eager run, and both ranks hold the same whole output."""
+    reports, videos = startup_run
+    single = videos[0][f"{dtype}.single"]
+    assert single.shape == (2, 4, 9, 8, 8)
+    tol = tolerance(getattr(torch, dtype))
+    for mode in MODES[dtype]:
+        got = videos[0][f"{dtype}.{mode}"]
+        err = max_rel_err(got.float(), single.float())
+        assert err <= tol, f"{mode}: {err:.3g} > {tol}"
+        assert torch.equal(got, videos[0][f"{dtype}.eager"]), mode     # graph replay == eager, per rank
+        assert torch.equal(got, videos[1][f"{dtype}.{mode}"]), mode     # both ranks agree
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rank_caches_hold_their_heads_and_no_host_reads(startup_run, dtype):
+    reports, _ = startup_run
+    cfg = WanConfig.preset("tiny")
+    for rep in reports:
+        res = rep[dtype]
+        for mode in MODES[dtype]:
+            assert res[f"{mode}.kv_heads"] == [cfg.num_heads // 2, cfg.num_heads]
+            assert res[f"{mode}.kv_bytes"] == res[f"{mode}.kv_bytes_formula"]
+            assert res[f"{mode}.host_reads"] == 0
+        assert res["chunk.graphs"] == 3 and res.get("forward.graphs", 3) == 3     # one per KV length
+
+
+def test_a_rank_failing_at_startup_stops_the_others(tmp_path):
+    t0 = time.monotonic()
+    codes, errs, reports = launch(tmp_path, "fail", timeout=90)
+    assert time.monotonic() - t0 < 90
+    # inside the handshake: rank 1's own error there, rank 0 told which rank failed and why
+    assert reports[1]["inside"].startswith("BackendUnavailableError")
+    assert reports[0]["inside"].startswith("ParallelError: rank 1 failed at start-up")
+    assert "flash-attn" in reports[0]["inside"]
+    # before the handshake: rank 1 died, rank 0 exits with an error instead of waiting
+    assert codes[1] == 3
+    assert codes[0] != 0, errs[0][-2000:]
+    assert "ParallelError" in reports[0]["error"] and "another rank exited" in reports[0]["error"]
+
+
+# -- one process ---------------------------------------------------------------------------------
+class _Group:
+    group_name = "unused"
+
+
+def test_kv_bytes_per_rank_divides_self_attention_by_ranks():
+    cfg = WanConfig.preset("wan-14b")       # 40 heads of 128, 40 layers, 21 frames of 1560 tokens
+    sizes = {n: kv_bytes_per_rank(cfg, n, dtype=torch.bfloat16) for n in (1, 2, 4)}
+    per_token_head = 2 * 40 * 128 * 2
+    assert sizes[1]["self_attention"] == (21 + 3) * 1560 * 40 * per_token_head
+    assert sizes[2]["self_attention"] * 2 == sizes[4]["self_attention"] * 4 == sizes[1]["self_attention"]
+    assert sizes[1]["cross_attention"] == sizes[4]["cross_attention"] == 2 * 512 * 40 * per_token_head
+    with pytest.raises(ConfigError, match="does not divide among 3 ranks"):
+        kv_bytes_per_rank(cfg, 3)
+
+
+def cache_bytes(c) -> int:
+    return sum(t.nbytes for t in (*c.k, *c.v, c.cross_k, c.cross_v))
+
+
+def test_kv_bytes_formula_matches_a_single_process_cache(cfg):
+    model = CausalWan(cfg)
+    engine = Engine(model, max_sessions=3, mode="eager", progress=False)
+    assert cache_bytes(engine.cache) == kv_bytes_per_rank(cfg, 1, dtype=torch.float32, sessions=3)["total"]
+    paged = graphrt.StaticKVCache.for_model(model, align=256)      # flash-attn's pages of 256 tokens
+    assert cache_bytes(paged) == kv_bytes_per_rank(cfg, 1, dtype=torch.float32, align=256)["total"]
+
+
+def test_sequence_parallel_needs_an_initialized_process_group(cfg, monkeypatch):
+    with pytest.raises(ConfigError, match="torch.distributed is not initialized"):
+        sequence_parallel(CausalWan(cfg))
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(ConfigError, match="not launched as one of several ranks") as e:
+        init_distributed("cpu")
+    assert "MASTER_PORT" in str(e.value) and "torchrun" in str(e.value)
+
+
+def test_a_cache_built_before_the_split_is_refused(cfg):
+    """A cache sized for all heads cannot serve a rank that keeps half of them."""
+    model = CausalWan(cfg).eval()
+    cache = graphrt.StaticKVCache.for_model(model)
+    model.parallel = Ulysses(_Group(), 0, 2)
+    assert model.kv_heads == cfg.num_heads // 2
+    x = torch.randn(1, cfg.in_dim, cfg.chunk_frames, cfg.height, cfg.width)
+    with pytest.raises(InputError, match="the cache does not fit this model") as e:
+        model(x, torch.zeros(1), cache=cache, kv_frames=3)
+    assert "sequence_parallel" in str(e.value)
+    assert graphrt.StaticKVCache.for_model(model).k[0].shape[1] == cfg.num_heads // 2
+
+
+def test_token_count_that_does_not_divide_is_an_input_error(cfg):
+    sp = Ulysses(_Group(), 1, 2)
+    assert torch.equal(sp.shard(torch.arange(8.).view(1, 8)), torch.arange(4., 8.).view(1, 4))
+    with pytest.raises(InputError, match="9 tokens per chunk do not divide among 2"):
+        sp.shard(torch.zeros(1, 9, 4))
+
+
+# -- GPUs ----------------------------------------------------------------------------------------
+def check_gpu_run(tmp_path, world: int):
+    videos = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    for dtype in ("float32", "bfloat16"):
+        single = videos[0][f"{dtype}.single"]
+        for mode in MODES[dtype]:
+            got = videos[0][f"{dtype}.{mode}"]
+            err = max_rel_err(got.float(), single.float())
+            assert err <= tolerance(getattr(torch, dtype)), (dtype, mode, err)
+            assert torch.equal(got, videos[0][f"{dtype}.eager"]), (dtype, mode)   # CUDA graph == eager
+            for r in range(1, world):
+                assert torch.equal(got, videos[r][f"{dtype}.{mode}"])
+            for rep in reports:
+                assert rep[dtype][f"{mode}.host_reads"] == 0
+                assert rep[dtype][f"{mode}.kv_bytes"] == rep[dtype][f"{mode}.kv_bytes_formula"]
+
+
+@pytest.mark.cuda
+def test_one_gpu_nccl_collectives_inside_cuda_graphs(tmp_path):
+    """One rank over NCCL: the all-to-alls and the gather are NCCL calls captured in the CUDA
+    graphs (forward and whole chunk) and replayed; the result equals one process without them."""
+    codes, errs, _ = launch(tmp_path, "generate", world=1, device="cuda", timeout=400)
+    assert codes == [0], errs[0][-3000:]
+    check_gpu_run(tmp_path, 1)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL sequence parallelism)")
+def test_two_gpus_nccl_all_to_all_inside_cuda_graphs(tmp_path):
+    """The 2-rank CPU scenario on 2 GPUs: NCCL all-to-alls captured inside CUDA graphs."""
+    codes, errs, reports = launch(tmp_path, "startup", device="cuda", timeout=600)
+    assert codes == [0, 0], "\n".join(e[-3000:] for e in errs)
+    assert "rank 1 holds another model" in reports[0]["mismatch_config"]
+    check_gpu_run(tmp_path, 2)
