@@ -137,6 +137,48 @@ def test_a_rank_failing_at_startup_stops_the_others(tmp_path):
     assert "ParallelError" in reports[0]["error"] and "another rank exited" in reports[0]["error"]
 
 
+def test_torchrun_bench_two_ranks_rank_zero_reports(tmp_path):
+    """``torchrun --nproc-per-node 2 -m graphrt.bench --sp 2`` on the CPU: gloo, one report."""
+    out = tmp_path / "sp.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "graphrt.bench", "--sp", "2", "--preset", "tiny", "--modes", "reference,eager,graphs", "--chunks", "2",
+           "--steps", "2", "--repeats", "0", "--threads", "1", "--no-progress", "--json", str(out)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=base_env())
+    except subprocess.TimeoutExpired:
+        pytest.fail("torchrun did not finish within 150 s (a hang)")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1                             # rank 0 reports, rank 1 runs silently
+    summary = json.loads(lines[0])
+    assert summary == json.loads(out.read_text())
+    assert summary["device"] == "cpu (1 threads) x 2 ranks (gloo)" and summary["config"]["sp"] == 2
+    cfg = WanConfig.preset("tiny", max_frames=6)
+    assert summary["config"]["kv_bytes_per_rank"] == kv_bytes_per_rank(cfg, 2, dtype=torch.float32)["total"]
+    for mode in ("eager", "graphs"):
+        r = summary["modes"][mode]
+        assert "skipped" not in r, r
+        assert r["max_err_vs_reference"] <= tolerance(torch.float32)
+        assert r["host_reads_per_chunk"] == 0
+    assert summary["modes"]["graphs"]["graphs"] == 2
+
+
+def test_bench_sp_needs_as_many_ranks(monkeypatch, capsys):
+    """``--sp 2`` on a launch of one rank exits 2 and says how to launch; ``--sp 0`` too."""
+    from graphrt.bench.__main__ import main
+
+    assert main(["--sp", "0", "--preset", "tiny", "--no-progress"]) == 2
+    for k, v in rank_env(0, 1, free_port()).items():
+        monkeypatch.setenv(k, v)
+    try:
+        assert main(["--sp", "2", "--preset", "tiny", "--modes", "eager", "--no-progress"]) == 2
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    err = capsys.readouterr().err
+    assert "--sp 2 but 1 ranks were launched" in err and "torchrun --nproc-per-node 2" in err
+
+
 # -- one process ---------------------------------------------------------------------------------
 class _Group:
     group_name = "unused"

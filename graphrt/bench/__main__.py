@@ -48,6 +48,8 @@ def _args(argv):
     p.add_argument("--md", help="also write the table as markdown here")
     p.add_argument("--plot", help="draw speedup per mode to this image (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--sp", type=int, default=1, help="sequence-parallel ranks: torchrun --nproc-per-node N -m "
+                   "graphrt.bench --sp N (gloo on the CPU, NCCL on GPUs); every rank runs, rank 0 reports")
     return p.parse_args(argv)
 
 
@@ -183,12 +185,17 @@ def main(argv=None) -> int:
     if is_llm_argv(argv):
         return llm_main(argv)
     opts = _args(argv)
-    console = Console(highlight=False, width=None if sys.stdout.isatty() else 220)
+    quiet = opts.sp > 1 and os.environ.get("RANK", "0") != "0"    # every rank runs, rank 0 reports
+    if quiet:
+        opts.json_path = opts.md = opts.plot = None
+        opts.no_progress = True
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 220, quiet=quiet)
     errors = Console(stderr=True, highlight=False, soft_wrap=True)
     cfg = BenchConfig(preset=opts.preset, device=opts.device, batch=opts.batch, chunks=opts.chunks, steps=opts.steps,
                       dtype=opts.dtype, attention=opts.attention, checkpoint=opts.checkpoint, repeats=opts.repeats,
                       seed=opts.seed, threads=opts.threads, kv_dtype=opts.kv_dtype,
-                      modes=tuple(m.strip() for m in opts.modes.split(",") if m.strip()), progress=False)
+                      modes=tuple(m.strip() for m in opts.modes.split(",") if m.strip()), progress=False,
+                      sp=opts.sp)
     try:
         cfg.resolve()
         _check_outputs(opts)
@@ -231,10 +238,11 @@ def main(argv=None) -> int:
     if opts.plot:
         plot(summary, opts.plot)
     failed = {m: r["skipped"] for m, r in summary["modes"].items() if "skipped" in r}
-    if failed:
+    if failed and not quiet:
         errors.print(f"error: {len(failed)} of {len(cfg.modes)} mode(s) did not run: "
                      + "; ".join(f"{m} ({why})" for m, why in failed.items()), style="red", markup=False)
-    sys.stdout.write(json.dumps(summary) + "\n")
+    if not quiet:
+        sys.stdout.write(json.dumps(summary) + "\n")
     return 1 if failed else 0
 
 

@@ -27,6 +27,9 @@ With ``kv_dtype`` (``int8``, ``float8_e4m3fn``) every graph-safe mode runs on a 
 the summary's ``kv`` entry gives the bytes per session against the model dtype's, the cache's
 write/read time per layer (and what quantization adds per chunk), and each mode's error against
 an unquantized eager run of the same video (``max_err_vs_unquantized``, ``rms_err_vs_unquantized``).
+
+With ``sp`` = N > 1 (``torchrun --nproc-per-node N``) every rank runs every mode on the
+sequence-parallel ``CausalWan`` (:mod:`graphrt.parallel`); ``reference`` stays whole on each rank.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ import torch
 from graphrt.errors import ConfigError, GraphrtError
 from graphrt.kv import StaticKVCache, resolve_kv_dtype
 from graphrt.models.wan import CausalWan, ReferenceWan, WanConfig, load_checkpoint
+from graphrt.parallel import init_distributed, kv_bytes_per_rank, sequence_parallel
 from graphrt.pipeline import Engine, FlowMatchSchedule, reference_stream
 from graphrt.tolerance import max_rel_err, rms_rel_err
 
@@ -93,6 +97,7 @@ class BenchConfig:
     threads: int | None = None     # torch threads; None: 1 on the CPU (stable timings), torch's own on CUDA
     progress: bool = True
     kv_dtype: str | None = None           # None: the model dtype
+    sp: int = 1                # sequence-parallel ranks (under torchrun); every rank runs, rank 0 reports
 
     def resolve(self) -> tuple[str, Preset, torch.device, torch.dtype]:
         """Check every setting up front; raise :class:`ConfigError` naming the first bad one."""
@@ -102,6 +107,8 @@ class BenchConfig:
             raise ConfigError(f"unknown bench preset {name!r}", expected=sorted(PRESETS) + ["auto"], got=name)
         if not self.modes:
             raise ConfigError("no mode to run", expected=f"a comma-separated subset of {','.join(MODES)}")
+        if not isinstance(self.sp, int) or self.sp < 1:
+            raise ConfigError("--sp must be an int >= 1", got=self.sp)
         unknown = set(self.modes) - set(MODES)
         if unknown:
             raise ConfigError(f"unknown mode(s) {sorted(unknown)}", expected=MODES)
@@ -447,12 +454,16 @@ def _run(cfg: BenchConfig, name: str, preset: Preset, device: torch.device, dtyp
     steps = cfg.steps or preset.steps
     repeats = preset.repeats if cfg.repeats is None else cfg.repeats
     wcfg = preset.config(chunks)
+    if cfg.sp > 1:
+        device = _join_ranks(cfg.sp, device)
     torch.manual_seed(cfg.seed)
     ref = ReferenceWan(wcfg).to(device, dtype).eval()
     if cfg.checkpoint:
         load_checkpoint(ref, cfg.checkpoint)
     causal = CausalWan(wcfg, attention=cfg.attention).to(device, dtype).eval()
     causal.load_state_dict(ref.state_dict(), assign=True)   # one copy of the weights, shared by both models
+    if cfg.sp > 1:
+        sequence_parallel(causal)              # the reference stays whole on every rank: the error baseline
     schedule = FlowMatchSchedule(steps=tuple(1000.0 * (1 - i / steps) for i in range(steps)))
     gen = torch.Generator().manual_seed(cfg.seed)
     context = torch.randn(cfg.batch, wcfg.text_len, wcfg.text_dim, generator=gen).to(device, dtype)
@@ -473,11 +484,14 @@ def _run(cfg: BenchConfig, name: str, preset: Preset, device: torch.device, dtyp
                    "latent": [wcfg.height, wcfg.width], "frame_tokens": wcfg.frame_tokens,
                    "chunk_frames": wcfg.chunk_frames, "chunks": chunks, "steps": steps, "batch": cfg.batch,
                    "dtype": str(dtype).removeprefix("torch."), "attention": attention,
-                   "repeats": repeats, "seed": cfg.seed},
+                   "repeats": repeats, "seed": cfg.seed, "sp": cfg.sp,
+                   "kv_bytes_per_rank": _kv_bytes(wcfg, cfg.sp, dtype, cfg.batch, attention)},
         "modes": {},
     }
     quantized = resolve_kv_dtype(cfg.kv_dtype, dtype) != dtype
     summary["config"]["kv_dtype"] = str(resolve_kv_dtype(cfg.kv_dtype, dtype)).removeprefix("torch.")
+    if cfg.sp > 1:
+        summary["device"] += f" x {cfg.sp} ranks ({torch.distributed.get_backend()})"
     results: dict[str, ModeResult] = {}
     videos: dict[str, torch.Tensor] = {}
     with torch.no_grad():
@@ -520,6 +534,23 @@ def _kv_summary(wcfg: WanConfig, cfg: BenchConfig, dtype: torch.dtype, device: t
     costs = kv_cache_costs(wcfg, device, dtype, cfg.kv_dtype, cfg.batch, forwards_per_chunk=steps + 1)
     return {"kv_dtype": cfg.kv_dtype, "bytes_per_session": quant, "bytes_per_session_plain": plain,
             "ratio": quant / plain, "costs": costs}
+def _join_ranks(sp: int, device: torch.device) -> torch.device:
+    """Join the torchrun process group (NCCL on CUDA, gloo on the CPU); its size must be ``sp``."""
+    device = init_distributed(device)
+    world = torch.distributed.get_world_size()
+    if world != sp:
+        raise ConfigError(f"--sp {sp} but {world} ranks were launched", expected=sp, got=world,
+                          fix=f"launch with torchrun --nproc-per-node {sp} -m graphrt.bench --sp {sp}")
+    return device
+
+
+def _kv_bytes(wcfg: WanConfig, sp: int, dtype: torch.dtype, batch: int, attention: str) -> int | None:
+    """K/V cache bytes per rank of the Engine the modes build (flash-attn pads slabs to 256 tokens)."""
+    try:
+        return kv_bytes_per_rank(wcfg, sp, dtype=dtype, sessions=batch,
+                                 align=256 if attention == "flash" else 1)["total"]
+    except ConfigError:
+        return None
 
 
 def _compare(results: dict[str, ModeResult], videos: dict[str, torch.Tensor]) -> dict:
