@@ -79,7 +79,7 @@ def run_engine(engine, ctx, out, key):
             outs = engine.step()
         if c == 1:
             out[f"{key}.host_reads"] = recorder.report().count
-        parts.append(torch.cat([outs[s.id] for s in sessions]))
+        parts.append(torch.cat([outs[s] for s in sessions]))
     for s in sessions:
         engine.close(s)
     return torch.cat(parts, dim=2).cpu()

@@ -46,18 +46,19 @@ def rank_env(rank: int, world: int, port: int) -> dict:
                 MASTER_PORT=str(port))
 
 
-def launch(tmp_path, scenario: str, world: int = 2, device: str = "cpu", timeout: float = 150.0):
-    """Run ``world`` ranks of a scenario; returns (return codes, stderr texts, per-rank JSON)."""
+def launch(tmp_path, scenario: str, world: int = 2, device: str = "cpu", timeout: float = 240.0):
+    """Run ``world`` ranks of a scenario; returns (return codes, stderr texts, per-rank JSON).
+
+    Each rank writes its output to files (a full pipe would block a rank while another is read)."""
     port = free_port()
+    logs = [open(tmp_path / f"rank{r}.log", "w+") for r in range(world)]
     procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "parallel_ranks.py"), scenario, str(tmp_path),
-                               device], env=rank_env(r, world, port), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in range(world)]
+                               device], env=rank_env(r, world, port), stdout=logs[r], stderr=subprocess.STDOUT)
+             for r in range(world)]
     deadline = time.monotonic() + timeout
-    errs = []
     try:
         for p in procs:
-            _, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            errs.append(err)
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         pytest.fail(f"the ranks of {scenario!r} did not finish within {timeout:.0f} s (a hang)")
     finally:
@@ -65,6 +66,11 @@ def launch(tmp_path, scenario: str, world: int = 2, device: str = "cpu", timeout
             if p.poll() is None:
                 p.kill()
                 p.wait()
+        errs = []
+        for f in logs:
+            f.seek(0)
+            errs.append(f.read())
+            f.close()
     reports = []
     for r in range(world):
         path = tmp_path / f"rank{r}.json"
@@ -124,9 +130,7 @@ def test_rank_caches_hold_their_heads_and_no_host_reads(startup_run, dtype):
 
 
 def test_a_rank_failing_at_startup_stops_the_others(tmp_path):
-    t0 = time.monotonic()
-    codes, errs, reports = launch(tmp_path, "fail", timeout=90)
-    assert time.monotonic() - t0 < 90
+    codes, errs, reports = launch(tmp_path, "fail", timeout=90)      # a rank left waiting fails here
     # inside the handshake: rank 1's own error there, rank 0 told which rank failed and why
     assert reports[1]["inside"].startswith("BackendUnavailableError")
     assert reports[0]["inside"].startswith("ParallelError: rank 1 failed at start-up")
@@ -144,9 +148,9 @@ def test_torchrun_bench_two_ranks_rank_zero_reports(tmp_path):
            "graphrt.bench", "--sp", "2", "--preset", "tiny", "--modes", "reference,eager,graphs", "--chunks", "2",
            "--steps", "2", "--repeats", "0", "--threads", "1", "--no-progress", "--json", str(out)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=base_env())
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=base_env())
     except subprocess.TimeoutExpired:
-        pytest.fail("torchrun did not finish within 150 s (a hang)")
+        pytest.fail("torchrun did not finish within 240 s (a hang)")
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert len(lines) == 1                             # rank 0 reports, rank 1 runs silently
