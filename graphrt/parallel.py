@@ -21,6 +21,9 @@ forward calls them like any aten op, so
 Everything here is decided at start-up, before any graph: :func:`sequence_parallel` checks that
 every rank holds the same config and weights, that the heads and a chunk's tokens divide by N,
 and fails on every rank with the same error rather than hanging one of them.
+
+:func:`kv_bytes_per_rank` sizes a rank's cache with :mod:`graphrt.kv` itself (on the meta device),
+for any ``kv_dtype``.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from graphrt.errors import ConfigError, InputError, ParallelError
+from graphrt.kv import StaticKVCache
 
 _c10d = torch.ops._c10d_functional
 
@@ -203,18 +207,23 @@ def _divisors(n: int) -> list[int]:
 
 # -- memory --------------------------------------------------------------------------------------
 def kv_bytes_per_rank(cfg, ranks: int = 1, *, dtype: torch.dtype = torch.bfloat16, sessions: int = 1,
-                      scratch_frames: int | None = None, align: int = 1) -> dict[str, int]:
-    """Bytes of a :class:`~graphrt.StaticKVCache` on one of ``ranks`` sequence-parallel ranks,
-    from the geometry alone: self-attention K/V of H/N heads over ``sessions`` slabs of
-    ``max_frames`` plus the scratch region, and the cross-attention K/V of all H heads (one per
-    session plus scratch). ``align``: flash-attn pads each slab to pages of 256 tokens."""
-    if cfg.num_heads % ranks:
-        raise ConfigError(f"num_heads={cfg.num_heads} does not divide among {ranks} ranks")
-    elsize = torch.empty((), dtype=dtype).element_size()
-    slab = cfg.max_frames * cfg.frame_tokens
-    stride = -(-slab // align) * align
-    scratch = stride if align > 1 else min((scratch_frames or cfg.chunk_frames) * cfg.frame_tokens, stride)
-    per_token = 2 * cfg.num_layers * cfg.head_dim * elsize              # K and V, every layer, one head
-    self_kv = (sessions * stride + scratch) * (cfg.num_heads // ranks) * per_token
-    cross_kv = (sessions + 1) * cfg.text_len * cfg.num_heads * per_token
-    return {"self_attention": self_kv, "cross_attention": cross_kv, "total": self_kv + cross_kv}
+                      **kw) -> dict[str, int]:
+    """Bytes of the :class:`~graphrt.StaticKVCache` one of ``ranks`` sequence-parallel ranks
+    allocates for ``sessions`` slabs: the cache itself, built on the meta device with H/N
+    self-attention heads (and, quantized, their scales) and all H cross-attention heads, so this
+    is what :meth:`~graphrt.kv.SlabKVCache.memory` reports for a rank's Engine. ``kw`` goes to
+    :meth:`~graphrt.kv.SlabKVCache.for_config`: ``kv_dtype``, ``max_batch``, ``scratch_frames``,
+    ``align`` (flash-attn pads each slab to pages of 256 tokens).
+
+    Returns ``self_attention`` (K/V and scales of every slab and the scratch region),
+    ``cross_attention`` (one text K/V per slab plus scratch), ``per_session`` (one slab, as
+    :class:`~graphrt.kv.KVMemory` counts it) and ``total`` (every byte, positions and indices too)."""
+    if not isinstance(ranks, int) or ranks < 1 or cfg.num_heads % ranks:
+        raise ConfigError(f"num_heads={cfg.num_heads} does not divide among {ranks} ranks",
+                          expected=f"a rank count that divides {cfg.num_heads}: {_divisors(cfg.num_heads)}", got=ranks)
+    cache = StaticKVCache.for_config(cfg, dtype=dtype, num_slabs=sessions, num_heads=cfg.num_heads // ranks,
+                                     device="meta", **kw)
+    mem = cache.memory()
+    return {"self_attention": sum(t.nbytes for t in cache.k + cache.v + cache.k_scale + cache.v_scale),
+            "cross_attention": cache.cross_k.nbytes + cache.cross_v.nbytes,
+            "per_session": mem.per_session, "total": mem.total}

@@ -6,8 +6,9 @@ Launched N times by ``tests/test_parallel.py`` with the variables torchrun sets 
 
 - ``startup``: the start-up checks (a model that differs on one rank, heads or tokens that do not
   divide), then three chunks of two batched sessions in eager, forward-graph and chunk-graph
-  modes in float32, eager and chunk-graph in bfloat16; rank 0 also runs the single-process
-  generation.
+  modes in float32, eager and chunk-graph in bfloat16, and chunk-graph on a quantized rank-local
+  cache (int8 in float32, float8 in bfloat16); rank 0 also runs the single-process generation
+  (plain and quantized).
 - ``generate``: the generation only (any number of ranks, also 1: one GPU's NCCL in CUDA graphs).
 - ``fail``: rank 1 fails inside the handshake, then rank 1 dies before reaching it.
 """
@@ -32,8 +33,10 @@ from graphrt.pipeline import Engine, FlowMatchSchedule  # noqa: E402
 CHUNKS = 3
 SEED = 7
 SCHEDULE = FlowMatchSchedule(steps=(1000.0, 500.0))   # 2 denoising forwards + the cache pass per chunk
-# bfloat16 skips the forward graphs: the whole-chunk graph holds the same forwards (test time)
-MODES = {torch.float32: ("eager", "forward", "chunk"), torch.bfloat16: ("eager", "chunk")}
+# bfloat16 skips the forward graphs: the whole-chunk graph holds the same forwards (test time);
+# "mode+kv_dtype" runs the mode on a quantized cache
+MODES = {torch.float32: ("eager", "forward", "chunk", "chunk+int8"),
+         torch.bfloat16: ("eager", "chunk", "chunk+float8_e4m3fn")}
 
 
 def config(**kw) -> WanConfig:
@@ -96,19 +99,26 @@ def generate(rank, world, device, out, videos):
         model = sequence_parallel(build(cfg, device, dtype))
         res = out.setdefault(name, {})
         for mode in MODES[dtype]:
-            engine = Engine(model, max_sessions=2, batch_sizes=(2,), mode=mode, schedule=SCHEDULE, progress=False)
+            engine_mode, _, kv_dtype = mode.partition("+")
+            engine = Engine(model, max_sessions=2, batch_sizes=(2,), mode=engine_mode, schedule=SCHEDULE,
+                            kv_dtype=kv_dtype or None, progress=False)
             cache = engine.cache
-            res[f"{mode}.kv_heads"] = [cache.num_heads, cache.cross_heads]
-            res[f"{mode}.kv_bytes"] = sum(t.nbytes for t in (*cache.k, *cache.v, cache.cross_k, cache.cross_v))
-            res[f"{mode}.kv_bytes_formula"] = kv_bytes_per_rank(cfg, world, dtype=dtype, sessions=2)["total"]
+            res[f"{mode}.kv_heads"] = [cache.num_heads, cache.cross_heads, *{t.shape[1] for t in cache.k_scale}]
+            res[f"{mode}.kv_dtype"] = str(cache.kv_dtype).removeprefix("torch.")
+            storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in cache.tensors().values()}
+            res[f"{mode}.kv_bytes"] = [sum(storages.values()), cache.memory().total]
+            res[f"{mode}.kv_bytes_formula"] = kv_bytes_per_rank(cfg, world, dtype=dtype, sessions=2,
+                                                                kv_dtype=kv_dtype or None)["total"]
             t0 = time.thread_time()
             videos[f"{name}.{mode}"] = run_engine(engine, ctx, res, mode)
             res[f"{mode}.cpu_s"] = round(time.thread_time() - t0, 2)
             if engine.graphs is not None:
                 res[f"{mode}.graphs"] = engine.graphs.stats.captures
         if rank == 0:      # the same generation on one process, same weights: the reference
-            single = Engine(build(cfg, device, dtype), max_sessions=2, mode="eager", schedule=SCHEDULE, progress=False)
-            videos[f"{name}.single"] = run_engine(single, ctx, {}, "single")
+            for kv_dtype in (None, *(m.partition("+")[2] for m in MODES[dtype] if "+" in m)):
+                single = Engine(build(cfg, device, dtype), max_sessions=2, mode="eager", schedule=SCHEDULE,
+                                kv_dtype=kv_dtype, progress=False)
+                videos[f"{name}.single" + (f"+{kv_dtype}" if kv_dtype else "")] = run_engine(single, ctx, {}, "single")
 
 
 def fail(rank, world, device, out):

@@ -25,6 +25,7 @@ from graphrt.tolerance import max_rel_err, tolerance
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODES = {"float32": ("eager", "forward", "chunk"), "bfloat16": ("eager", "chunk")}   # as parallel_ranks.py runs
+QUANTIZED = {"float32": "chunk+int8", "bfloat16": "chunk+float8_e4m3fn"}             # rank-local quantized caches
 ROOT = os.path.dirname(HERE)
 
 
@@ -117,6 +118,21 @@ def test_sequence_parallel_generation_equals_one_process(startup_run, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sequence_parallel_generation_with_quantized_rank_caches(startup_run, dtype):
+    """Each rank quantizes the K/V of its own heads, one scale per token and head: the 2-rank
+    chunk graphs on int8 (fp32) and float8 (bf16) caches equal the single-process generation on
+    the same kv_dtype within the dtype's tolerance, and differ from the unquantized one."""
+    reports, videos = startup_run
+    mode = QUANTIZED[dtype]
+    kv_dtype = mode.partition("+")[2]
+    got, single = videos[0][f"{dtype}.{mode}"], videos[0][f"{dtype}.single+{kv_dtype}"]
+    assert max_rel_err(got.float(), single.float()) <= tolerance(getattr(torch, dtype))
+    assert torch.equal(got, videos[1][f"{dtype}.{mode}"])
+    plain = videos[0][f"{dtype}.single"]
+    assert not torch.equal(single, plain) and max_rel_err(single.float(), plain.float()) <= 1.5e-2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_rank_caches_hold_their_heads_and_no_host_reads(startup_run, dtype):
     reports, _ = startup_run
     cfg = WanConfig.preset("tiny")
@@ -124,9 +140,17 @@ def test_rank_caches_hold_their_heads_and_no_host_reads(startup_run, dtype):
         res = rep[dtype]
         for mode in MODES[dtype]:
             assert res[f"{mode}.kv_heads"] == [cfg.num_heads // 2, cfg.num_heads]
-            assert res[f"{mode}.kv_bytes"] == res[f"{mode}.kv_bytes_formula"]
-            assert res[f"{mode}.host_reads"] == 0
-        assert res["chunk.graphs"] == 3 and res.get("forward.graphs", 3) == 3     # one per KV length
+            assert res[f"{mode}.kv_dtype"] == dtype
+        # quantized: codes and scales of H/2 heads, cross-attention K/V of all H in the model dtype
+        mode = QUANTIZED[dtype]
+        assert res[f"{mode}.kv_heads"] == [cfg.num_heads // 2, cfg.num_heads, cfg.num_heads // 2]
+        assert res[f"{mode}.kv_dtype"] == mode.partition("+")[2]
+        assert res[f"{mode}.kv_bytes"][0] < res["chunk.kv_bytes"][0]
+        for mode in (*MODES[dtype], mode):
+            # allocated storages == memory() == kv_bytes_per_rank from the config alone
+            assert res[f"{mode}.kv_bytes"] == [res[f"{mode}.kv_bytes_formula"]] * 2, mode
+            assert res[f"{mode}.host_reads"] == 0, mode
+            assert res.get(f"{mode}.graphs", 3) == 3, mode        # one per KV length
 
 
 def test_a_rank_failing_at_startup_stops_the_others(tmp_path):
@@ -141,12 +165,16 @@ def test_a_rank_failing_at_startup_stops_the_others(tmp_path):
     assert "ParallelError" in reports[0]["error"] and "another rank exited" in reports[0]["error"]
 
 
-def test_torchrun_bench_two_ranks_rank_zero_reports(tmp_path):
-    """``torchrun --nproc-per-node 2 -m graphrt.bench --sp 2`` on the CPU: gloo, one report."""
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+def test_torchrun_bench_two_ranks_rank_zero_reports(tmp_path, kv_dtype):
+    """``torchrun --nproc-per-node 2 -m graphrt.bench --sp 2`` on the CPU: gloo, one report; with
+    ``--kv-dtype int8`` the K/V bytes are those of the rank's quantized cache of H/2 heads."""
     out = tmp_path / "sp.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
            "graphrt.bench", "--sp", "2", "--preset", "tiny", "--modes", "reference,eager,graphs", "--chunks", "2",
            "--steps", "2", "--repeats", "0", "--threads", "1", "--no-progress", "--json", str(out)]
+    if kv_dtype:
+        cmd += ["--kv-dtype", kv_dtype]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=base_env())
     except subprocess.TimeoutExpired:
@@ -158,11 +186,18 @@ def test_torchrun_bench_two_ranks_rank_zero_reports(tmp_path):
     assert summary == json.loads(out.read_text())
     assert summary["device"] == "cpu (1 threads) x 2 ranks (gloo)" and summary["config"]["sp"] == 2
     cfg = WanConfig.preset("tiny", max_frames=6)
-    assert summary["config"]["kv_bytes_per_rank"] == kv_bytes_per_rank(cfg, 2, dtype=torch.float32)["total"]
+    kv = kv_bytes_per_rank(cfg, 2, dtype=torch.float32, kv_dtype=kv_dtype)
+    assert summary["config"]["kv_bytes_per_rank"] == kv["total"]
+    assert summary["config"]["kv_dtype"] == (kv_dtype or "float32")
+    if kv_dtype:
+        assert summary["kv"]["bytes_per_session"] == kv["per_session"]
+        assert summary["kv"]["bytes_per_session_plain"] == kv_bytes_per_rank(cfg, 2, dtype=torch.float32)["per_session"]
     for mode in ("eager", "graphs"):
         r = summary["modes"][mode]
         assert "skipped" not in r, r
-        assert r["max_err_vs_reference"] <= tolerance(torch.float32)
+        assert r["max_err_vs_reference"] <= (tolerance(torch.float32) if kv_dtype is None else 3e-4)
+        if kv_dtype:
+            assert 0 < r["max_err_vs_unquantized"] <= 3e-4
         assert r["host_reads_per_chunk"] == 0
     assert summary["modes"]["graphs"]["graphs"] == 2
 
@@ -195,20 +230,34 @@ def test_kv_bytes_per_rank_divides_self_attention_by_ranks():
     assert sizes[1]["self_attention"] == (21 + 3) * 1560 * 40 * per_token_head
     assert sizes[2]["self_attention"] * 2 == sizes[4]["self_attention"] * 4 == sizes[1]["self_attention"]
     assert sizes[1]["cross_attention"] == sizes[4]["cross_attention"] == 2 * 512 * 40 * per_token_head
+    # int8 codes (1 byte) plus one bf16 scale per token and head: H/N heads of both on each rank
+    int8 = {n: kv_bytes_per_rank(cfg, n, dtype=torch.bfloat16, kv_dtype="int8") for n in (1, 4)}
+    assert int8[1]["self_attention"] == (21 + 3) * 1560 * 40 * 2 * 40 * (128 + 2)
+    assert int8[4]["self_attention"] * 4 == int8[1]["self_attention"]
+    assert int8[4]["cross_attention"] == sizes[4]["cross_attention"]        # cross K/V stay in bf16
+    assert int8[4]["per_session"] == 21 * 1560 * 10 * 2 * 40 * (128 + 2) + 2 * 512 * 40 * 2 * 40 * 128 + 4
     with pytest.raises(ConfigError, match="does not divide among 3 ranks"):
         kv_bytes_per_rank(cfg, 3)
 
 
-def cache_bytes(c) -> int:
-    return sum(t.nbytes for t in (*c.k, *c.v, c.cross_k, c.cross_v))
+@pytest.mark.parametrize("kv_dtype", [None, "int8", "float8_e4m3fn"])
+def test_kv_bytes_per_rank_is_what_the_cache_allocates(cfg, kv_dtype):
+    """kv_bytes_per_rank sizes the cache kv.py builds: equal to a rank-local cache's allocation
+    (H/2 heads) and to an Engine's single-process cache, for every kv_dtype and flash's pages."""
+    def allocated(c) -> int:
+        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in c.tensors().values()}.values())
 
-
-def test_kv_bytes_formula_matches_a_single_process_cache(cfg):
     model = CausalWan(cfg)
-    engine = Engine(model, max_sessions=3, mode="eager", progress=False)
-    assert cache_bytes(engine.cache) == kv_bytes_per_rank(cfg, 1, dtype=torch.float32, sessions=3)["total"]
+    engine = Engine(model, max_sessions=3, mode="eager", kv_dtype=kv_dtype, progress=False)
+    assert allocated(engine.cache) == kv_bytes_per_rank(cfg, 1, dtype=torch.float32, sessions=3,
+                                                        max_batch=engine.cache.max_batch, kv_dtype=kv_dtype)["total"]
+    rank = graphrt.StaticKVCache.for_config(cfg, dtype=torch.float32, num_heads=cfg.num_heads // 2, num_slabs=2,
+                                            kv_dtype=kv_dtype)
+    got = kv_bytes_per_rank(cfg, 2, dtype=torch.float32, sessions=2, kv_dtype=kv_dtype)
+    assert allocated(rank) == got["total"] and rank.memory().per_session == got["per_session"]
+    assert got["cross_attention"] == rank.cross_k.nbytes * 2 and rank.cross_k.shape[3] == cfg.num_heads
     paged = graphrt.StaticKVCache.for_model(model, align=256)      # flash-attn's pages of 256 tokens
-    assert cache_bytes(paged) == kv_bytes_per_rank(cfg, 1, dtype=torch.float32, align=256)["total"]
+    assert allocated(paged) == kv_bytes_per_rank(cfg, 1, dtype=torch.float32, align=256)["total"]
 
 
 def test_sequence_parallel_needs_an_initialized_process_group(cfg, monkeypatch):
@@ -233,6 +282,23 @@ def test_a_cache_built_before_the_split_is_refused(cfg):
     assert graphrt.StaticKVCache.for_model(model).k[0].shape[1] == cfg.num_heads // 2
 
 
+def test_memory_budget_counts_a_rank_local_cache(cfg):
+    """On a rank the Engine sizes its slabs from the rank's cache (H/2 heads, int8 codes and
+    scales), so one budget holds more sessions than on one process; suspend/resume see the same."""
+    model = CausalWan(cfg).eval()
+    model.parallel = Ulysses(_Group(), 0, 2)
+    rank = kv_bytes_per_rank(cfg, 2, dtype=torch.float32, kv_dtype="int8", max_batch=2)
+    whole = kv_bytes_per_rank(cfg, 1, dtype=torch.float32, kv_dtype="int8", max_batch=2)
+    budget = rank["total"] + 3 * rank["per_session"]       # 4 sessions of a rank, 2 of a whole model
+    assert whole["total"] + whole["per_session"] <= budget < whole["total"] + 2 * whole["per_session"]
+    engine = Engine(model, batch_sizes=(1, 2), mode="eager", kv_dtype="int8", memory_budget=budget, progress=False)
+    m = engine.memory().kv
+    assert engine.cache.num_slabs == 4 and m.total == kv_bytes_per_rank(
+        cfg, 2, dtype=torch.float32, sessions=4, kv_dtype="int8", max_batch=2)["total"] <= budget
+    assert (engine.cache.num_heads, engine.cache.cross_heads, engine.cache.k_scale[0].shape[1]) == (2, 4, 2)
+    assert m.per_session == rank["per_session"]
+
+
 def test_token_count_that_does_not_divide_is_an_input_error(cfg):
     sp = Ulysses(_Group(), 1, 2)
     assert torch.equal(sp.shard(torch.arange(8.).view(1, 8)), torch.arange(4., 8.).view(1, 4))
@@ -253,9 +319,13 @@ def check_gpu_run(tmp_path, world: int):
             assert torch.equal(got, videos[0][f"{dtype}.eager"]), (dtype, mode)   # CUDA graph == eager
             for r in range(1, world):
                 assert torch.equal(got, videos[r][f"{dtype}.{mode}"])
+        mode = QUANTIZED[dtype]         # quantized rank caches vs one process on the same kv_dtype
+        got, ref = videos[0][f"{dtype}.{mode}"], videos[0][f"{dtype}.single+{mode.partition('+')[2]}"]
+        assert max_rel_err(got.float(), ref.float()) <= tolerance(getattr(torch, dtype)), (dtype, mode)
+        for mode in (*MODES[dtype], mode):
             for rep in reports:
                 assert rep[dtype][f"{mode}.host_reads"] == 0
-                assert rep[dtype][f"{mode}.kv_bytes"] == rep[dtype][f"{mode}.kv_bytes_formula"]
+                assert rep[dtype][f"{mode}.kv_bytes"] == [rep[dtype][f"{mode}.kv_bytes_formula"]] * 2
 
 
 @pytest.mark.cuda

@@ -108,8 +108,10 @@ def measure(cfg: WanConfig, device: torch.device, dtype: torch.dtype, batch: int
 
 
 def kv_cache_costs(cfg: WanConfig, device: torch.device, dtype: torch.dtype, kv_dtype: str, batch: int = 1,
-                   iters: int = 20, kv_chunks: list[int] | None = None, forwards_per_chunk: int = 5) -> dict:
-    """Milliseconds of one layer's cache write and read at each KV length, plain vs ``kv_dtype``.
+                   iters: int = 20, kv_chunks: list[int] | None = None, forwards_per_chunk: int = 5,
+                   num_heads: int | None = None) -> dict:
+    """Milliseconds of one layer's cache write and read at each KV length, plain vs ``kv_dtype``,
+    for ``num_heads`` heads (default all; a sequence-parallel rank's cache keeps H/N).
 
     The real cache code on a one-layer cache of ``batch`` slabs: ``write`` stores one chunk's K and V
     (quantizing them), ``read`` gathers and dequantizes the bucket's K and V. ``extra_ms_per_chunk``
@@ -122,10 +124,12 @@ def kv_cache_costs(cfg: WanConfig, device: torch.device, dtype: torch.dtype, kv_
     one = cfg.replace(num_layers=1)
     tokens = cfg.chunk_frames * cfg.frame_tokens
     g = torch.Generator(device="cpu").manual_seed(0)
-    k, v = (torch.randn(batch, tokens, cfg.num_heads, cfg.head_dim, generator=g).to(device, dtype) for _ in range(2))
+    heads = num_heads or cfg.num_heads
+    k, v = (torch.randn(batch, tokens, heads, cfg.head_dim, generator=g).to(device, dtype) for _ in range(2))
     out = {"kv_dtype": kv_dtype, "kv_tokens": [c * tokens for c in kv_chunks]}
     for name, kvd in ((str(dtype).removeprefix("torch."), None), (kv_dtype, kv_dtype)):
-        cache = StaticKVCache.for_config(one, dtype=dtype, device=device, kv_dtype=kvd, num_slabs=batch)
+        cache = StaticKVCache.for_config(one, dtype=dtype, device=device, kv_dtype=kvd, num_slabs=batch,
+                                         num_heads=heads)
         cache.bind([cache.acquire() for _ in range(batch)])
         writes, reads = [], []
         for c in kv_chunks:

@@ -48,7 +48,7 @@ import torch
 from graphrt.errors import ConfigError, GraphrtError
 from graphrt.kv import StaticKVCache, resolve_kv_dtype
 from graphrt.models.wan import CausalWan, ReferenceWan, WanConfig, load_checkpoint
-from graphrt.parallel import init_distributed, kv_bytes_per_rank, sequence_parallel
+from graphrt.parallel import init_distributed, sequence_parallel
 from graphrt.pipeline import Engine, FlowMatchSchedule, reference_stream
 from graphrt.tolerance import max_rel_err, rms_rel_err
 
@@ -485,7 +485,7 @@ def _run(cfg: BenchConfig, name: str, preset: Preset, device: torch.device, dtyp
                    "chunk_frames": wcfg.chunk_frames, "chunks": chunks, "steps": steps, "batch": cfg.batch,
                    "dtype": str(dtype).removeprefix("torch."), "attention": attention,
                    "repeats": repeats, "seed": cfg.seed, "sp": cfg.sp,
-                   "kv_bytes_per_rank": _kv_bytes(wcfg, cfg.sp, dtype, cfg.batch, attention)},
+                   "kv_bytes_per_rank": _kv_bytes(causal, cfg.batch, cfg.kv_dtype)},
         "modes": {},
     }
     quantized = resolve_kv_dtype(cfg.kv_dtype, dtype) != dtype
@@ -496,7 +496,7 @@ def _run(cfg: BenchConfig, name: str, preset: Preset, device: torch.device, dtyp
     videos: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         if quantized:
-            summary["kv"] = _kv_summary(wcfg, cfg, dtype, device, steps)
+            summary["kv"] = _kv_summary(wcfg, cfg, dtype, device, steps, causal.kv_heads)
             plain = Driver("eager", causal, ref, schedule, cfg.batch, cfg.progress)
             videos["unquantized"] = torch.cat(list(plain.stream(context, chunks, cfg.seed)), dim=2)
             plain = None
@@ -523,17 +523,23 @@ def _run(cfg: BenchConfig, name: str, preset: Preset, device: torch.device, dtyp
     return summary
 
 
-def _kv_summary(wcfg: WanConfig, cfg: BenchConfig, dtype: torch.dtype, device: torch.device, steps: int) -> dict:
-    """Bytes per session, plain and quantized, and the cache's write/read cost per layer."""
+def _kv_summary(wcfg: WanConfig, cfg: BenchConfig, dtype: torch.dtype, device: torch.device, steps: int,
+                heads: int) -> dict:
+    """Bytes per session, plain and quantized, and the cache's write/read cost per layer, for a
+    cache of ``heads`` self-attention heads (H/N on each of N sequence-parallel ranks)."""
     from graphrt.bench.attention import kv_cache_costs
 
     def per_session(kv_dtype):
-        return StaticKVCache.for_config(wcfg, dtype=dtype, kv_dtype=kv_dtype, device="meta").memory().per_session
+        return StaticKVCache.for_config(wcfg, dtype=dtype, kv_dtype=kv_dtype, num_heads=heads,
+                                        device="meta").memory().per_session
 
     plain, quant = per_session(None), per_session(cfg.kv_dtype)
-    costs = kv_cache_costs(wcfg, device, dtype, cfg.kv_dtype, cfg.batch, forwards_per_chunk=steps + 1)
+    costs = kv_cache_costs(wcfg, device, dtype, cfg.kv_dtype, cfg.batch, forwards_per_chunk=steps + 1,
+                           num_heads=heads)
     return {"kv_dtype": cfg.kv_dtype, "bytes_per_session": quant, "bytes_per_session_plain": plain,
             "ratio": quant / plain, "costs": costs}
+
+
 def _join_ranks(sp: int, device: torch.device) -> torch.device:
     """Join the torchrun process group (NCCL on CUDA, gloo on the CPU); its size must be ``sp``."""
     device = init_distributed(device)
@@ -544,12 +550,13 @@ def _join_ranks(sp: int, device: torch.device) -> torch.device:
     return device
 
 
-def _kv_bytes(wcfg: WanConfig, sp: int, dtype: torch.dtype, batch: int, attention: str) -> int | None:
-    """K/V cache bytes per rank of the Engine the modes build (flash-attn pads slabs to 256 tokens)."""
+def _kv_bytes(causal: CausalWan, batch: int, kv_dtype: str | None) -> int | None:
+    """K/V cache bytes per rank of the Engine the modes build: the same cache, sized on the meta
+    device (H/N heads on N ranks, kv_dtype, flash-attn's pages). None when it cannot be built
+    (an attention backend that is unavailable here: every mode says why)."""
     try:
-        return kv_bytes_per_rank(wcfg, sp, dtype=dtype, sessions=batch,
-                                 align=256 if attention == "flash" else 1)["total"]
-    except ConfigError:
+        return StaticKVCache.for_model(causal, num_slabs=batch, kv_dtype=kv_dtype, device="meta").memory().total
+    except GraphrtError:
         return None
 
 

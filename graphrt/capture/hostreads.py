@@ -56,6 +56,7 @@ from rich import box
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -331,6 +332,8 @@ def _runs(counts) -> str:
 # -- where a tensor lives ----------------------------------------------------------------------------
 def storage_key(t: torch.Tensor):
     """Identifies the memory a tensor lives in (views of one tensor share it)."""
+    if isinstance(t, FakeTensor):       # make_fx's metadata for a traced op's output (collectives): no memory
+        return t.device, id(t)
     try:
         return t.device, t.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):   # a tensor without storage (a subclass wrapper)
