@@ -10,8 +10,9 @@ Every backend captures ``flat_fn(*static_inputs) -> [output tensors]`` once and 
   exactly as a CUDA graph freezes kernel arguments. A host value that leaks into the captured
   region therefore gives a wrong replay on the CPU too: a Python number, and also a 0-dim host
   tensor (``x * self.scale`` with a plain tensor attribute, a scheduler's ``sigmas[i]``), whose
-  value CUDA passes as a kernel argument. It is for fidelity, not speed: replay costs about what
-  eager costs, unless ``inductor`` compiles the trace.
+  value CUDA passes as a kernel argument. Replayed by the FX interpreter it is for fidelity, not
+  speed (about what eager costs); with ``inductor`` the trace is compiled
+  (:mod:`graphrt.capture.aot`: by default one AOTInductor package per bucket, kept on disk).
 - :class:`EagerGraph`: no graph; runs the function on the static inputs (a control).
 
 Every run during capture goes through the capture's :class:`~graphrt.capture.undo.Sandbox` (one
@@ -29,6 +30,7 @@ import contextlib
 
 import torch
 
+from graphrt.capture.aot import CompiledTrace
 from graphrt.capture.undo import Sandbox
 from graphrt.errors import CaptureError
 
@@ -62,7 +64,8 @@ def trace(flat_fn, inputs, inductor: bool, host_scalar=None, sandbox: Sandbox | 
 
     ``host_scalar(t) -> bool`` names the 0-dim tensor constants that live on the host of a CUDA
     model: their value is frozen (copied) here, as a CUDA graph bakes it into a kernel argument.
-    Inductor's own CUDA graphs stay off: the trace runs inside graphrt's graph.
+    Inductor's own CUDA graphs stay off: the trace runs inside graphrt's graph; so does freezing,
+    which would fold runtime state read as attributes (caches, positions) into constants.
     """
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -73,7 +76,7 @@ def trace(flat_fn, inputs, inductor: bool, host_scalar=None, sandbox: Sandbox | 
             if "." not in name and t.dim() == 0 and host_scalar(t):
                 gm.register_buffer(name, t.clone())
     if inductor:
-        return torch.compile(gm, fullgraph=True, dynamic=False, options={"triton.cudagraphs": False})
+        return torch.compile(gm, fullgraph=True, dynamic=False, options={"triton.cudagraphs": False, "freezing": False})
     return gm
 
 
@@ -81,7 +84,10 @@ class CpuGraph:
     def __init__(self, flat_fn, inputs, runtime, host_scalar=None, sandbox=None):
         sandbox = sandbox or Sandbox({})
         self.inputs = inputs
-        self.run = trace(flat_fn, inputs, runtime.inductor, host_scalar, sandbox)
+        self.run = trace(flat_fn, inputs, False, host_scalar, sandbox)
+        if runtime.inductor:
+            self.run = CompiledTrace(self.run, inputs, runtime.inductor, runtime.disk)
+        self.disk_hit = getattr(self.run, "disk_hit", None)       # True/False: loaded from / stored to disk
         first = (sandbox.run_opaque if runtime.inductor else sandbox.run)(self.run, *inputs)   # compiles, if inductor
         self.outputs = runtime.output_slots(first)
         for static, out in zip(self.outputs, first):

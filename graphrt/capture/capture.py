@@ -29,10 +29,11 @@ class Runtime:
     is valid until the next replay of any bucket)."""
 
     backend: str                     # "cuda-graph" | "cpu-graph" | "eager"
-    inductor: bool = False
+    inductor: bool | str = False     # False, or inductor's wrapper: "aoti" | "cpp-wrapper" | "python" (capture/aot.py)
     warmup: int = 2                  # eager runs before a CUDA capture (allocator, cuBLAS, autotune)
     check_host_reads: bool = True
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    disk: Any = None                 # DiskCache of compiled artifacts (capture/diskcache.py), or None
     _pool: Any = field(default=None, repr=False)
     _stream: Any = field(default=None, repr=False)
     _arenas: dict = field(default_factory=dict, repr=False)

@@ -17,10 +17,12 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 
+from graphrt.capture.aot import resolve_wrapper
 from graphrt.capture.backends import BACKENDS
 from graphrt.capture.buckets import (Buckets, BucketKey, PyValue, Request, StateRef, TensorSpec, bind,
                                      is_runtime_state, parameter_names)
 from graphrt.capture.capture import Captured, Runtime, capture, resolve_backend
+from graphrt.capture.diskcache import DiskCache
 from graphrt.capture.undo import Bindings, WriteLog, roots_of
 from graphrt.errors import (BackendUnavailableError, BucketMissError, CaptureError, InputError, ReplayMismatchError,
                             SignatureError)
@@ -38,6 +40,8 @@ class GraphStats:
     capture_seconds: float = 0.0
     pool_bytes: int | None = 0      # None under cudaMallocAsync (no memory snapshots)
     undo_bytes: int = 0             # the most capture saved to undo one run (what it wrote, not the caches)
+    disk_hits: int = 0              # compiled graphs loaded from the disk cache (inductor on the CPU)
+    disk_misses: int = 0            # compiled here (and stored)
 
 
 @dataclass
@@ -62,8 +66,8 @@ class GraphedModule:
     """A function or module captured as one graph per bucket. Build it with :func:`graphrt.compile`."""
 
     def __init__(self, fn: Callable, *, buckets: Buckets | None = None, backend: str = "auto",
-                 inductor: bool = False, verify: int = 0, fallback: str = "error", clone_outputs: bool = False,
-                 states=(), check: bool = True, progress: bool = True):
+                 inductor: bool | str = False, verify: int = 0, fallback: str = "error", clone_outputs: bool = False,
+                 states=(), check: bool = True, progress: bool = True, cache_dir=None):
         if fallback not in ("error", "eager"):
             raise InputError("fallback must be 'error' or 'eager'", got=fallback)
         if backend not in BACKENDS + ("auto",):
@@ -71,6 +75,8 @@ class GraphedModule:
                                           got=backend)
         if backend == "cuda-graph":
             Runtime(backend)          # fails now, not at the first call, when there is no CUDA device
+        resolve_wrapper(inductor, torch.device("cpu"))     # an unknown setting fails now
+        self._disk = DiskCache.resolve(cache_dir) if inductor else None
         self.fn = fn
         self.module = fn if isinstance(fn, torch.nn.Module) else None
         target = fn.forward if self.module is not None else fn
@@ -231,8 +237,8 @@ class GraphedModule:
         _check_caches(req, key)
         if self.runtime is None:
             device = self._device(req)
-            self.runtime = Runtime(resolve_backend(self.backend, device), inductor=self.inductor,
-                                   check_host_reads=self.check, device=device)
+            self.runtime = Runtime(resolve_backend(self.backend, device), check_host_reads=self.check, device=device,
+                                   inductor=resolve_wrapper(self.inductor, device) or False, disk=self._disk)
         frozen = dict(key.statics) | dict(key.signature)
         leaves = []
         for path in req.paths:
@@ -260,6 +266,10 @@ class GraphedModule:
         self.stats.captures += 1
         self.stats.capture_seconds += entry.captured.seconds
         self.stats.undo_bytes = max(self.stats.undo_bytes, entry.captured.undo_bytes)
+        hit = getattr(entry.captured.graph, "disk_hit", None)
+        if hit is not None:
+            self.stats.disk_hits += hit
+            self.stats.disk_misses += not hit
         self._graphs[key] = entry
         return entry
 
@@ -400,14 +410,21 @@ def _region_name(t: torch.Tensor, names: dict[int, str]) -> str:
 
 
 def compile(model_or_fn: Callable, *, buckets: Buckets | None = None, backend: str = "auto",
-            inductor: bool = False, verify: int = 0, fallback: str = "error", clone_outputs: bool = False,
-            states=(), check: bool = True, progress: bool = True) -> GraphedModule:
+            inductor: bool | str = False, verify: int = 0, fallback: str = "error", clone_outputs: bool = False,
+            states=(), check: bool = True, progress: bool = True, cache_dir=None) -> GraphedModule:
     """Capture ``model_or_fn`` as one graph per bucket and replay it.
 
     - ``buckets``: a :class:`~graphrt.Buckets` spec; None keys every distinct input signature.
     - ``backend``: ``"cuda-graph"``, ``"cpu-graph"`` (CPU emulation that freezes host values as a
       CUDA graph does), ``"eager"`` (no graph), or ``"auto"`` (by the inputs' device).
-    - ``inductor``: ``torch.compile(fullgraph=True, dynamic=False)`` each bucket before capture.
+    - ``inductor``: compile each bucket's trace with inductor before capture. ``True`` picks the
+      fastest wrapper for the device: on the CPU an AOTInductor package per bucket ("aoti": no
+      Python between kernels), on CUDA ``torch.compile`` (its kernels captured in graphrt's CUDA
+      graph, inductor's own CUDA graphs off). ``"cpp-wrapper"`` and ``"python"`` pick
+      ``torch.compile`` with inductor's C++ or Python wrapper (see :mod:`graphrt.capture.aot`).
+    - ``cache_dir``: where compiled AOTInductor packages are kept across processes (None:
+      ``$GRAPHRT_CACHE_DIR`` or ``~/.cache/graphrt``; False: nowhere). A second process that
+      compiles the same buckets loads them instead (``stats.disk_hits``).
     - ``verify``: the first N replays of each bucket (after the call that captured it) also run
       eagerly from the same state and must match (bit for bit without inductor), outputs and
       every region the forward writes; raises :class:`ReplayMismatchError`. It costs memory in
@@ -422,4 +439,4 @@ def compile(model_or_fn: Callable, *, buckets: Buckets | None = None, backend: s
     """
     return GraphedModule(model_or_fn, buckets=buckets, backend=backend, inductor=inductor, verify=verify,
                          fallback=fallback, clone_outputs=clone_outputs, states=states, check=check,
-                         progress=progress)
+                         progress=progress, cache_dir=cache_dir)
