@@ -42,6 +42,10 @@ def _args(argv):
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, help="torch threads (default: 1 on the CPU, for stable timings; "
                    "torch's own on CUDA)")
+    p.add_argument("--cache-dir", help="keep compiled graphs here across runs (default: a fresh folder per run, "
+                   "so capture seconds are cold; the warm column is a second engine on it)")
+    p.add_argument("--kv-buckets", default="auto", choices=["auto", "per-length", "max"],
+                   help="graphs per KV length (per-length) or one per batch size (max: whole slab, masked)")
     p.add_argument("--checkpoint", help="a Wan 2.1 safetensors file or folder (default: random weights)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_path", help="also write the JSON summary here")
@@ -76,7 +80,8 @@ def table(summary: dict) -> Table:
                     f"attention {c['attention']}, K/V {c.get('kv_dtype', c['dtype'])})")
     cols = [("mode", "left"), ("1st chunk ms", "right"), ("chunk ms", "right"), ("p90", "right"), ("cpu ms", "right"),
             ("denoise", "right"), ("cache pass", "right"), ("fps", "right"), ("host reads", "right"),
-            ("graphs", "right"), ("capture s", "right"), ("peak MiB steady/capture", "right"), ("GPU busy", "right"),
+            ("graphs", "right"), ("capture s", "right"), ("warm s", "right"), ("peak MiB steady/capture", "right"),
+            ("GPU busy", "right"),
             ("err vs ref", "right"), ("x ref", "right"), ("x eager", "right")]
     for name, just in cols:
         t.add_column(name, justify=just)
@@ -89,7 +94,8 @@ def table(summary: dict) -> Table:
         t.add_row(mode, _fmt(r["first_chunk_ms"]), _fmt(r["chunk_ms_median"]), _fmt(r["chunk_ms_p90"]),
                   _fmt(r["chunk_cpu_ms_median"]),
                   _fmt(r["denoise_ms_median"]), _fmt(r["cache_pass_ms_median"]), _fmt(r["fps"]),
-                  _fmt(r["host_reads_per_chunk"]), _fmt(r["graphs"]), _fmt(r["capture_s"]), mem, busy or "-",
+                  _fmt(r["host_reads_per_chunk"]), _fmt(r["graphs"]), _fmt(r["capture_s"]), _fmt(r["warm_capture_s"]),
+                  mem, busy or "-",
                   _fmt(r["max_err_vs_reference"]), _fmt(r["speedup_vs_reference"], "x"),
                   _fmt(r["speedup_vs_eager"], "x"))
     return t
@@ -106,9 +112,10 @@ def markdown(summary: dict) -> str:
             return f"{v:.2e}"
         return f"{v:,.{digits}f}" if isinstance(v, float) else str(v)
 
-    head = ["mode", "first chunk ms", "chunk ms p50", "p90", "denoise ms", "cache pass ms", "video fps",
-            "host reads/chunk", "graphs", "capture s", "peak MiB steady / capture", "GPU busy", "max err vs reference",
-            "x reference", "x eager"]
+    cpu = summary["device"].startswith("cpu")
+    head = ["mode", "first chunk ms", "chunk ms p50", "p90"] + (["cpu ms p50", "cpu ms min/med/max"] if cpu else []) + \
+        ["denoise ms", "cache pass ms", "video fps", "host reads/chunk", "graphs", "capture s", "warm capture s",
+         "peak MiB steady / capture", "GPU busy", "max err vs reference", "x reference", "x eager"]
     lines = [f"{summary['preset']} on {summary['device']}, torch {summary['torch']}: {c['chunks']} chunks x "
              f"({c['steps']} steps + cache pass), batch {c['batch']}, {c['dtype']}, attention {c['attention']}, K/V {c.get('kv_dtype', c['dtype'])}",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -119,14 +126,26 @@ def markdown(summary: dict) -> str:
             continue
         mem = _mem(r, lambda v: f(v, 0))
         busy = None if r["gpu_busy"] is None else f"{100 * r['gpu_busy']:.0f}%"
-        cells = [mode, f(r["first_chunk_ms"]), f(r["chunk_ms_median"]), f(r["chunk_ms_p90"]),
-                 f(r["denoise_ms_median"]), f(r["cache_pass_ms_median"]), f(r["fps"], 1),
-                 f(r["host_reads_per_chunk"], 0), f(r["graphs"]), f(r["capture_s"]), mem, busy or "-",
-                 f(r["max_err_vs_reference"]), f(r["speedup_vs_reference"]) + "x", f(r["speedup_vs_eager"]) + "x"]
+        spread = r.get("chunk_cpu_ms_spread")
+        cells = [mode, f(r["first_chunk_ms"]), f(r["chunk_ms_median"]), f(r["chunk_ms_p90"])]
+        if cpu:
+            cells += [f(r["chunk_cpu_ms_median"]), "/".join(f(x) for x in spread) if spread else "-"]
+        cells += [f(r["denoise_ms_median"]), f(r["cache_pass_ms_median"]), f(r["fps"], 1),
+                  f(r["host_reads_per_chunk"], 0), f(r["graphs"]), f(r["capture_s"]), f(r["warm_capture_s"]),
+                  mem, busy or "-", f(r["max_err_vs_reference"]), f(r["speedup_vs_reference"]) + "x",
+                  f(r["speedup_vs_eager"]) + "x"]
         lines.append("| " + " | ".join(cells) + " |")
         notes += [f"- {mode}: {n}" for n in r.get("notes", [])]
+        notes += [f"- {mode}: warning: {n}" for n in r.get("warnings", [])]
+    head_notes = [f"- clocks: speedups from {summary['clocks']['speedups']}; threads {summary['threads']}; "
+                  f"load average (1/5/15 min, {summary['load_avg']['cpus']} CPUs) {summary['load_avg']['start']} "
+                  f"at the start, {summary['load_avg']['end']} at the end"]
+    g = summary.get("goal")
+    if g:
+        head_notes.append(f"- goal: {g['best_graph_mode']} ({f(g['best_ms'])} ms) vs {g['strongest_peer']} "
+                          f"({f(g['peer_ms'])} ms): {g['ratio']:.2f}x (target {g['target']}x)")
     kv = kv_lines(summary)
-    return "\n".join(lines + ([""] + kv if kv else []) + ([""] + notes if notes else [])) + "\n"
+    return "\n".join(lines + [""] + head_notes + ([""] + kv if kv else []) + ([""] + notes if notes else [])) + "\n"
 
 
 def kv_lines(summary: dict) -> list[str]:
@@ -193,9 +212,9 @@ def main(argv=None) -> int:
     errors = Console(stderr=True, highlight=False, soft_wrap=True)
     cfg = BenchConfig(preset=opts.preset, device=opts.device, batch=opts.batch, chunks=opts.chunks, steps=opts.steps,
                       dtype=opts.dtype, attention=opts.attention, checkpoint=opts.checkpoint, repeats=opts.repeats,
-                      seed=opts.seed, threads=opts.threads, kv_dtype=opts.kv_dtype,
-                      modes=tuple(m.strip() for m in opts.modes.split(",") if m.strip()), progress=False,
-                      sp=opts.sp)
+                      seed=opts.seed, threads=opts.threads, kv_dtype=opts.kv_dtype, cache_dir=opts.cache_dir,
+                      kv_buckets=opts.kv_buckets, modes=tuple(m.strip() for m in opts.modes.split(",") if m.strip()),
+                      progress=False, sp=opts.sp)
     try:
         cfg.resolve()
         _check_outputs(opts)

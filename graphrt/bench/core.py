@@ -7,15 +7,25 @@ Modes (all on the same weights, text context and seeds):
 - ``graphs``: one graph per DiT forward per bucket (CUDA graphs; the CPU emulation on the CPU);
 - ``chunk-graph``: one graph per whole chunk (denoising forwards, scheduler, noise, cache pass);
 - ``graphs+inductor``: ``graphs`` with each bucket compiled by inductor before capture;
-- ``compile``: the peer, ``torch.compile(mode="reduce-overhead")`` of the graph-safe model on
-  CUDA, plain ``torch.compile`` on the CPU.
+- ``chunk-graph+inductor``: ``chunk-graph`` with each whole chunk compiled by inductor: on the
+  CPU one AOTInductor package per bucket (no Python between kernels), kept in a disk cache; on
+  CUDA inductor's kernels captured in graphrt's CUDA graph;
+- ``compile``: a peer, ``torch.compile`` of the graph-safe model, one compile per forward
+  (``mode="reduce-overhead"`` on CUDA, the default mode on the CPU);
+- ``compile-chunk``: a peer, ``torch.compile`` of the whole chunk function (the same modes).
+
+Both peers are what a strong user would write; graphrt's graph modes are measured against the
+faster of the two (``summary["goal"]``).
 
 Per mode: first-chunk latency (capture/compile included), steady per-chunk latency (median and
 p90) split into the denoising forwards and the cache pass where the mode exposes the boundary,
-on the CPU the thread CPU time per chunk next to the wall time, video frames per second, host
-reads per chunk (counted by the checker; pinned async uploads apart), graphs, capture seconds,
-peak memory (in the steady state, and while capturing), max error against ``reference`` and
-speedups against ``reference`` and ``eager``.
+on the CPU the thread CPU time per chunk next to the wall time, the spread of the per-video
+medians (min, median, max over the repeats), video frames per second, host reads per chunk
+(counted by the checker; pinned async uploads apart), graphs, capture seconds (cold, and warm:
+a second engine started on the same disk cache), peak memory (in the steady state, and while
+capturing), max error against ``reference`` and speedups against ``reference`` and ``eager``.
+``summary["clocks"]`` names the clock behind every time field; speedups use thread CPU time on
+the CPU (the machine is shared) and CUDA events on CUDA.
 
 On the CPU the bench runs torch at one thread unless told otherwise: on a shared machine the
 ratios between modes swing by an order of magnitude at the default thread count, while one
@@ -34,9 +44,11 @@ sequence-parallel ``CausalWan`` (:mod:`graphrt.parallel`); ``reference`` stays w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import os
 import statistics
+import tempfile
 import time
 import traceback
 from datetime import datetime, timezone
@@ -52,7 +64,11 @@ from graphrt.parallel import init_distributed, sequence_parallel
 from graphrt.pipeline import Engine, FlowMatchSchedule, reference_stream
 from graphrt.tolerance import max_rel_err, rms_rel_err
 
-MODES = ("reference", "eager", "graphs", "chunk-graph", "graphs+inductor", "compile")
+MODES = ("reference", "eager", "graphs", "chunk-graph", "graphs+inductor", "chunk-graph+inductor", "compile",
+         "compile-chunk")
+GRAPH_MODES = ("graphs", "chunk-graph", "graphs+inductor", "chunk-graph+inductor")
+PEERS = ("compile", "compile-chunk")
+INDUCTOR_MODES = ("graphs+inductor", "chunk-graph+inductor")
 VIDEO_FRAMES_PER_LATENT = 4
 
 
@@ -66,17 +82,22 @@ class Preset:
     steps: int = 4
     dtype: str = "bfloat16"
     repeats: int = 1           # extra whole videos timed after the first (steady-state samples)
+    layers: int | None = None  # fewer layers than the model preset (a CPU-sized slice of a wide model)
 
     def config(self, chunks: int | None = None) -> WanConfig:
         n = chunks or self.chunks
+        extra = {} if self.layers is None else {"num_layers": self.layers}
         return WanConfig.preset(self.model, height=self.height, width=self.width, chunk_frames=self.chunk_frames,
-                                max_frames=n * self.chunk_frames)
+                                max_frames=n * self.chunk_frames, **extra)
 
 
 PRESETS = {
     "tiny": Preset("tiny", 8, 8, 3, 2, dtype="float32", repeats=3),
     "wan-1.3b-480p": Preset("wan-1.3b", 60, 104, 3, 7),       # 480x832 video: 1560 tokens per latent frame
     "wan-1.3b-240p-f1": Preset("wan-1.3b", 30, 52, 1, 7),     # 240x416, one latent frame per chunk
+    # Wan 1.3B width (dim 1536, 12 heads, ffn 8960, text 512 x 4096) at 64x64 video, one latent
+    # frame per chunk, 2 of its 30 layers: CPU-sized, so every mode compiles in minutes
+    "wan-1.3b-width-cpu": Preset("wan-1.3b", 8, 8, 1, 3, dtype="float32", repeats=4, layers=2),
     "wan-14b-480p": Preset("wan-14b", 60, 104, 3, 7),
 }
 
@@ -95,6 +116,8 @@ class BenchConfig:
     repeats: int | None = None
     seed: int = 0
     threads: int | None = None     # torch threads; None: 1 on the CPU (stable timings), torch's own on CUDA
+    cache_dir: str | None = None   # compiled graphs on disk; None: a fresh folder for this run (cold means cold)
+    kv_buckets: str = "auto"       # Engine(kv_buckets=...): "per-length", "max" (one graph per batch size), "auto"
     progress: bool = True
     kv_dtype: str | None = None           # None: the model dtype
     sp: int = 1                # sequence-parallel ranks (under torchrun); every rank runs, rank 0 reports
@@ -118,6 +141,12 @@ class BenchConfig:
                                    ("repeats", self.repeats, 0), ("threads", self.threads, 1)):
             if value is not None and (not isinstance(value, int) or value < least):
                 raise ConfigError(f"--{what} must be an int >= {least}", got=value)
+        from graphrt.pipeline.engine import KV_BUCKETS
+
+        if self.kv_buckets not in KV_BUCKETS:
+            raise ConfigError(f"unknown --kv-buckets {self.kv_buckets!r}", expected=KV_BUCKETS)
+        if self.cache_dir is not None and not os.path.isdir(self.cache_dir):
+            raise ConfigError("--cache-dir is not a folder", got=self.cache_dir, fix="create it first")
         if self.checkpoint is not None and not os.path.exists(self.checkpoint):
             raise ConfigError("checkpoint not found", got=self.checkpoint,
                               fix="pass a Wan 2.1 .safetensors file or a folder of shards")
@@ -151,13 +180,19 @@ class ModeResult:
     chunk_ms_median: float | None = None
     chunk_ms_p90: float | None = None
     chunk_cpu_ms_median: float | None = None     # thread CPU time per steady chunk (CPU runs)
+    chunk_cpu_ms_p90: float | None = None
+    chunk_ms_spread: list | None = None          # [min, median, max] of the per-video medians (wall)
+    chunk_cpu_ms_spread: list | None = None      # the same in thread CPU time (CPU runs)
+    steady_chunks: int | None = None             # samples behind the medians
     denoise_ms_median: float | None = None
     cache_pass_ms_median: float | None = None
     fps: float | None = None
     host_reads_per_chunk: float | None = None
     uploads_per_chunk: float | None = None       # pinned non-blocking copies: no sync, not reads
     graphs: int | None = None
-    capture_s: float | None = None
+    capture_s: float | None = None               # cold: nothing compiled on disk yet
+    warm_capture_s: float | None = None          # a second engine on the same disk cache
+    disk_hits: int | None = None                 # graphs the second engine loaded from disk
     peak_mem_bytes: int | None = None            # steady state: the timed videos, after capture
     capture_peak_mem_bytes: int | None = None    # while capturing / compiling (prepare)
     gpu_busy: float | None = None
@@ -222,12 +257,38 @@ def _percentile(xs, q):
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def _steady_times(res: "ModeResult", clock: Clock, steady: list) -> None:
+def _spread(values, groups) -> list[float]:
+    """[min, median, max] of the per-group medians (a group: the steady chunks of one video)."""
+    by: dict = {}
+    for v, g in zip(values, groups):
+        by.setdefault(g, []).append(v)
+    medians = [statistics.median(vs) for vs in by.values()]
+    return [min(medians), statistics.median(medians), max(medians)]
+
+
+def clocks(device: torch.device) -> dict[str, str]:
+    """The clock behind each time field of a mode's result (``summary["clocks"]``)."""
+    wall = "CUDA events (device time between marks)" if device.type == "cuda" else "wall: time.perf_counter"
+    named = {f: wall for f in ("chunk_ms_median", "chunk_ms_p90", "chunk_ms_spread", "denoise_ms_median",
+                               "cache_pass_ms_median")}
+    named.update(first_chunk_ms=wall, capture_s="wall: time.perf_counter", warm_capture_s="wall: time.perf_counter")
+    if device.type != "cuda":
+        named.update({f: "thread CPU time: time.thread_time (this thread only; at one torch thread, the work)"
+                      for f in ("chunk_cpu_ms_median", "chunk_cpu_ms_p90", "chunk_cpu_ms_spread")})
+    named["speedups"] = named["chunk_cpu_ms_median"] if device.type != "cuda" else wall
+    return named
+
+
+def _steady_times(res: "ModeResult", clock: Clock, steady: list, videos: list | None = None) -> None:
     """Median and p90 of the steady chunks (marks ``(start, denoised, end)``), CPU time next to
-    wall time on the CPU, and a warning when the numbers say the machine was busy."""
+    wall time on the CPU, the spread of the per-video medians (``videos[i]``: the video chunk
+    ``i`` belongs to), and a warning when the numbers say the machine was busy."""
+    videos = videos if videos is not None else [0] * len(steady)
     totals = [clock.ms(start, end) for start, _, end in steady]
+    res.steady_chunks = len(totals)
     res.chunk_ms_median = statistics.median(totals)
     res.chunk_ms_p90 = _percentile(totals, 0.9)
+    res.chunk_ms_spread = _spread(totals, videos)
     if all(mid is not None for _, mid, _ in steady):
         res.denoise_ms_median = statistics.median(clock.ms(start, mid) for start, mid, _ in steady)
         res.cache_pass_ms_median = statistics.median(clock.ms(mid, end) for _, mid, end in steady)
@@ -238,7 +299,10 @@ def _steady_times(res: "ModeResult", clock: Clock, steady: list) -> None:
         res.warnings.append(f"p90 is {ratio:.1f}x the median over {len(totals)} chunks: noisy timings "
                             "(another process, or more threads than free cores?)")
     if not clock.cuda:
-        res.chunk_cpu_ms_median = statistics.median(clock.cpu_ms(start, end) for start, _, end in steady)
+        cpu = [clock.cpu_ms(start, end) for start, _, end in steady]
+        res.chunk_cpu_ms_median = statistics.median(cpu)
+        res.chunk_cpu_ms_p90 = _percentile(cpu, 0.9)
+        res.chunk_cpu_ms_spread = _spread(cpu, videos)
         busy = res.chunk_ms_median / max(res.chunk_cpu_ms_median, 1e-9)
         if torch.get_num_threads() == 1 and busy > BUSY_WALL_OVER_CPU:
             res.warnings.append(f"wall time is {busy:.1f}x the CPU time: the process waited for a core "
@@ -268,33 +332,59 @@ def _load() -> list[float] | None:
 class Driver:
     """One mode: how to prepare it (capture) and how to stream a video, chunk by chunk."""
 
-    def __init__(self, mode: str, causal: CausalWan, ref: ReferenceWan, schedule: FlowMatchSchedule, batch: int,
-                 progress: bool, kv_dtype: str | None = None):
-        self.mode, self.ref, self.schedule = mode, ref, schedule
+    def __init__(self, mode: str, causal: CausalWan, ref: ReferenceWan, schedule: FlowMatchSchedule,
+                 cfg: BenchConfig, kv_dtype: str | None = None):
+        self.mode, self.ref, self.schedule, self.causal, self.cfg = mode, ref, schedule, causal, cfg
+        self.kv_dtype = kv_dtype
         self.engine: Engine | None = None
         self.notes: list[str] = []
         self.mark: Callable | None = None
         if mode == "reference":
             return
-        engine_mode = {"eager": "eager", "graphs": "forward", "chunk-graph": "chunk",
-                       "graphs+inductor": "forward", "compile": "eager"}[mode]
+        engine_mode = {"eager": "eager", "graphs": "forward", "chunk-graph": "chunk", "graphs+inductor": "forward",
+                       "chunk-graph+inductor": "chunk", "compile": "eager", "compile-chunk": "eager"}[mode]
+        cuda = next(causal.parameters()).is_cuda
+        # each peer as strong as a user would make it: CUDA graphs on CUDA; inductor's C++ wrapper on
+        # the CPU (measured 1.2-1.3x faster than its Python wrapper on the tiny whole chunk)
+        how = dict(dynamic=False, **({"mode": "reduce-overhead"} if cuda else {"options": {"cpp_wrapper": True}}))
+        said = "torch.compile(mode='reduce-overhead')" if cuda else "torch.compile(options={'cpp_wrapper': True})"
         model = causal
         if mode == "compile":
-            cuda = next(causal.parameters()).is_cuda
-            model = torch.compile(causal, mode="reduce-overhead" if cuda else None, dynamic=False)
-            self.notes.append(("torch.compile(mode='reduce-overhead')" if cuda else "torch.compile (default mode)")
-                              + "; first chunk includes one warm-up video that compiles every shape")
-        self.engine = Engine(model, max_sessions=batch, batch_sizes=(batch,), mode=engine_mode, schedule=schedule,
-                             inductor=mode == "graphs+inductor", progress=progress, kv_dtype=kv_dtype)
-        self.engine.mark = self._on_mark
-        if mode == "compile":  # the cache is state, not input: let cudagraph trees keep its addresses
-            for t in self.engine.cache.tensors().values():
+            model = torch.compile(causal, **how)
+            self.notes.append(f"{said} of the model, one compile per forward shape; first chunk includes one "
+                              "warm-up video that compiles every shape")
+        self.engine = self._engine(model, engine_mode)
+        if mode == "compile-chunk":
+            # what a user would do with the engine's chunk function: compile all of it, scheduler included
+            self.engine._chunk_fn = torch.compile(self.engine._chunk, fullgraph=True, **how)
+            self.notes.append(f"{said} of the whole chunk function (fullgraph); first chunk includes one warm-up "
+                              "video that compiles every shape; denoise/cache split not observable")
+        else:   # a callback inside the compiled chunk would break its graph
+            self.engine.mark = self._on_mark
+        if mode in PEERS:  # the cache is state, not input: let cudagraph trees keep its addresses
+            cache = self.engine.cache
+            for t in cache.tensors().values():
                 torch._dynamo.mark_static_address(t)
 
+    def _engine(self, model, engine_mode: str) -> Engine:
+        batch = self.cfg.batch
+        return Engine(model, max_sessions=batch, batch_sizes=(batch,), mode=engine_mode, schedule=self.schedule,
+                      inductor=self.mode in INDUCTOR_MODES, progress=self.cfg.progress, kv_dtype=self.kv_dtype,
+                      cache_dir=self.cfg.cache_dir, kv_buckets=self.cfg.kv_buckets)
+
+    def warm_start(self, context, seed) -> tuple[float, int, torch.Tensor]:
+        """Start a second engine of this mode on the same disk cache, as a second process would:
+        its capture seconds, the graphs it loaded from disk, and its first chunk."""
+        engine = self._engine(self.causal, self.engine.mode)
+        engine.prewarm()
+        first = next(iter(engine.stream(context, 1, seed)))
+        stats = engine.graphs.stats
+        return stats.capture_seconds, stats.disk_hits, first
+
     def context(self):
-        """Settings a mode runs under: the peer may recompile once per KV length (as graphrt keeps
+        """Settings a mode runs under: a peer may recompile once per KV length (as graphrt keeps
         one graph per bucket) and must never fall back to eager silently."""
-        if self.mode == "compile":
+        if self.mode in PEERS:
             return torch._dynamo.config.patch(recompile_limit=64)
         return contextlib.nullcontext()
 
@@ -303,10 +393,10 @@ class Driver:
             self.mark(name)
 
     def prepare(self, context, chunks, seed):
-        """Capture (graph modes) or compile (the peer: one untimed video, so every shape is compiled)."""
+        """Capture (graph modes) or compile (the peers: one untimed video, so every shape is compiled)."""
         if self.engine is not None:
             self.engine.prewarm()
-        if self.mode == "compile":
+        if self.mode in PEERS:
             for _ in self.stream(context, chunks, seed):
                 pass
 
@@ -326,7 +416,7 @@ def _host_reads_per_chunk(driver: Driver, context, seed, chunks: int) -> tuple[f
     (the second of a video: no session set-up in it), or of the only chunk of a one-chunk video."""
     from graphrt.capture.hostreads import HostReadRecorder
 
-    if driver.mode == "compile":
+    if driver.mode in PEERS:
         driver.notes.append("host reads not counted: the checker's hooks change what torch.compile traces")
         return None
     recorder = HostReadRecorder()
@@ -340,7 +430,7 @@ def _host_reads_per_chunk(driver: Driver, context, seed, chunks: int) -> tuple[f
         with recorder:
             next(it)
     except Exception as e:
-        if driver.mode != "graphs+inductor":
+        if driver.mode not in INDUCTOR_MODES:
             raise
         # on the CPU each replay enters inductor's compiled code, which refuses to run under the hooks
         driver.notes.append(f"replay not countable under the checker ({type(e).__name__}); "
@@ -412,7 +502,7 @@ def measure(driver: Driver, context, chunks: int, repeats: int, seed: int, clock
     if not steady:                 # one chunk, no repeats: the first chunk is all there is
         steady = rows
         res.notes.append("a single chunk was timed: steady numbers include capture/compilation")
-    _steady_times(res, clock, [r[2:] for r in steady])
+    _steady_times(res, clock, [r[2:] for r in steady], [r[0] for r in steady])
     res.fps = context.shape[0] * chunk_frames * VIDEO_FRAMES_PER_LATENT / (res.chunk_ms_median / 1000.0)
     stats = driver.graph_stats
     if stats is not None:
@@ -429,6 +519,14 @@ def measure(driver: Driver, context, chunks: int, repeats: int, seed: int, clock
         res.notes.append("peak memory is measured on CUDA only")
     res.host_reads_per_chunk, res.uploads_per_chunk = _host_reads_per_chunk(driver, context, seed, chunks) \
         or (None, None)
+    if driver.mode in INDUCTOR_MODES and device.type == "cpu":
+        warm_s, res.disk_hits, first = driver.warm_start(context, seed)
+        res.warm_capture_s = round(warm_s, 3)
+        if not torch.equal(first, video[:, :, :chunk_frames]):
+            res.warnings.append("a second engine started on the same compiled graphs gave a different first chunk")
+    elif driver.mode in INDUCTOR_MODES:
+        res.notes.append("warm capture measured on the CPU only: graphrt's disk cache holds CPU packages (on CUDA "
+                         "inductor's own caches serve a second start)")
     if driver.mode == "compile" and device.type == "cuda":
         skips = torch._dynamo.utils.counters["inductor"].get("cudagraph_skips", 0)
         if skips:
@@ -445,7 +543,10 @@ def run(cfg: BenchConfig, on_mode: Callable[[str, ModeResult, dict], None] | Non
     fails is recorded as ``skipped`` with its reason."""
     name, preset, device, dtype = cfg.resolve()
     threads = cfg.threads if cfg.threads is not None else (1 if device.type == "cpu" else None)
-    with _torch_threads(threads):
+    with _torch_threads(threads), contextlib.ExitStack() as stack:
+        if cfg.cache_dir is None:      # cold capture means cold: a fresh disk cache, removed afterwards
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="graphrt-bench-cache-"))
+            cfg = dataclasses.replace(cfg, cache_dir=tmp)
         return _run(cfg, name, preset, device, dtype, on_mode)
 
 
@@ -484,8 +585,9 @@ def _run(cfg: BenchConfig, name: str, preset: Preset, device: torch.device, dtyp
                    "latent": [wcfg.height, wcfg.width], "frame_tokens": wcfg.frame_tokens,
                    "chunk_frames": wcfg.chunk_frames, "chunks": chunks, "steps": steps, "batch": cfg.batch,
                    "dtype": str(dtype).removeprefix("torch."), "attention": attention,
-                   "repeats": repeats, "seed": cfg.seed, "sp": cfg.sp,
+                   "repeats": repeats, "seed": cfg.seed, "sp": cfg.sp, "kv_buckets": cfg.kv_buckets,
                    "kv_bytes_per_rank": _kv_bytes(causal, cfg.batch, cfg.kv_dtype)},
+        "clocks": clocks(device),
         "modes": {},
     }
     quantized = resolve_kv_dtype(cfg.kv_dtype, dtype) != dtype
@@ -497,13 +599,12 @@ def _run(cfg: BenchConfig, name: str, preset: Preset, device: torch.device, dtyp
     with torch.no_grad():
         if quantized:
             summary["kv"] = _kv_summary(wcfg, cfg, dtype, device, steps, causal.kv_heads)
-            plain = Driver("eager", causal, ref, schedule, cfg.batch, cfg.progress)
+            plain = Driver("eager", causal, ref, schedule, cfg)
             videos["unquantized"] = torch.cat(list(plain.stream(context, chunks, cfg.seed)), dim=2)
             plain = None
         for mode in cfg.modes:
             try:
-                driver = Driver(mode, causal, ref, schedule, cfg.batch, cfg.progress,
-                                None if mode == "reference" else cfg.kv_dtype)
+                driver = Driver(mode, causal, ref, schedule, cfg, None if mode == "reference" else cfg.kv_dtype)
                 with driver.context():
                     results[mode], videos[mode] = measure(driver, context, chunks, repeats, cfg.seed, clock,
                                                           wcfg.chunk_frames, device)
@@ -512,11 +613,12 @@ def _run(cfg: BenchConfig, name: str, preset: Preset, device: torch.device, dtyp
                 results[mode] = ModeResult(skipped=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
             driver = None                # free this mode's cache and graphs before the next one
             gc.collect()
-            if mode in ("compile", "graphs+inductor"):
+            if mode in PEERS + INDUCTOR_MODES:
                 torch._dynamo.reset()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             summary["modes"] = _compare(results, videos)
+            summary["goal"] = _goal(results)
             summary["load_avg"]["end"] = _load()
             if on_mode is not None:
                 on_mode(mode, results[mode], summary)
@@ -560,6 +662,11 @@ def _kv_bytes(causal: CausalWan, batch: int, kv_dtype: str | None) -> int | None
         return None
 
 
+def _chunk_time(r: ModeResult) -> float:
+    """The steady chunk time speedups compare: thread CPU time on the CPU, wall (events) on CUDA."""
+    return r.chunk_cpu_ms_median if r.chunk_cpu_ms_median is not None else r.chunk_ms_median
+
+
 def _compare(results: dict[str, ModeResult], videos: dict[str, torch.Tensor]) -> dict:
     """Errors against reference (and the unquantized run) and speedups, for the modes run so far."""
     for mode, r in results.items():
@@ -572,6 +679,20 @@ def _compare(results: dict[str, ModeResult], videos: dict[str, torch.Tensor]) ->
             r.rms_err_vs_unquantized = rms_rel_err(videos[mode].float(), videos["unquantized"].float())
         for base, attr in (("reference", "speedup_vs_reference"), ("eager", "speedup_vs_eager")):
             if base in results and not results[base].skipped:
-                setattr(r, attr, results[base].chunk_ms_median / r.chunk_ms_median)
+                setattr(r, attr, _chunk_time(results[base]) / _chunk_time(r))
     return {m: r.to_json() for m, r in results.items()}
+
+
+def _goal(results: dict[str, ModeResult]) -> dict | None:
+    """graphrt's fastest graph mode against the strongest torch.compile peer (the clock of
+    ``summary["clocks"]["speedups"]``): ``ratio`` > 1 means graphrt is faster."""
+    ran = {m: r for m, r in results.items() if not r.skipped}
+    graphs = [m for m in GRAPH_MODES if m in ran]
+    peers = [m for m in PEERS if m in ran]
+    if not graphs or not peers:
+        return None
+    best = min(graphs, key=lambda m: _chunk_time(ran[m]))
+    peer = min(peers, key=lambda m: _chunk_time(ran[m]))
+    return {"best_graph_mode": best, "strongest_peer": peer, "ratio": _chunk_time(ran[peer]) / _chunk_time(ran[best]),
+            "best_ms": _chunk_time(ran[best]), "peer_ms": _chunk_time(ran[peer]), "target": 1.2}
 
