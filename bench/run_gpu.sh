@@ -9,6 +9,8 @@
 #   bench/run_gpu.sh bench wan-1.3b-480p 1 reference,eager,graphs,chunk-graph   # the default modes
 #   bench/run_gpu.sh bench wan-1.3b-480p 1 graphs+inductor   # each slow mode is a step of its own:
 #   bench/run_gpu.sh bench wan-1.3b-480p 1 compile           # a cold compile cache fills most of one
+#   CHUNKS=2 bench/run_gpu.sh bench wan-1.3b-480p 1 chunk-graph+inductor   # whole-chunk compiles: 2 KV buckets
+#   CHUNKS=2 bench/run_gpu.sh bench wan-1.3b-480p 1 compile-chunk
 #   DEPS=wheels/ bench/run_gpu.sh e2e wan-1.3b-480p            # prompt -> frames: CUDA video tests + e2e bench
 #     (the Wan VAE is diffusers': DEPS names a folder of wheels, e.g. diffusers and pillow, installed offline)
 set -uo pipefail
@@ -31,12 +33,12 @@ case "${1:-}" in
       | grep -v '^{' | tee "$out/attention-$2.txt" ;;
   bench)
     preset=$2 batch=$3 modes=${4:-reference,eager,graphs,chunk-graph}
-    if [[ ",$modes," =~ ,(graphs\+inductor|compile), && "$modes" == *,* ]]; then
-      echo "run graphs+inductor and compile each as a step of its own (a cold compile takes minutes)" >&2; exit 2
+    if [[ ",$modes," =~ ,(graphs\+inductor|chunk-graph\+inductor|compile|compile-chunk), && "$modes" == *,* ]]; then
+      echo "run each inductor mode and each compile peer as a step of its own (a cold compile takes minutes)" >&2; exit 2
     fi
-    tag="$preset-b$batch-${modes//[,+]/_}"
+    tag="$preset-b$batch-${modes//[,+]/_}${CHUNKS:+-c$CHUNKS}"
     timeout "${BENCH_TIMEOUT:-560}" python -m graphrt.bench --preset "$preset" --batch "$batch" --modes "$modes" \
-      --repeats "${REPEATS:-1}" --no-progress --json "$out/$tag.json" --md "$out/$tag.md" 2>&1 \
+      --repeats "${REPEATS:-1}" ${CHUNKS:+--chunks "$CHUNKS"} ${KV_BUCKETS:+--kv-buckets "$KV_BUCKETS"} --no-progress --json "$out/$tag.json" --md "$out/$tag.md" 2>&1 \
       | grep -v '^{' | tee "$out/$tag.txt" ;;
   e2e)
     preset=${2:-wan-1.3b-480p}

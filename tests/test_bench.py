@@ -16,9 +16,9 @@ FIELDS = {"first_chunk_ms", "chunk_ms_median", "chunk_ms_p90", "fps", "host_read
 @pytest.mark.slow
 def test_bench_cli_all_modes(tmp_path):
     out = tmp_path / "bench.json"
-    # one denoising step and one graph per mode keep the inductor compiles few and small
+    # one layer, one denoising step and one graph per mode keep the inductor compiles few and small
     proc = subprocess.run([sys.executable, "-m", "graphrt.bench", "--preset", "tiny", "--chunks", "2", "--repeats", "1",
-                           "--steps", "1", "--kv-buckets", "max", "--threads", "1", "--no-progress",
+                           "--steps", "1", "--layers", "1", "--kv-buckets", "max", "--threads", "1", "--no-progress", "--no-head-to-head",
                            "--json", str(out), "--md", str(tmp_path / "b.md")],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -36,7 +36,7 @@ def test_bench_cli_all_modes(tmp_path):
         assert r["chunk_ms_median"] > 0 and r["chunk_ms_p90"] >= r["chunk_ms_median"]
         assert r["first_chunk_ms"] > 0 and r["fps"] > 0
     modes = last["modes"]
-    assert modes["reference"]["host_reads_per_chunk"] == 26       # 13 per forward x (1 step + cache pass)
+    assert modes["reference"]["host_reads_per_chunk"] == 14       # 7 per forward x (1 step + cache pass)
     assert modes["eager"]["host_reads_per_chunk"] == 0 and modes["graphs"]["host_reads_per_chunk"] == 0
     assert all(modes[m]["graphs"] == 1 for m in ("graphs", "chunk-graph", "graphs+inductor", "chunk-graph+inductor"))
     assert modes["reference"]["speedup_vs_reference"] == 1.0
@@ -86,6 +86,7 @@ BAD_ARGS = {
     "steps-0": (["--steps", "0"], "--steps must be an int >= 1"),
     "threads-0": (["--threads", "0"], "--threads must be an int >= 1"),
     "threads-negative": (["--threads", "-2"], "--threads must be an int >= 1"),
+    "layers-0": (["--layers", "0"], "--layers must be an int >= 1"),
     "batch-0": (["--batch", "0"], "--batch must be an int >= 1"),
     "repeats-negative": (["--repeats", "-1"], "--repeats must be an int >= 0"),
     "modes-empty": (["--modes", ""], "no mode to run"),
@@ -227,3 +228,21 @@ def test_bench_reports_spread_clocks_and_the_goal():
                "modes": modes, "goal": goal}
     md = markdown(summary)
     assert "cpu ms min/med/max" in md and "10.00/10.50/11.00" in md and "1.50x (target 1.2x)" in md
+
+
+def test_head_to_head_runs_two_modes_in_turn():
+    """The goal's rerun: one video of each mode in turn, thread CPU time per steady chunk."""
+    from graphrt.bench.core import PRESETS, Clock, head_to_head
+    from graphrt.models.wan import CausalWan, ReferenceWan
+    from graphrt.pipeline import FlowMatchSchedule
+
+    wcfg = PRESETS["tiny"].config(2)
+    ref = ReferenceWan(wcfg).eval()
+    causal = CausalWan(wcfg, attention="sdpa").eval()
+    causal.load_state_dict(ref.state_dict())
+    context = torch.randn(1, wcfg.text_len, wcfg.text_dim)
+    h = head_to_head(("graphs", "eager"), causal, ref, FlowMatchSchedule(steps=(1000.0, 500.0)),
+                     BenchConfig(preset="tiny", progress=False), context, 2, 3, Clock(torch.device("cpu")))
+    assert h["videos"] == 3 and h["steady_chunks"] == 3                  # chunk 1 of each video
+    assert h["ratio"] == pytest.approx(h["peer_ms"] / h["best_ms"]) and h["ratio"] > 0
+    assert h["best_cpu_ms_spread"][0] <= h["best_ms"] <= h["best_cpu_ms_spread"][2]

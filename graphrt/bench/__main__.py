@@ -33,6 +33,7 @@ def _args(argv):
     p.add_argument("--batch", type=int, default=1, help="videos generated together (sessions in one batch)")
     p.add_argument("--chunks", type=int, help="chunks per video (default: the preset's)")
     p.add_argument("--steps", type=int, help="denoising steps per chunk (default 4), plus the cache pass")
+    p.add_argument("--layers", type=int, help="transformer layers (default: the preset's; fewer: a slice of the model)")
     p.add_argument("--repeats", type=int, help="extra videos timed after the first (steady-state samples)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the preset's")
     p.add_argument("--attention", default="auto", choices=["auto", *BACKENDS, "sdpa-auto"])
@@ -46,6 +47,8 @@ def _args(argv):
                    "so capture seconds are cold; the warm column is a second engine on it)")
     p.add_argument("--kv-buckets", default="auto", choices=["auto", "per-length", "max"],
                    help="graphs per KV length (per-length) or one per batch size (max: whole slab, masked)")
+    p.add_argument("--no-head-to-head", action="store_true",
+                   help="on the CPU, skip the rerun of the fastest graph mode and the strongest peer in turn")
     p.add_argument("--checkpoint", help="a Wan 2.1 safetensors file or folder (default: random weights)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_path", help="also write the JSON summary here")
@@ -144,6 +147,12 @@ def markdown(summary: dict) -> str:
     if g:
         head_notes.append(f"- goal: {g['best_graph_mode']} ({f(g['best_ms'])} ms) vs {g['strongest_peer']} "
                           f"({f(g['peer_ms'])} ms): {g['ratio']:.2f}x (target {g['target']}x)")
+        h = g.get("head_to_head")
+        if h and "skipped" in h:
+            head_notes.append(f"- head to head: skipped: {h['skipped']}")
+        elif h:
+            head_notes.append(f"- head to head ({h['order']}, {h['videos']} videos each, {h['steady_chunks']} steady "
+                              f"chunks): {f(h['best_ms'])} ms vs {f(h['peer_ms'])} ms: {h['ratio']:.2f}x")
     kv = kv_lines(summary)
     return "\n".join(lines + [""] + head_notes + ([""] + kv if kv else []) + ([""] + notes if notes else [])) + "\n"
 
@@ -211,10 +220,11 @@ def main(argv=None) -> int:
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 220, quiet=quiet)
     errors = Console(stderr=True, highlight=False, soft_wrap=True)
     cfg = BenchConfig(preset=opts.preset, device=opts.device, batch=opts.batch, chunks=opts.chunks, steps=opts.steps,
+                      layers=opts.layers,
                       dtype=opts.dtype, attention=opts.attention, checkpoint=opts.checkpoint, repeats=opts.repeats,
                       seed=opts.seed, threads=opts.threads, kv_dtype=opts.kv_dtype, cache_dir=opts.cache_dir,
-                      kv_buckets=opts.kv_buckets, modes=tuple(m.strip() for m in opts.modes.split(",") if m.strip()),
-                      progress=False, sp=opts.sp)
+                      kv_buckets=opts.kv_buckets, head_to_head=not opts.no_head_to_head,
+                      modes=tuple(m.strip() for m in opts.modes.split(",") if m.strip()), progress=False, sp=opts.sp)
     try:
         cfg.resolve()
         _check_outputs(opts)

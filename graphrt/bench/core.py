@@ -109,6 +109,7 @@ class BenchConfig:
     batch: int = 1
     chunks: int | None = None
     steps: int | None = None
+    layers: int | None = None      # fewer transformer layers than the preset (a slice of the model)
     dtype: str | None = None
     attention: str = "auto"
     modes: tuple[str, ...] = MODES
@@ -118,6 +119,7 @@ class BenchConfig:
     threads: int | None = None     # torch threads; None: 1 on the CPU (stable timings), torch's own on CUDA
     cache_dir: str | None = None   # compiled graphs on disk; None: a fresh folder for this run (cold means cold)
     kv_buckets: str = "auto"       # Engine(kv_buckets=...): "per-length", "max" (one graph per batch size), "auto"
+    head_to_head: bool = True      # CPU: rerun the goal's two modes in turn (the same load for both)
     progress: bool = True
     kv_dtype: str | None = None           # None: the model dtype
     sp: int = 1                # sequence-parallel ranks (under torchrun); every rank runs, rank 0 reports
@@ -138,6 +140,7 @@ class BenchConfig:
         if len(set(self.modes)) != len(self.modes):
             raise ConfigError("a mode is listed twice", got=",".join(self.modes))
         for what, value, least in (("batch", self.batch, 1), ("chunks", self.chunks, 1), ("steps", self.steps, 1),
+                                   ("layers", self.layers, 1),
                                    ("repeats", self.repeats, 0), ("threads", self.threads, 1)):
             if value is not None and (not isinstance(value, int) or value < least):
                 raise ConfigError(f"--{what} must be an int >= {least}", got=value)
@@ -557,6 +560,8 @@ def _run(cfg: BenchConfig, name: str, preset: Preset, device: torch.device, dtyp
     wcfg = preset.config(chunks)
     if cfg.sp > 1:
         device = _join_ranks(cfg.sp, device)
+    if cfg.layers is not None:
+        wcfg = wcfg.replace(num_layers=cfg.layers)
     torch.manual_seed(cfg.seed)
     ref = ReferenceWan(wcfg).to(device, dtype).eval()
     if cfg.checkpoint:
@@ -622,6 +627,16 @@ def _run(cfg: BenchConfig, name: str, preset: Preset, device: torch.device, dtyp
             summary["load_avg"]["end"] = _load()
             if on_mode is not None:
                 on_mode(mode, results[mode], summary)
+        goal = summary["goal"]
+        if goal is not None and device.type == "cpu" and cfg.head_to_head:
+            pair = (goal["best_graph_mode"], goal["strongest_peer"])
+            try:
+                goal["head_to_head"] = head_to_head(pair, causal, ref, schedule, cfg, context, chunks,
+                                                    max(repeats, 1), clock)
+            except Exception as e:
+                traceback.print_exc()
+                goal["head_to_head"] = {"skipped": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"}
+            summary["load_avg"]["end"] = _load()
     return summary
 
 
@@ -660,6 +675,40 @@ def _kv_bytes(causal: CausalWan, batch: int, kv_dtype: str | None) -> int | None
         return StaticKVCache.for_model(causal, num_slabs=batch, kv_dtype=kv_dtype, device="meta").memory().total
     except GraphrtError:
         return None
+
+
+def head_to_head(pair: tuple[str, str], causal, ref, schedule, cfg: BenchConfig, context, chunks: int, videos: int,
+                 clock: Clock) -> dict:
+    """Two modes again, one video each in turn (A B A B ...), thread CPU time per steady chunk.
+
+    Modes measured one after the other meet different loads: on a shared machine another
+    process's memory traffic slows a memory-bound chunk's CPU time too (at the 1.3B width the
+    same mode moved by 7% between runs). In turn, both meet the same load; the goal's ratio
+    is this one where it was measured.
+    """
+    drivers = {m: Driver(m, causal, ref, schedule, cfg, cfg.kv_dtype) for m in pair}
+    times: dict[str, list[float]] = {m: [] for m in pair}
+    with contextlib.ExitStack() as stack:
+        for d in drivers.values():
+            stack.enter_context(d.context())
+            d.prepare(context, chunks, cfg.seed)
+        for _ in range(videos):
+            for m, d in drivers.items():
+                it = d.stream(context, chunks, cfg.seed)
+                for c in range(chunks):
+                    start = clock.mark()
+                    next(it)
+                    end = clock.mark()
+                    if c > 0 or chunks == 1:
+                        times[m].append(clock.cpu_ms(start, end))
+                for _ in it:
+                    pass
+    med = {m: statistics.median(ts) for m, ts in times.items()}
+    best, peer = pair
+    return {"order": "one video each in turn", "videos": videos, "steady_chunks": len(times[best]),
+            "best_ms": med[best], "peer_ms": med[peer], "ratio": med[peer] / med[best],
+            "best_cpu_ms_spread": [min(times[best]), med[best], max(times[best])],
+            "peer_cpu_ms_spread": [min(times[peer]), med[peer], max(times[peer])]}
 
 
 def _chunk_time(r: ModeResult) -> float:
