@@ -20,6 +20,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _graph_cache(tmp_path_factory):
+    """Compiled graphs of the tests go to a folder of the test session, not the user's cache."""
+    from graphrt.capture.diskcache import ENV
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv(ENV, str(tmp_path_factory.mktemp("graphrt-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture
 def cfg():
     return WanConfig.preset("tiny")
