@@ -7,10 +7,11 @@ Python runs between the kernels at replay:
 - ``"python"``: ``torch.compile`` of the trace; inductor's Python wrapper calls each kernel.
 - ``"cpp-wrapper"``: the same, with inductor's C++ wrapper.
 - ``"aoti"``: an AOTInductor package: the whole bucket is one C++ function, no Python between
-  kernels. On the CPU this is the fastest (a whole tiny-model chunk: about 1.8 ms of CPU time
-  against 5 ms for ``torch.compile`` of the same trace) and the default there; its compile is
-  long (minutes for a whole chunk on a loaded 2-core machine), so the package is kept on disk
-  (:mod:`graphrt.capture.diskcache`) and a second start loads it in milliseconds.
+  kernels. On the CPU this is the fastest (the tiny model's whole chunk: 1.8 ms of CPU time per
+  run, against 4.8 ms and 5.3 ms for ``torch.compile`` of the same trace with the Python and the
+  C++ wrapper) and the default there; its compile is long (a minute or more per whole chunk on
+  a 2-core machine), so the package is kept on disk (:mod:`graphrt.capture.diskcache`) and a
+  second start loads it in milliseconds.
 
 Before compiling, every tensor the trace reads that is not an input of the call (weights, the
 KV cache, an engine's tables: ``get_attr`` constants of the trace) is lifted into an input, and
@@ -18,11 +19,13 @@ each replay passes the live tensors. So:
 
 - an artifact holds no weights and no state: its key is the graph and the shapes of its
   inputs, never their values, and one package serves every model of that config;
-- writes into the cache land in the live tensors (inductor writes mutated inputs back);
-- inductor's ``freezing`` finds nothing to fold. Over an unlifted trace it treats the cache
-  and the position tables as constant parameters and folds what they held at compile time
-  into the graph: the chunk came out wrong by errors of order 1 or more. Lifting fixes that
-  by construction, and the compile sets ``freezing=False`` all the same (nothing to gain).
+- writes into the cache land in the live tensors (inductor writes mutated inputs back). An
+  AOTInductor package of an unlifted trace embeds the tensors it reads as its own constants:
+  the positions and K/V it writes are private copies (a toy with a device position counter
+  indexed out of bounds on its third call, the counter never reset with the caller's);
+- inductor's ``freezing`` (fold parameters into constants) finds nothing to fold. The compile
+  sets ``freezing=False`` all the same, and a test runs the whole chunk under a global
+  ``freezing=True``, captured before any session exists (so a folded table would be wrong).
 """
 from __future__ import annotations
 
