@@ -35,6 +35,7 @@ def test_bench_cli_all_modes(tmp_path):
         assert r["max_err_vs_reference"] <= tolerance(torch.float32), mode
         assert r["chunk_ms_median"] > 0 and r["chunk_ms_p90"] >= r["chunk_ms_median"]
         assert r["first_chunk_ms"] > 0 and r["fps"] > 0
+        assert len(r["chunk_cpu_ms_by_index"]) == 2 and r["chunk_cpu_ms_spread"][0] <= r["chunk_cpu_ms_median"]
     modes = last["modes"]
     assert modes["reference"]["host_reads_per_chunk"] == 14       # 7 per forward x (1 step + cache pass)
     assert modes["eager"]["host_reads_per_chunk"] == 0 and modes["graphs"]["host_reads_per_chunk"] == 0

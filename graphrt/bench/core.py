@@ -11,8 +11,8 @@ Modes (all on the same weights, text context and seeds):
   CPU one AOTInductor package per bucket (no Python between kernels), kept in a disk cache; on
   CUDA inductor's kernels captured in graphrt's CUDA graph;
 - ``compile``: a peer, ``torch.compile`` of the graph-safe model, one compile per forward
-  (``mode="reduce-overhead"`` on CUDA, the default mode on the CPU);
-- ``compile-chunk``: a peer, ``torch.compile`` of the whole chunk function (the same modes).
+  (``mode="reduce-overhead"`` on CUDA; on the CPU with inductor's C++ wrapper, its faster one);
+- ``compile-chunk``: a peer, ``torch.compile`` of the whole chunk function (the same settings).
 
 Both peers are what a strong user would write; graphrt's graph modes are measured against the
 faster of the two (``summary["goal"]``).
@@ -187,6 +187,8 @@ class ModeResult:
     chunk_ms_spread: list | None = None          # [min, median, max] of the per-video medians (wall)
     chunk_cpu_ms_spread: list | None = None      # the same in thread CPU time (CPU runs)
     steady_chunks: int | None = None             # samples behind the medians
+    chunk_ms_by_index: list | None = None        # median per chunk index (chunk 0 also opens the session)
+    chunk_cpu_ms_by_index: list | None = None    # the same in thread CPU time (CPU runs)
     denoise_ms_median: float | None = None
     cache_pass_ms_median: float | None = None
     fps: float | None = None
@@ -272,12 +274,13 @@ def _spread(values, groups) -> list[float]:
 def clocks(device: torch.device) -> dict[str, str]:
     """The clock behind each time field of a mode's result (``summary["clocks"]``)."""
     wall = "CUDA events (device time between marks)" if device.type == "cuda" else "wall: time.perf_counter"
-    named = {f: wall for f in ("chunk_ms_median", "chunk_ms_p90", "chunk_ms_spread", "denoise_ms_median",
-                               "cache_pass_ms_median")}
+    named = {f: wall for f in ("chunk_ms_median", "chunk_ms_p90", "chunk_ms_spread", "chunk_ms_by_index",
+                               "denoise_ms_median", "cache_pass_ms_median")}
     named.update(first_chunk_ms=wall, capture_s="wall: time.perf_counter", warm_capture_s="wall: time.perf_counter")
     if device.type != "cuda":
         named.update({f: "thread CPU time: time.thread_time (this thread only; at one torch thread, the work)"
-                      for f in ("chunk_cpu_ms_median", "chunk_cpu_ms_p90", "chunk_cpu_ms_spread")})
+                      for f in ("chunk_cpu_ms_median", "chunk_cpu_ms_p90", "chunk_cpu_ms_spread",
+                                "chunk_cpu_ms_by_index")})
     named["speedups"] = named["chunk_cpu_ms_median"] if device.type != "cuda" else wall
     return named
 
@@ -348,7 +351,7 @@ class Driver:
                        "chunk-graph+inductor": "chunk", "compile": "eager", "compile-chunk": "eager"}[mode]
         cuda = next(causal.parameters()).is_cuda
         # each peer as strong as a user would make it: CUDA graphs on CUDA; inductor's C++ wrapper on
-        # the CPU (measured 1.2-1.3x faster than its Python wrapper on the tiny whole chunk)
+        # the CPU (measured 1.1-1.3x faster than its Python wrapper on the tiny whole chunk)
         how = dict(dynamic=False, **({"mode": "reduce-overhead"} if cuda else {"options": {"cpp_wrapper": True}}))
         said = "torch.compile(mode='reduce-overhead')" if cuda else "torch.compile(options={'cpp_wrapper': True})"
         model = causal
@@ -506,6 +509,11 @@ def measure(driver: Driver, context, chunks: int, repeats: int, seed: int, clock
         steady = rows
         res.notes.append("a single chunk was timed: steady numbers include capture/compilation")
     _steady_times(res, clock, [r[2:] for r in steady], [r[0] for r in steady])
+    # per chunk index (the KV length grows with it), over the videos after the first
+    by_index = [[r for r in rows if r[1] == c and (r[0] > 0 or repeats == 0)] for c in range(chunks)]
+    res.chunk_ms_by_index = [statistics.median(clock.ms(r[2], r[4]) for r in rs) for rs in by_index]
+    if not clock.cuda:
+        res.chunk_cpu_ms_by_index = [statistics.median(clock.cpu_ms(r[2], r[4]) for r in rs) for rs in by_index]
     res.fps = context.shape[0] * chunk_frames * VIDEO_FRAMES_PER_LATENT / (res.chunk_ms_median / 1000.0)
     stats = driver.graph_stats
     if stats is not None:
