@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import sys
+import warnings
 
 from rich.console import Console
 from rich.markup import escape
@@ -22,6 +23,10 @@ from graphrt.bench.llm import PRESETS as LLM_PRESETS, is_llm_argv, main as llm_m
 from graphrt.attention import BACKENDS
 from graphrt.errors import ConfigError, GraphrtError
 from graphrt.kv import KV_DTYPES
+
+# torch's own compile paths copy pytree specs and trip torch's deprecation of LeafSpec: noise in a
+# report, nothing a user can act on
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 
 def _args(argv):
