@@ -1,5 +1,7 @@
 """python -m graphrt.bench on the tiny preset: every mode present, fields filled, errors within tolerance."""
+import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -49,6 +51,23 @@ def test_bench_cli_all_modes(tmp_path):
     assert "graphrt.bench: tiny" in proc.stdout                   # the table came first
     md = (tmp_path / "b.md").read_text()
     assert "| chunk-graph |" in md and "max err vs reference" in md
+
+
+def test_bench_cold_caches_for_graphrt_and_the_peers(tmp_path, monkeypatch):
+    """By default a run is cold for both sides: graphrt's disk cache and inductor's cache (which the
+    torch.compile peers use) are fresh folders, removed afterwards, and the environment is restored."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "users-inductor"))
+    seen = []
+    cfg = BenchConfig(preset="tiny", chunks=2, repeats=0, modes=("eager",), progress=False)
+    summary = run(cfg, on_mode=lambda m, r, s: seen.append((os.environ["TORCHINDUCTOR_CACHE_DIR"], s["caches"])))
+    inductor_dir, caches = seen[0]
+    assert caches.startswith("cold") and summary["caches"] == caches
+    assert inductor_dir != str(tmp_path / "users-inductor") and not os.path.exists(inductor_dir)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "users-inductor")
+    seen.clear()
+    summary = run(dataclasses.replace(cfg, cache_dir=str(tmp_path)),
+                  on_mode=lambda m, r, s: seen.append(os.environ["TORCHINDUCTOR_CACHE_DIR"]))
+    assert seen == [str(tmp_path / "users-inductor")] and summary["caches"].startswith("warm allowed")
 
 
 def test_bench_subset_and_skips():

@@ -48,8 +48,9 @@ def _args(argv):
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, help="torch threads (default: 1 on the CPU, for stable timings; "
                    "torch's own on CUDA)")
-    p.add_argument("--cache-dir", help="keep compiled graphs here across runs (default: a fresh folder per run, "
-                   "so capture seconds are cold; the warm column is a second engine on it)")
+    p.add_argument("--cache-dir", help="keep graphrt's compiled graphs here across runs, and let the torch.compile "
+                   "peers use inductor's own cache (default: fresh caches for both, removed after the run, so "
+                   "capture and first-chunk times are cold; the warm column is a second engine on graphrt's)")
     p.add_argument("--kv-buckets", default="auto", choices=["auto", "per-length", "max"],
                    help="graphs per KV length (per-length) or one per batch size (max: whole slab, masked)")
     p.add_argument("--no-head-to-head", action="store_true",

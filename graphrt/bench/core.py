@@ -555,13 +555,35 @@ def run(cfg: BenchConfig, on_mode: Callable[[str, ModeResult, dict], None] | Non
     name, preset, device, dtype = cfg.resolve()
     threads = cfg.threads if cfg.threads is not None else (1 if device.type == "cpu" else None)
     with _torch_threads(threads), contextlib.ExitStack() as stack:
-        if cfg.cache_dir is None:      # cold capture means cold: a fresh disk cache, removed afterwards
+        if cfg.cache_dir is None:      # cold means cold, for graphrt and the torch.compile peers alike
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="graphrt-bench-cache-"))
-            cfg = dataclasses.replace(cfg, cache_dir=tmp)
-        return _run(cfg, name, preset, device, dtype, on_mode)
+            cfg = dataclasses.replace(cfg, cache_dir=os.path.join(tmp, "graphrt"))
+            os.makedirs(cfg.cache_dir)
+            stack.enter_context(_env(TORCHINDUCTOR_CACHE_DIR=os.path.join(tmp, "inductor")))
+            caches = "cold: a fresh graphrt disk cache and a fresh inductor cache for this run"
+        else:
+            caches = f"warm allowed: graphrt disk cache {cfg.cache_dir}, inductor's own cache"
+        return _run(cfg, name, preset, device, dtype, on_mode, caches)
 
 
-def _run(cfg: BenchConfig, name: str, preset: Preset, device: torch.device, dtype: torch.dtype, on_mode) -> dict:
+@contextlib.contextmanager
+def _env(**values: str):
+    """Environment variables set for the block, restored after (inductor reads its cache folder
+    from ``TORCHINDUCTOR_CACHE_DIR`` at each compile)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _run(cfg: BenchConfig, name: str, preset: Preset, device: torch.device, dtype: torch.dtype, on_mode,
+         caches: str) -> dict:
     chunks = cfg.chunks or preset.chunks
     steps = cfg.steps or preset.steps
     repeats = preset.repeats if cfg.repeats is None else cfg.repeats
@@ -601,6 +623,7 @@ def _run(cfg: BenchConfig, name: str, preset: Preset, device: torch.device, dtyp
                    "repeats": repeats, "seed": cfg.seed, "sp": cfg.sp, "kv_buckets": cfg.kv_buckets,
                    "kv_bytes_per_rank": _kv_bytes(causal, cfg.batch, cfg.kv_dtype)},
         "clocks": clocks(device),
+        "caches": caches,
         "modes": {},
     }
     quantized = resolve_kv_dtype(cfg.kv_dtype, dtype) != dtype
