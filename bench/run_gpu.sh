@@ -3,10 +3,11 @@
 # ${OUT:-bench/results}; the bench writes its JSON/markdown after every mode, so a step cut short
 # keeps the modes it finished. The package runs from the tree (no install: the machine is offline).
 #   bench/run_gpu.sh info                                    # GPU, driver, torch, CUDA
-#   bench/run_gpu.sh tests                                   # every CUDA test (test_cuda.py + the cuda-marked ones), ~2 min
+#   bench/run_gpu.sh tests                                   # every cuda-marked test in tests/, ~2-4 min
 #   bench/run_gpu.sh suite                                   # the whole suite (run it with CUDA_VISIBLE_DEVICES= for the CPU part)
 #   bench/run_gpu.sh attention wan-1.3b-480p                 # attention kernels alone, per KV length
-#   bench/run_gpu.sh bench wan-1.3b-480p 1 reference,eager,graphs,chunk-graph   # the default modes
+#   bench/run_gpu.sh bench wan-1.3b-480p 1 reference,eager,graphs,chunk-graph   # the default modes; each mode's
+#     notes name the attention kernels of one profiled steady chunk (cuDNN or flash?) and the JSON has its top kernels
 #   bench/run_gpu.sh bench wan-1.3b-480p 1 graphs+inductor   # each slow mode is a step of its own:
 #   bench/run_gpu.sh bench wan-1.3b-480p 1 compile           # a cold compile cache fills most of one
 #   CHUNKS=2 bench/run_gpu.sh bench wan-1.3b-480p 1 chunk-graph+inductor   # whole-chunk compiles: 2 KV buckets
@@ -25,7 +26,7 @@ case "${1:-}" in
       nproc; } > "$out/gpu.txt" 2>&1; cat "$out/gpu.txt" ;;
   tests)
     timeout "${TEST_TIMEOUT:-540}" python -m pytest -q -rs -s -p no:cacheprovider -m cuda --durations=0 \
-      tests/test_cuda.py tests/test_check.py tests/test_attention.py tests/test_video_cuda.py 2>&1 | tee "$out/cuda-tests.txt" ;;
+      tests/ 2>&1 | tee "$out/cuda-tests.txt" ;;
   suite)
     timeout "${TEST_TIMEOUT:-540}" python -m pytest -q -rs -p no:cacheprovider 2>&1 | tee "$out/suite${CUDA_VISIBLE_DEVICES+-cpu}.txt" ;;
   attention)

@@ -266,3 +266,24 @@ def test_head_to_head_runs_two_modes_in_turn():
     assert h["videos"] == 3 and h["steady_chunks"] == 3                  # chunk 1 of each video
     assert h["ratio"] == pytest.approx(h["peer_ms"] / h["best_ms"]) and h["ratio"] > 0
     assert h["best_cpu_ms_spread"][0] <= h["best_ms"] <= h["best_cpu_ms_spread"][2]
+
+
+def test_kernel_table_names_the_attention_kernel_that_ran():
+    """On CUDA the bench profiles one steady chunk and says which SDPA kernel ran (the next GPU
+    question: cuDNN or flash?). The table is built from kernel names, checked here on real ones."""
+    from graphrt.bench.core import kernel_table
+
+    cudnn = "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x128x128_4x1x1_kernel0_0"
+    flash = "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, false, false>, true>(Params)"
+    gemm = "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_execute_segment_k_off_kernel"
+    eff = "fmha_cutlassF_bf16_aligned_64x128_rf_sm80(PyTorchMemEffAttention::AttentionKernel<bf16>::Params)"
+    launches = [(cudnn, 1000.0)] * 30 + [(gemm, 150.0)] * 120 + [(flash, 500.0)] * 2 + [(eff, 250.0)] * 4
+    t = kernel_table(launches, top=2)
+    assert t["total_ms"] == pytest.approx(30 + 18 + 1 + 1)
+    assert [r["name"] for r in t["top"]] == [cudnn, gemm] and t["top"][0]["calls"] == 30
+    assert t["top"][0]["share"] == pytest.approx(30 / 50)
+    att = t["attention"]
+    assert set(att) == {"cudnn", "sdpa-flash", "sdpa-efficient"}          # GEMMs are not attention
+    assert att["cudnn"]["ms"] == pytest.approx(30) and att["cudnn"]["calls"] == 30
+    assert att["sdpa-flash"]["share"] == pytest.approx(1 / 50)
+    assert kernel_table([("void flash::flash_fwd_splitkv_kernel<...>", 10.0)])["attention"].keys() == {"flash-attn"}

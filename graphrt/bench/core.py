@@ -201,6 +201,7 @@ class ModeResult:
     peak_mem_bytes: int | None = None            # steady state: the timed videos, after capture
     capture_peak_mem_bytes: int | None = None    # while capturing / compiling (prepare)
     gpu_busy: float | None = None
+    kernels: dict | None = None                  # CUDA: one steady chunk's device time by kernel (see kernel_table)
     max_err_vs_reference: float | None = None
     max_err_vs_unquantized: float | None = None
     rms_err_vs_unquantized: float | None = None
@@ -218,7 +219,7 @@ class ModeResult:
         for key in ("notes", "warnings"):
             if not d[key]:
                 d.pop(key)
-        for k in ("max_err_vs_unquantized", "rms_err_vs_unquantized"):
+        for k in ("max_err_vs_unquantized", "rms_err_vs_unquantized", "kernels"):
             if d[k] is None:
                 d.pop(k)
         return d
@@ -449,8 +450,43 @@ def _host_reads_per_chunk(driver: Driver, context, seed, chunks: int) -> tuple[f
     return float(report.count), float(report.uploads)
 
 
-def _gpu_busy(driver: Driver, context, seed) -> float | None:
-    """Kernel time / wall time over one steady chunk, from the profiler (CUDA only)."""
+# attention kernel families by kernel name, first match wins (SDPA's cuDNN, flash and memory-efficient
+# kernels, FlexAttention's triton template, flash-attn's own)
+ATTENTION_FAMILIES = (("cudnn", ("cudnn",)), ("sdpa-flash", ("pytorch_flash::",)),
+                      ("sdpa-efficient", ("fmha_cutlass",)), ("flex", ("flex_attention",)),
+                      ("flash-attn", ("flash_fwd", "flash::")))
+
+
+def kernel_table(kernels: list[tuple[str, float]], top: int = 8) -> dict:
+    """One chunk's device time by kernel: ``kernels`` is (name, microseconds) per kernel launch.
+
+    Returns the total ms, the ``top`` kernels by time (name, calls, ms, share) and the attention
+    kernels by family (:data:`ATTENTION_FAMILIES`: which SDPA kernel really ran, and its share)."""
+    by_name: dict[str, list] = {}
+    for name, us in kernels:
+        row = by_name.setdefault(name, [0, 0.0])
+        row[0] += 1
+        row[1] += us
+    total_us = sum(us for _, us in by_name.values()) or 1.0
+    rows = sorted(by_name.items(), key=lambda kv: -kv[1][1])
+    attention: dict[str, dict] = {}
+    for name, (calls, us) in rows:
+        low = name.lower()
+        family = next((f for f, keys in ATTENTION_FAMILIES if any(k in low for k in keys)), None)
+        if family is not None:
+            a = attention.setdefault(family, {"calls": 0, "ms": 0.0})
+            a["calls"] += calls
+            a["ms"] += us / 1e3
+    for a in attention.values():
+        a["share"] = a["ms"] * 1e3 / total_us
+    return {"total_ms": total_us / 1e3,
+            "top": [{"name": n[:160], "calls": c, "ms": us / 1e3, "share": us / total_us} for n, (c, us) in rows[:top]],
+            "attention": attention}
+
+
+def _profile_chunk(driver: Driver, context, seed) -> tuple[float | None, dict | None]:
+    """Kernel time / wall time over one steady chunk, and its kernels (:func:`kernel_table`),
+    from the profiler (CUDA only)."""
     from torch.profiler import ProfilerActivity, profile
 
     it = driver.stream(context, 2, seed)
@@ -463,14 +499,15 @@ def _gpu_busy(driver: Driver, context, seed) -> float | None:
         wall = time.perf_counter() - t0
     for _ in it:
         pass
-    kernel_us = 0.0
+    kernels = []
     for e in prof.events():
         if str(getattr(e, "device_type", "")).endswith("CUDA"):
-            kernel_us += getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0))
-    if kernel_us == 0:
+            kernels.append((e.name, getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0))))
+    if not kernels or sum(us for _, us in kernels) == 0:
         driver.notes.append("the profiler saw no kernels (graph replays may be invisible to it)")
-        return None
-    return kernel_us / 1e6 / wall
+        return None, None
+    table = kernel_table(kernels)
+    return table["total_ms"] / 1e3 / wall, table
 
 
 def measure(driver: Driver, context, chunks: int, repeats: int, seed: int, clock: Clock, chunk_frames: int,
@@ -523,7 +560,11 @@ def measure(driver: Driver, context, chunks: int, repeats: int, seed: int, clock
     if device.type == "cuda":
         res.peak_mem_bytes = torch.cuda.max_memory_allocated()
         try:
-            res.gpu_busy = _gpu_busy(driver, context, seed)
+            res.gpu_busy, res.kernels = _profile_chunk(driver, context, seed)
+            if res.kernels is not None:
+                att = ", ".join(f"{f} {a['ms']:.1f} ms ({100 * a['share']:.0f}%)"
+                                for f, a in res.kernels["attention"].items()) or "none recognised (see kernels.top)"
+                res.notes.append(f"attention kernels in one steady chunk: {att}")
         except Exception as e:  # the profiler is optional evidence, not a reason to fail the run
             res.notes.append(f"gpu_busy not measured: {type(e).__name__}: {e}")
     else:
