@@ -483,6 +483,24 @@ def test_a_host_scalar_is_frozen_at_capture_as_on_cuda():
         g(x)
 
 
+def test_a_value_read_from_a_host_table_is_frozen_at_capture_as_on_cuda():
+    """``sigmas[i]`` of a scheduler's host table runs on the host once, at capture, on CUDA: a
+    table updated in place later does not reach the replays. The CPU emulation freezes it too."""
+    sigmas = torch.linspace(1.0, 0.0, 5)
+
+    def step(x):
+        return x - sigmas[1] * x                        # 0.75 at capture
+
+    g = graphrt.compile(step, check=False, backend="cpu-graph", progress=False)
+    x = torch.ones(3)
+    assert torch.equal(g(x), torch.full((3,), 0.25))
+    sigmas.mul_(0.0)
+    assert torch.equal(step(x), torch.ones(3))
+    assert torch.equal(g(x), torch.full((3,), 0.25))    # the capture's value, as CUDA
+    with pytest.raises(graphrt.HostReadError):
+        graphrt.compile(step, progress=False)(x)        # and the checker names the read
+
+
 @torch.no_grad()
 def test_outputs_live_until_the_next_replay_of_any_bucket():
     """One output arena for every bucket, as the CUDA pool: replaying bucket B spoils A's

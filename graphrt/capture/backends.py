@@ -62,8 +62,10 @@ def trace(flat_fn, inputs, inductor: bool, host_scalar=None, sandbox: Sandbox | 
     tensors: it runs once), optionally compiled by inductor. Each bucket gets its own GraphModule,
     so compiling many buckets never hits dynamo's recompile limit.
 
-    ``host_scalar(t) -> bool`` names the 0-dim tensor constants that live on the host of a CUDA
-    model: their value is frozen (copied) here, as a CUDA graph bakes it into a kernel argument.
+    ``host_scalar(t) -> bool`` names the tensor constants that live on the host of a CUDA model:
+    their value is frozen (copied) here, as a CUDA graph bakes a host scalar into a kernel
+    argument. Host tables are frozen too: ``sigmas[i]`` of a host ``sigmas`` runs on the host once,
+    at capture, and its value is what every replay uses.
     Inductor's own CUDA graphs stay off: the trace runs inside graphrt's graph; so does freezing,
     which would fold runtime state read as attributes (caches, positions) into constants.
     """
@@ -73,7 +75,7 @@ def trace(flat_fn, inputs, inductor: bool, host_scalar=None, sandbox: Sandbox | 
         gm = (sandbox or Sandbox({})).run(make_fx(flat_fn, tracing_mode="real"), *inputs)
     if host_scalar is not None:
         for name, t in list(gm.named_buffers()):
-            if "." not in name and t.dim() == 0 and host_scalar(t):
+            if "." not in name and host_scalar(t):
                 gm.register_buffer(name, t.clone())
     if inductor:
         return torch.compile(gm, fullgraph=True, dynamic=False, options={"triton.cudagraphs": False, "freezing": False})
