@@ -1,6 +1,7 @@
 """Prompt to mp4: the text encoder and its cache, streaming VAE decode, overlap, weights, video files."""
 import json
 import threading
+import time
 
 import pytest
 import torch
@@ -58,7 +59,7 @@ def test_repeated_prompt_skips_encoder_and_projection(parts):
     b = pipe.open(PROMPT + " ", seed=2)
     assert (pipe.text.stats.misses, pipe.text.stats.hits) == (1, 1)
     assert (pipe.engine.stats.prompt_misses, pipe.engine.stats.prompt_hits) == (1, 1)
-    assert a.decoder is not b.decoder
+    assert pipe.decoder_state(a) is not pipe.decoder_state(b)
     pipe.close(a)
     pipe.close(b)
     pipe.shutdown()
@@ -225,6 +226,77 @@ def test_batched_sessions_keep_their_own_decoder_state(parts):
         pipe.step()
     pipe.engine.reset()
     pipe.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["forward", "chunk"])
+def test_overlap_with_lazy_capture_equals_sequential(parts, mode):
+    """A graph mode without prewarm(): each bucket is captured on first use while chunks are being
+    decoded. The decoder states live off the Engine's sessions (a capture sees no rebind), no
+    decode runs during a capture (on CUDA it would break the capture), and the frames equal the
+    sequential eager path's."""
+    want = list(_pipe(parts, overlap=False).stream(PROMPT, num_chunks=2, seed=4))
+    pipe = _pipe(parts, mode=mode, overlap=True, max_sessions=1)
+    graphs, decode, capture = pipe.engine.graphs, pipe.decoder.decode, pipe.engine.graphs._capture
+    busy, beside = threading.Event(), []
+
+    def slow_decode(latents, state):
+        busy.set()
+        try:
+            time.sleep(0.2)                      # long enough that the next step's capture would overlap
+            return decode(latents, state)
+        finally:
+            busy.clear()
+
+    def watched_capture(*a, **kw):
+        beside.append(busy.is_set())
+        out = capture(*a, **kw)
+        beside.append(busy.is_set())
+        return out
+
+    pipe.decoder.decode, graphs._capture = slow_decode, watched_capture
+    got = list(pipe.stream(PROMPT, num_chunks=2, seed=4))
+    pipe.shutdown()
+    assert graphs.stats.captures == 2 and len(beside) == 4 and not any(beside)   # one KV length per chunk
+    assert len(got) == 2 and all(torch.equal(a, b) for a, b in zip(want, got))
+
+
+def test_step_checks_decoder_states_before_the_dit(parts):
+    """A session opened on the Engine directly has no decoder state: step() says so before the DiT
+    runs, so no session loses a chunk; the others can still step."""
+    pipe = _pipe(parts, max_sessions=2, overlap=False)
+    a = pipe.open(PROMPT, seed=1, num_chunks=3)
+    b = pipe.engine.open(torch.zeros(1, 3, 32), seed=0)
+    for call in (pipe.step, lambda: pipe.step([a, b])):
+        with pytest.raises(InputError, match=rf"session\(s\) \[{b.id}\] have no decoder state"):
+            call()
+    assert (a.chunk, b.chunk, pipe.engine.stats.chunks) == (0, 0, 0)
+    with pytest.raises(InputError, match="no decoder state in this pipeline"):
+        pipe.decoder_state(b)
+    first = pipe.step([a])[a].result()
+    assert a.chunk == 1 and torch.equal(first, next(_pipe(parts).stream(PROMPT, num_chunks=3, seed=1)))
+    pipe.shutdown()
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_shutdown_frees_decoder_slots_and_is_final(parts, overlap):
+    """shutdown() with a video still open gives its captured-decoder slot back (after its queued
+    decodes), and every later use raises a clear error instead of running half a pipeline."""
+    pipe = _pipe(parts, overlap=overlap).prewarm(decoder_graphs=True)
+    dec = pipe.decoder
+    s = pipe.open(PROMPT, seed=1, num_chunks=3)
+    futures = [pipe.step()[s] for _ in range(2)]              # the 3rd latent frame enters the slot
+    state = pipe.decoder_state(s)
+    pipe.shutdown()
+    assert all(f.done() for f in futures) and dec.graphs.stats.replays == 2
+    assert state.slot is None and dec._free == [0] and pipe.engine.sessions == {}
+    for where, call in (("open", lambda: pipe.open(PROMPT)), ("step", pipe.step),
+                        ("open", lambda: next(pipe.stream(PROMPT, num_chunks=1))),
+                        ("prewarm", pipe.prewarm)):
+        with pytest.raises(InputError, match=rf"{where}\(\): the pipeline was shut down"):
+            call()
+    with pytest.raises(InputError, match="decode queue is closed"):
+        pipe.queue.submit(torch.zeros(1, 4, 1, 8, 8), dec.new_state())
+    pipe.shutdown()                                           # again: nothing to do
 
 
 def test_pipeline_rejects_mismatched_parts(parts):

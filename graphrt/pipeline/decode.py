@@ -224,14 +224,19 @@ class DecodeQueue:
     chunks go through its cache in order; on CUDA the worker waits (on the device, not the host)
     for an event recorded on the submitting stream, then runs on its own stream. Without overlap
     the decode runs at once and the future is already done: the sequential path, same kernels.
+    After :meth:`close`, ``submit`` raises.
     """
 
     def __init__(self, decoder: Decoder, *, overlap: bool = True):
         self.decoder, self.overlap = decoder, overlap
         self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix="graphrt-decode") if overlap else None
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self.closed = False
 
     def submit(self, latents: torch.Tensor, state: DecoderState) -> cf.Future:
+        """Queue one chunk's decode with its video's state; a future of its frames on the host."""
+        if self.closed:
+            raise InputError("the decode queue is closed", fix="decode before close(), or make a new DecodeQueue")
         if self._pool is None:
             fut: cf.Future = cf.Future()
             try:
@@ -261,6 +266,12 @@ class DecodeQueue:
             # the copy to the host waits for this stream only: the worker blocks, the DiT does not
             return self.decoder.decode(latents, state).cpu()
 
+    def drain(self) -> None:
+        """Wait until every queued decode has run (their kernels done: each ends in a copy to the
+        host). Nothing runs on the worker after this returns until the next submit."""
+        if self._pool is not None:
+            self._pool.submit(lambda: None).result()     # one worker: it runs after every earlier decode
+
     def release(self, state: DecoderState) -> None:
         """Hand a finished video's state back to the decoder, after its queued decodes."""
         release = getattr(self.decoder, "release", None)
@@ -272,7 +283,8 @@ class DecodeQueue:
             self._pool.submit(release, state)
 
     def close(self) -> None:
-        """Finish the queued decodes and stop the worker."""
+        """Finish the queued decodes and stop the worker; later submits raise."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        self.closed = True

@@ -8,6 +8,13 @@ With ``overlap=True`` the decode of chunk n runs while the DiT computes chunk n+
 :meth:`VideoPipeline.stream` yields each chunk's frames as soon as they are decoded; with
 ``overlap=False`` each chunk is denoised, then decoded, then yielded (the sequential path). Both
 run the same kernels on the same inputs, so they give the same frames.
+
+Each session's decoder state is the pipeline's, not the Engine's: the decode worker advances it
+while the DiT runs, and a lazy capture of the DiT checks that nothing it can reach changes under
+it. A graph mode captures each bucket on its first use unless :meth:`VideoPipeline.prewarm` ran:
+until the Engine's graphs are sealed, each step first waits for the queued decodes, since a
+CUDA graph capture may not run beside kernels, allocations and syncs of another thread. Call
+``prewarm()`` before serving to overlap every chunk.
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ from typing import Iterator, Sequence
 import torch
 
 from graphrt.errors import ConfigError, InputError
-from graphrt.pipeline.decode import DecodeQueue, Decoder, WanVAEDecoder
+from graphrt.pipeline.decode import DecodeQueue, Decoder, DecoderState, WanVAEDecoder
 from graphrt.pipeline.engine import Engine, Session
 from graphrt.pipeline.text import TextEncoder, clean_prompt
 from graphrt.pipeline.weights import VideoShape, WanComponents, load_wan
@@ -38,6 +45,10 @@ class VideoPipeline:
     Many users: ``s = pipe.open(prompt, seed=1)``; ``futures = pipe.step()`` runs one DiT chunk for
     every open session (batched) and queues each session's decode with its own decoder state;
     ``futures[s].result()`` is that chunk's frames.
+
+    In ``mode="forward"``/``"chunk"``, ``prewarm()`` first: without it each step waits for the
+    queued decodes until every graph is captured (see the module docstring). :meth:`shutdown` is
+    the last call: it closes every session and stops the decode worker.
     """
 
     def __init__(self, engine: Engine, text: TextEncoder, decoder: Decoder, *, overlap: bool = True):
@@ -49,6 +60,9 @@ class VideoPipeline:
             raise ConfigError(f"the DiT outputs {cfg.out_dim} latent channels but the decoder takes {z_dim}")
         self.engine, self.text, self.decoder = engine, text, decoder
         self.queue = DecodeQueue(decoder, overlap=overlap)
+        # kept off the Session: the Engine's captures can reach its sessions, and the decode worker
+        # changes these states while the DiT runs (a capture would see a rebind it cannot replay)
+        self._states: dict[Session, DecoderState] = {}
 
     @classmethod
     def from_components(cls, parts: WanComponents, *, overlap: bool = True, text_cache: int = 256,
@@ -75,29 +89,48 @@ class VideoPipeline:
     # -- sessions -------------------------------------------------------------------------------
     def open(self, prompt: str, *, seed: int = 0, num_chunks: int | None = None) -> Session:
         """Start a video for ``prompt``; a prompt seen before skips the text encoder and the
-        cross-attention projections. The session carries its own decoder state."""
+        cross-attention projections. The session gets its own decoder state."""
+        self._check_running("open()")
         ctx = self.text(prompt)
         session = self.engine.open(ctx, seed=seed, prompt=clean_prompt(prompt), num_chunks=num_chunks)
-        session.decoder = self.decoder.new_state()
+        self._states[session] = self.decoder.new_state()
         return session
 
     def close(self, session: Session) -> None:
-        """End a video: its slab and its decoder state are freed."""
+        """End a video: its slab and its decoder state (a captured decoder's slot) are freed."""
         self.engine.close(session)
-        if session.decoder is not None:
-            self.queue.release(session.decoder)
+        state = self._states.pop(session, None)
+        if state is not None:
+            self.queue.release(state)
+
+    def decoder_state(self, session: Session) -> DecoderState:
+        """The decoder state of a session this pipeline opened (its VAE feature cache)."""
+        state = self._states.get(session)
+        if state is None:
+            raise InputError(f"session {getattr(session, 'id', session)!r} has no decoder state in this pipeline",
+                             fix="open sessions with VideoPipeline.open(), not Engine.open()")
+        return state
 
     @torch.no_grad()
     def step(self, sessions: Sequence[Session] | None = None) -> dict[Session, cf.Future]:
         """One DiT chunk for each active session (batched, as :meth:`Engine.step`), each session's
         decode queued with its own decoder state. Returns session -> future of the chunk's frames
-        (uint8, on the host)."""
-        latents = self.engine.step(sessions)
-        missing = [s.id for s in latents if s.decoder is None]
+        (uint8, on the host). Every check runs before the DiT: an error advances no session."""
+        self._check_running("step()")
+        if sessions is not None:
+            sessions = list(sessions)
+        pool = sessions if sessions is not None else [s for s in self.engine.sessions.values() if not s.suspended]
+        # foreign or closed sessions are left to Engine.step's own error
+        missing = [s.id for s in pool if isinstance(s, Session) and self.engine.sessions.get(s.id) is s
+                   and not s.done and s not in self._states]
         if missing:
             raise InputError(f"session(s) {missing} have no decoder state",
                              fix="open sessions with VideoPipeline.open(), not Engine.open()")
-        return {s: self.queue.submit(lat, s.decoder) for s, lat in latents.items()}
+        graphs = self.engine.graphs
+        if graphs is not None and not graphs.sealed:
+            self.queue.drain()            # this step may capture: no decode may run beside it
+        latents = self.engine.step(sessions)
+        return {s: self.queue.submit(lat, self._states[s]) for s, lat in latents.items()}
 
     # -- whole videos -----------------------------------------------------------------------------
     def stream(self, prompt: str | Sequence[str], num_chunks: int, seed: int | Sequence[int] = 0
@@ -162,6 +195,8 @@ class VideoPipeline:
         """Capture the engine's graphs now (see :meth:`Engine.prewarm`); with ``decoder_graphs``
         also the decoder's steady frame, one static feature cache per engine slab
         (:meth:`WanVAEDecoder.capture`)."""
+        self._check_running("prewarm()")
+        self.queue.drain()                # a capture may not run beside a decode
         self.engine.prewarm()
         if decoder_graphs:
             if not hasattr(self.decoder, "capture"):
@@ -171,6 +206,18 @@ class VideoPipeline:
         return self
 
     def shutdown(self) -> None:
-        """Close every session and stop the decode worker."""
-        self.engine.reset()
+        """Close every session, give each decoder state back (after its queued decodes), finish
+        the queued decodes and stop the worker. The last call: open/step/stream/prewarm raise
+        after it. Calling it again does nothing."""
+        for session in list(self._states):
+            if self.engine.sessions.get(session.id) is session:
+                self.close(session)
+            else:                         # closed on the engine directly: only its state is left
+                self.queue.release(self._states.pop(session))
+        self.engine.reset()               # sessions opened on the engine directly
         self.queue.close()
+
+    def _check_running(self, where: str) -> None:
+        if self.queue.closed:
+            raise InputError(f"VideoPipeline.{where}: the pipeline was shut down (its decode worker is stopped)",
+                             fix="build a new VideoPipeline; shutdown() is its last call")
