@@ -72,11 +72,25 @@ def quantize(x: torch.Tensor, kv_dtype: torch.dtype, scale_dtype: torch.dtype):
     ``kv_dtype`` and scales [...] in ``scale_dtype`` with ``x ~= codes * scale``. Device-only."""
     qmax = _QMAX[kv_dtype]
     amax = torch.linalg.vector_norm(x, float("inf"), dim=-1).float()      # max |x|: one pass, exact
-    scale = (amax / qmax).clamp_min(torch.finfo(scale_dtype).tiny).to(scale_dtype)
+    scale = _round_scale(amax / qmax, scale_dtype).to(scale_dtype)
     q = torch.div(x, scale.float()[..., None])          # float32 out, without a float32 copy of x first
     if kv_dtype == torch.int8:
         q.round_()
     return q.clamp_(-qmax, qmax).to(kv_dtype), scale
+
+
+def _round_scale(s: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    """Float32 scales ``s``, rounded up onto ``scale_dtype``'s subnormal grid where they fall below
+    its normal range, and never zero.
+
+    fp16's normal range ends at 6.1e-5, so a token with max |x| under 127 * 6.1e-5 needs a
+    subnormal scale to keep all its code levels. Rounding up, not to nearest: a smaller scale
+    would clip codes at ``qmax``. ``unit`` is a normal float32, so dividing by a scale never meets
+    a float32 subnormal (GPU kernels may flush those to zero); for bf16 and fp32 this is just a
+    clamp at float32's smallest normal. An all-zero token gets scale ``unit``, codes 0: exact zeros."""
+    fi = torch.finfo(scale_dtype)
+    unit = max(fi.smallest_normal * fi.eps, torch.finfo(torch.float32).smallest_normal)
+    return torch.where(s < fi.smallest_normal, torch.ceil(s / unit).clamp_min(1) * unit, s)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

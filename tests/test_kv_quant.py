@@ -25,23 +25,44 @@ def _model(cfg, dtype):
     return CausalWan(cfg, attention="sdpa").to(dtype=dtype).eval()
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", (*DTYPES, torch.float16))
 @pytest.mark.parametrize("kv_dtype", KV)
 def test_quantize_error_is_bounded_per_element(dtype, kv_dtype):
-    x = (torch.randn(64, 4, 16) * torch.logspace(-3, 2, 64)[:, None, None]).to(dtype)
+    """Per element, and per token against its max |x| down to 1e-5 (fp16 scales are subnormal
+    below max |x| = 127 * 6.1e-5: they must still fit the token, neither clipping nor coarse)."""
+    x = (torch.randn(64, 4, 16) * torch.logspace(-5, 2, 64)[:, None, None]).to(dtype)
     x[0] = 0                                            # an all-zero token must stay zero (no 0/0)
     codes, scale = quantize(x, getattr(torch, kv_dtype), dtype)
     assert codes.dtype == getattr(torch, kv_dtype) and scale.shape == (64, 4) and scale.dtype == dtype
     y = dequantize(codes, scale, dtype)
-    assert y.dtype == dtype and torch.equal(y[0], torch.zeros_like(y[0]))
+    assert y.dtype == dtype and torch.equal(y[0], torch.zeros_like(y[0])) and torch.isfinite(y).all()
     err = (y.double() - x.double()).abs()
     s = scale.double()[..., None]
-    ulp = torch.finfo(dtype).eps * x.double().abs()    # the final rounding to the model dtype
+    fi = torch.finfo(dtype)
+    ulp = fi.eps * x.double().abs()                     # the final rounding to the model dtype
     if kv_dtype == "int8":                              # half a step, plus a rounded scale's share
-        assert (err <= 0.5 * s + ulp + 127 * s * torch.finfo(dtype).eps).all()
+        assert (err <= 0.5 * s + ulp + 127 * s * fi.eps).all()
     else:                                               # 3 mantissa bits: 2^-4 relative (subnormals: absolute)
         assert (err <= 2 ** -4 * x.double().abs() + 2 ** -9 * s + ulp).all()
     assert (err > 0).any()
+    # the scale fits each token: max |x| / qmax, up to one rounding (relative, or one subnormal step)
+    qmax = 127 if kv_dtype == "int8" else 448
+    want = x.double().abs().amax(-1)[1:] / qmax
+    got = scale.double()[1:]
+    assert (got <= want * (1 + fi.eps) + fi.smallest_normal * fi.eps).all()
+    assert (got >= want * (1 - fi.eps / 2)).all()       # smaller only by a normal rounding: codes do not clip
+
+
+@pytest.mark.parametrize("dtype", (*DTYPES, torch.float16))
+@pytest.mark.parametrize("kv_dtype", KV)
+def test_quantize_error_does_not_grow_for_small_values(dtype, kv_dtype):
+    """Relative rms error at max |x| ~ 1e-4 (K/V of a quiet token) is that at 1, in every dtype."""
+    x = torch.randn(128, 4, 64)
+    errs = []
+    for mag in (1.0, 1e-2, 1e-3, 1e-4):
+        xm = (x * mag).to(dtype)
+        errs.append(rms_rel_err(dequantize(*quantize(xm, getattr(torch, kv_dtype), dtype), dtype), xm))
+    assert max(errs) <= 1.2 * errs[0], errs
 
 
 def _closed_form(cfg, dtype, kv_dtype, window=None, heads=None):
