@@ -19,16 +19,20 @@ def _solo(model, ctx, seed, chunks, **kw):
     return [engine.step([s])[s] for _ in range(chunks)]
 
 
-@pytest.mark.parametrize("dtype,kv_dtype", [(torch.float32, None), (torch.bfloat16, "int8")])
+@pytest.mark.parametrize("dtype,kv_dtype,window,before", [
+    (torch.float32, None, None, 2), (torch.bfloat16, "int8", None, 2),
+    # a rolling window (ring of 6 frames) suspended after its ring wrapped, then wrapping again
+    (torch.bfloat16, "int8", (9, 3), 4), (torch.bfloat16, "float8_e4m3fn", (9, 3), 4)],
+    ids=["fp32", "bf16-int8", "bf16-int8-rolling", "bf16-fp8-rolling"])
 @torch.no_grad()
-def test_a_resumed_session_continues_bit_identically(cfg, ctx, dtype, kv_dtype):
-    """a runs 2 chunks, is suspended; c takes its slab and b and c run; a comes back in b's old slab
-    and runs 3 more: every chunk of a equals a never-suspended run's, bit for bit."""
+def test_a_resumed_session_continues_bit_identically(cfg, ctx, dtype, kv_dtype, window, before):
+    """a runs ``before`` chunks, is suspended; c takes its slab and b and c run; a comes back in b's
+    old slab and runs 3 more: every chunk of a equals a never-suspended run's, bit for bit."""
     model = CausalWan(cfg, attention="sdpa").to(dtype=dtype).eval()
-    want = _solo(model, ctx[:1], 7, 5, kv_dtype=kv_dtype)
-    engine = Engine(model, mode="eager", max_sessions=2, kv_dtype=kv_dtype, progress=False)
+    want = _solo(model, ctx[:1], 7, before + 3, kv_dtype=kv_dtype, window=window)
+    engine = Engine(model, mode="eager", max_sessions=2, kv_dtype=kv_dtype, window=window, progress=False)
     a, b = engine.open(ctx[:1], seed=7), engine.open(ctx[1:2], seed=8)
-    got = [engine.step([a])[a] for _ in range(2)]
+    got = [engine.step([a])[a] for _ in range(before)]
     old = a.slab
     engine.suspend(a)
     assert a.suspended and engine.cache.free_slabs == 1
@@ -40,7 +44,7 @@ def test_a_resumed_session_continues_bit_identically(cfg, ctx, dtype, kv_dtype):
     engine.resume(a)
     assert a.slab not in (old, None) and not a.suspended
     got += [engine.step([a])[a] for _ in range(3)]
-    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert len(got) == before + 3 and all(torch.equal(g, w) for g, w in zip(got, want))
     assert b.chunk == 2 and c.chunk == 2
 
 
