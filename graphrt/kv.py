@@ -31,6 +31,7 @@ a device value on the host; slab bookkeeping (which slab a session owns) is host
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -80,8 +81,8 @@ def quantize(x: torch.Tensor, kv_dtype: torch.dtype, scale_dtype: torch.dtype):
 
 
 def _round_scale(s: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
-    """Float32 scales ``s``, rounded up onto ``scale_dtype``'s subnormal grid where they fall below
-    its normal range, and never zero.
+    """Float32 scales ``s``, each exactly a ``scale_dtype`` value: rounded to nearest (even) in its
+    normal range, up onto its subnormal grid below it, never zero.
 
     fp16's normal range ends at 6.1e-5, so a token with max |x| under 127 * 6.1e-5 needs a
     subnormal scale to keep all its code levels. Rounding up, not to nearest: a smaller scale
@@ -90,7 +91,14 @@ def _round_scale(s: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
     clamp at float32's smallest normal. An all-zero token gets scale ``unit``, codes 0: exact zeros."""
     fi = torch.finfo(scale_dtype)
     unit = max(fi.smallest_normal * fi.eps, torch.finfo(torch.float32).smallest_normal)
-    return torch.where(s < fi.smallest_normal, torch.ceil(s / unit).clamp_min(1) * unit, s)
+    s = torch.where(s < fi.smallest_normal, torch.ceil(s / unit).clamp_min(1) * unit, s)
+    drop = 23 - round(-math.log2(fi.eps))              # float32 mantissa bits the scale dtype lacks
+    if drop:
+        # round to nearest even here, so the cast to scale_dtype is exact: a fused kernel that
+        # skips the cast (inductor keeps float32 in registers) still divides by the stored scale
+        bits = s.view(torch.int32)
+        s = ((bits + ((1 << (drop - 1)) - 1) + ((bits >> drop) & 1)) & -(1 << drop)).view(torch.float32)
+    return s
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
