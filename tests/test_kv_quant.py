@@ -4,7 +4,7 @@ import torch
 
 import graphrt
 from graphrt.errors import CacheError, ConfigError, InputError
-from graphrt.kv import RollingKVCache, StaticKVCache, _round_scale, dequantize, quantize
+from graphrt.kv import RollingKVCache, StaticKVCache, _raw, _round_scale, dequantize, quantize
 from graphrt.models.wan import CausalWan, WanConfig
 from graphrt.pipeline import Engine
 from graphrt.tolerance import max_rel_err, rms_rel_err, tolerance
@@ -206,6 +206,38 @@ def test_whole_chunk_graph_with_a_quantized_cache(cfg):
     assert torch.equal(graphed, eager)
     assert "k_scale.0" in gcache and all(torch.equal(gcache[k], ecache[k]) for k in ecache)
     assert [str(k) for k in engine.graphs.keys] == ["batch=2 exact=True kv_frames=3"]   # as unquantized
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_inductor_writes_and_reads_the_codes_eager_does(cfg):
+    """A cache write + read compiled by inductor (one kernel set for an int8 and an fp8 cache of
+    a bf16 model, over 6 decades of magnitudes) stores the codes and scales the eager write does
+    and reads the same K/V, bit for bit: inductor fuses the scale's cast to bf16 away, so the
+    scale must be a bf16 value before it."""
+    kw = dict(dtype=torch.bfloat16, num_slabs=1)
+    caches = [[StaticKVCache.for_config(cfg, kv_dtype=kv, **kw) for kv in KV] for _ in range(2)]
+    for cache in sum(caches, []):
+        cache.bind([cache.acquire()])
+
+    def write_read(pair, k, v):
+        out = []
+        for cache in pair:
+            step = cache.step(1, 3, cfg.frame_tokens, kv_frames=3, exact=True)
+            cache.write(0, step, k, v)
+            out += cache.read(0, step)
+        return out
+
+    n = 3 * cfg.frame_tokens
+    k, v = ((torch.randn(1, n, cfg.num_heads, cfg.head_dim) * torch.logspace(-5, 1, n)[:, None, None])
+            .to(torch.bfloat16) for _ in "kv")
+    got = torch.compile(write_read, fullgraph=True)(caches[0], k, v)
+    want = write_read(caches[1], k, v)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    for g, w in zip(*caches):
+        gs, ws = g.slab_tensors(0), w.slab_tensors(0)
+        assert [name for name in gs if not torch.equal(_raw(gs[name]), _raw(ws[name]))] == []
+    assert max_rel_err(got[0], k[0]) <= 0.01                 # and they are close to K (int8)
 
 
 @torch.no_grad()
