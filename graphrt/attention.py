@@ -8,8 +8,9 @@ Backends, all on the ``[B, L, H, D]`` layout Wan uses:
   of its kernels (CUDA; ``sdpa-math`` everywhere). A pinned kernel that cannot take a call (a
   masked bucket, a dtype) raises rather than falling back silently.
 - ``"flex"``: FlexAttention with a ``score_mod`` that reads ``seqlens`` on the device
-  (compiled on CUDA, one compiled function per shape so dynamo's recompile limit is never hit;
-  flex's own unfused path on the CPU and under graphrt's checker and traces).
+  (compiled on CUDA, one compiled function per shape so dynamo's recompile limit is never hit,
+  also under graphrt's checker, warm-ups and verify; flex's own unfused path on the CPU and
+  under a trace).
 - ``"flash"``: flash-attn's ``flash_attn_with_kvcache`` reading the slab pool in place through
   ``block_table`` and ``cache_seqlens`` (one block per batch row), when flash-attn is importable.
 
@@ -137,14 +138,24 @@ def _sdpa_kernels(backend: str):
     return sdpa_kernel([getattr(SDPBackend, SDPA_KERNELS[backend])])
 
 
-def _flex(q, k, v, seqlens):
-    """FlexAttention: compiled, one compiled function per shape, on CUDA; elsewhere, and while a
-    dispatch mode watches (the host-read checker, a trace, verification), flex's own unfused path."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
+# where attend(backend="flex") runs compiled flex: a constant the CPU tests widen to stand in for CUDA
+_COMPILED_FLEX_DEVICES = ("cuda",)
 
-    if q.is_cuda and _get_current_dispatch_mode() is None:
-        key = (tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device, seqlens is not None)
-        return _compiled_flex(key)(q, k, v, seqlens)
+
+def _flex(q, k, v, seqlens):
+    """FlexAttention: compiled, one compiled function per shape, on CUDA; elsewhere, and under a
+    trace (make_fx, fake tensors), flex's own unfused path.
+
+    Under graphrt's own watching modes (the host-read check and warm-ups in a write log, verify's
+    eager rerun) the compiled function runs with the watchers suspended, so every run executes
+    the kernels the CUDA graph captures: verify compares like with like, and flex is compiled and
+    first launched before the capture, not inside it."""
+    if q.device.type in _COMPILED_FLEX_DEVICES:
+        from graphrt.capture.watch import call_unwatched, only_watched
+
+        if only_watched(q, k, v, *(() if seqlens is None else (seqlens,))):
+            key = (tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device, seqlens is not None)
+            return call_unwatched(_compiled_flex(key), q, k, v, seqlens)
     return _flex_unfused(q, k, v, seqlens)
 
 

@@ -104,3 +104,148 @@ def test_flex_is_checked_captured_and_served_by_the_engine(cfg):
     video = Engine(flex, mode="chunk", progress=False).generate(ctx, 2, seed=3)
     want = Engine(sdpa, mode="eager", progress=False).generate(ctx, 2, seed=3)
     assert ((video - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
+class _CompiledFlexStandIn:
+    """Compiled flex on the CPU, standing in for CUDA: dynamo's build of flex (eager backend, so no
+    inductor compile) nudged by one ulp, as a fused kernel rounds apart from the unfused path.
+    Records which dispatch and function modes each call ran under."""
+
+    def __init__(self):
+        from graphrt.attention import _compiled_flex
+
+        self.build, self.modes = _compiled_flex, []
+
+    def __call__(self, key):
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+        compiled = self.build(key, backend="eager")
+
+        def run(q, k, v, seqlens):
+            functions = [torch._C._get_function_stack_at(i) for i in range(torch._C._len_torch_function_stack())]
+            self.modes.append(_get_current_dispatch_mode_stack() + functions)
+            out = compiled(q, k, v, seqlens)
+            return torch.nextafter(out, torch.full_like(out, float("inf")))
+        return run
+
+
+@pytest.fixture
+def compiled_flex_on_cpu(monkeypatch):
+    import graphrt.attention as attention
+
+    stand_in = _CompiledFlexStandIn()
+    monkeypatch.setattr(attention, "_COMPILED_FLEX_DEVICES", ("cpu",))
+    monkeypatch.setattr(attention, "_compiled_flex", stand_in)
+    return stand_in
+
+
+def _flex_inputs():
+    q, k, v = torch.randn(1, 16, 2, 16), torch.randn(1, 32, 2, 16), torch.randn(1, 32, 2, 16)
+    return q, k, v, torch.tensor([20], dtype=torch.int32)
+
+
+def _flex_fn(q, k, v, seqlens):
+    return attend(q, k, v, seqlens, "flex")
+
+
+@torch.no_grad()
+def test_compiled_flex_runs_in_check_and_verify_as_in_the_graph(compiled_flex_on_cpu):
+    """Where flex is compiled, graphrt's check and verify's eager rerun run the compiled flex too
+    (with their modes suspended): verify compares the replay with the same kernels, bit for bit,
+    and the first compiled run is the check's, before any capture."""
+    import graphrt
+    from graphrt.attention import _flex_unfused
+
+    q, k, v, sl = _flex_inputs()
+    g = graphrt.compile(_flex_fn, backend="eager", verify=2, progress=False)
+    first = g(q, k, v, sl).clone()
+    assert compiled_flex_on_cpu.modes, "the check ran the unfused flex, the graph the compiled one"
+    unfused = _flex_unfused(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), sl).transpose(1, 2)
+    assert not torch.equal(first, unfused)          # the stand-in rounds apart, as the CUDA kernel does
+    for n in (20, 31):                              # verified replays: eager rerun == replay
+        sl.fill_(n)
+        assert torch.equal(g(q, k, v, sl), _flex_fn(q, k, v, sl))
+    assert g.stats.verified == 2
+    assert all(m == [] for m in compiled_flex_on_cpu.modes)   # never under a watching mode (dynamo would trace it)
+
+
+def test_compiled_flex_output_is_fresh_to_the_write_log(compiled_flex_on_cpu):
+    """The write log does not see into compiled flex: its output must still count as made by
+    the run, or an in-place op on it would be rolled back out of the run's result."""
+    from graphrt.capture.undo import Sandbox
+
+    q, k, v, sl = _flex_inputs()
+    state = torch.zeros(1, 16, 2, 16)
+
+    def fn():
+        out = _flex_fn(q, k, v, sl)
+        out.add_(1)
+        state.copy_(out)
+        return out
+
+    with torch.no_grad():
+        want = _flex_fn(q, k, v, sl) + 1
+        got = Sandbox({}).run(fn)
+    assert torch.equal(got, want)
+    assert not state.any()                           # the write into pre-existing state is undone
+    assert len(compiled_flex_on_cpu.modes) == 2
+
+
+def test_flex_under_a_trace_stays_unfused(compiled_flex_on_cpu):
+    """make_fx (and fake tensors) must see flex's higher-order op, never run compiled code."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(_flex_fn, tracing_mode="real")(*_flex_inputs())
+    assert any("flex_attention" in str(n.target) for n in gm.graph.nodes)
+    make_fx(_flex_fn, tracing_mode="fake")(*_flex_inputs())
+    assert compiled_flex_on_cpu.modes == []
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flex_cuda_graph_verifies_bit_for_bit(dtype, monkeypatch):
+    """attention="flex" on CUDA: compile(verify=...) passes (the eager rerun runs the compiled flex
+    the graph captured), and compiled flex first runs before the capture, never under a mode."""
+    import graphrt
+    import graphrt.attention as attention
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    build, calls = attention._compiled_flex, []
+
+    def recorded(key):
+        compiled = build(key)
+
+        def run(*args):
+            calls.append((torch.cuda.is_current_stream_capturing(), len(_get_current_dispatch_mode_stack())))
+            return compiled(*args)
+        return run
+    monkeypatch.setattr(attention, "_compiled_flex", recorded)
+    q, k, v = (torch.randn(1, n, 2, 64, device="cuda", dtype=dtype) for n in (128, 256, 256))
+    sl = torch.tensor([200], device="cuda", dtype=torch.int32)
+    g = graphrt.compile(_flex_fn, backend="cuda-graph", verify=2, progress=False)
+    with torch.no_grad():
+        g(q, k, v, sl)
+        for n in (150, 256):
+            sl.fill_(n)
+            assert torch.equal(g(q, k, v, sl), _flex_fn(q, k, v, sl))
+    assert g.stats.verified == 2
+    assert calls[0] == (False, 0) and (True, 0) in calls      # run before the capture, then captured
+    assert all(modes == 0 for _, modes in calls)
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_flex_engine_verifies_on_cuda(cfg):
+    """The Engine on CUDA with attention="flex" and verify: every verified chunk is bit-identical
+    to the eager forward, in bf16, and the video agrees with SDPA's (typical error within bf16's)."""
+    from graphrt.models.wan import CausalWan
+    from graphrt.pipeline import Engine
+    from graphrt.tolerance import rms_rel_err, tolerance
+
+    flex = CausalWan(cfg, attention="flex").to("cuda", torch.bfloat16).eval()
+    sdpa = CausalWan(cfg, attention="sdpa").to("cuda", torch.bfloat16).eval()
+    sdpa.load_state_dict(flex.state_dict())
+    ctx = torch.randn(1, cfg.text_len, cfg.text_dim, device="cuda", dtype=torch.bfloat16)
+    video = Engine(flex, mode="chunk", backend="cuda-graph", verify=1, progress=False).generate(ctx, 2, seed=3)
+    want = Engine(sdpa, mode="eager", progress=False).generate(ctx, 2, seed=3)
+    assert rms_rel_err(video, want) < tolerance(torch.bfloat16)
