@@ -297,6 +297,52 @@ def test_device_scalars_are_not_host_values():
     assert [(s.kind, s.code) for s in report.sites] == [(HOST_VALUE, "return y * self.plain if use_plain else y")]
 
 
+def test_cpu_scalar_arguments_of_a_device_model_are_host_values():
+    """A 0-dim CPU tensor passed next to device tensors (meta stands in for CUDA) is a host value:
+    CUDA takes its value as a kernel argument, so the graph keeps the capture's value (the static
+    buffer graphrt copies later calls into is on the CPU, where the graph never reads it). So is
+    a value computed from it on the host. A CPU model's own CPU arguments stay device tensors,
+    and scalars the call builds itself stay constants."""
+    x, m, s = torch.ones(4, device="meta"), torch.ones(4, dtype=torch.bool, device="meta"), torch.tensor(2.0)
+
+    def scaled(x, s):
+        return x * s
+
+    def derived(x, s):
+        return x * (s * 2)
+
+    def constants(x, m):
+        y = torch.where(m, x, 0.0).masked_fill(m, 1.0).clamp(0.0, 1.0) + 3
+        return y * torch.full((), 2.0, device=x.device) * x.new_tensor(1.5)
+
+    for fn in (scaled, derived):
+        report = check(fn, x, s)
+        assert [(s.kind, s.op) for s in report.sites] == [(HOST_VALUE, "aten.mul.Tensor")], fn.__name__
+        assert "return x *" in report.sites[0].code
+    assert check(scaled, x, torch.tensor(2.0, device="meta")).ok      # on the device: read by address
+    assert check(constants, x, m).ok
+    for fn in (scaled, derived):                                      # a CPU model: s is on its device
+        assert check(fn, torch.ones(4), s).ok
+
+
+@pytest.mark.cuda
+def test_cuda_model_with_a_cpu_scalar_argument_is_refused_at_capture():
+    """The CUDA counterpart: compile refuses the capture and names the line, where it used to
+    replay the capture's value of ``s`` for every later ``s``."""
+    import graphrt
+
+    def scaled(x, s):
+        return x * s
+
+    g = graphrt.compile(scaled, backend="cuda-graph", progress=False)
+    with pytest.raises(HostReadError, match="host value"):
+        g(torch.ones(4, device="cuda"), torch.tensor(2.0))
+    g = graphrt.compile(scaled, backend="cuda-graph", progress=False)
+    x, s = torch.ones(4, device="cuda"), torch.tensor(2.0, device="cuda")
+    g(x, s)
+    assert torch.equal(g(x, s.fill_(3.0)), x * 3)                     # a device scalar is read at replay
+
+
 def test_pinned_non_blocking_uploads_are_counted_apart():
     from graphrt.capture.hostreads import copy_kind
 

@@ -22,7 +22,8 @@ reads:
 
 - a host value: a 0-dim CPU tensor as an operand of a device op (``x * self.scale``, a
   scheduler's ``sigmas[i]``): CUDA passes its value as a kernel argument, so the graph keeps the
-  value it had at capture. On a CUDA model this is exact (the tensor is on the CPU). On a CPU
+  value it had at capture. On a CUDA model this is exact (the tensor is on the CPU, an argument
+  too: graphrt's static buffer for it stays on the CPU, where the graph never reads it). On a CPU
   model every tensor is on the CPU, so a 0-dim tensor counts as a host value when it comes from
   outside the call and is not an argument, a module's parameter or buffer or a runtime state's
   tensor (where a GPU user keeps scalars on the host: plain attributes, scheduler tables);
@@ -399,6 +400,7 @@ class _Placement:
 
     def __init__(self, known=()):
         self._device = {storage_key(t): True for t in known}
+        self._const: dict = {}           # CPU storages the call made from constants only
 
     def on_device(self, t: torch.Tensor) -> bool:
         if t.device.type != "cpu" or isinstance(t, torch.nn.Parameter):
@@ -407,16 +409,34 @@ class _Placement:
 
     def host_operands(self, read: list[torch.Tensor], written: list[torch.Tensor]) -> bool:
         """A 0-dim host tensor read next to a device tensor in one op. Scalars the call itself
-        built (``torch.where(m, x, 0.0)``, ``y[m] = 1.0``) are constants, not host values."""
-        return any(t.dim() == 0 and not self.on_device(t) for t in read) \
-            and any(map(self.on_device, read + written))
+        built (``torch.where(m, x, 0.0)``, ``y[m] = 1.0``) are constants, not host values.
+
+        Next to an operand on a real device (CUDA; meta stands in for it in tests) every CPU
+        tensor is a host value but the call's own constants, whatever ``known`` says: an argument
+        counts as on the device only for a CPU model, where every tensor is on the CPU."""
+        operands = read + written
+        off_cpu = any(t.device.type != "cpu" for t in operands)
+
+        def host(t: torch.Tensor) -> bool:
+            if t.dim() != 0:
+                return False
+            if off_cpu and t.device.type == "cpu":
+                return not self._const.get(storage_key(t), False)
+            return not self.on_device(t)
+
+        return any(map(host, read)) and any(map(self.on_device, operands))
 
     def produced(self, inputs: list[torch.Tensor], out, on_device: bool | None = None) -> None:
+        # a constant: a lift or a factory, or made from constants and device tensors alone (a
+        # device-to-host copy is reported where it happens)
+        const = on_device is True or all(t.device.type != "cpu" or self._const.get(storage_key(t), False)
+                                         for t in inputs)
         if on_device is None:       # a factory (no tensor input) builds on the device it names
             on_device = not inputs or any(map(self.on_device, inputs))
         for o in pytree.tree_leaves(out):
             if isinstance(o, torch.Tensor):
                 self._device[storage_key(o)] = on_device
+                self._const[storage_key(o)] = const
 
 
 def _draws_random(func, args, kwargs) -> bool:
