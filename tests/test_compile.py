@@ -1,6 +1,7 @@
 """graphrt.compile: one graph per bucket, replay == eager, state untouched by capture, clear errors."""
 import contextlib
 import re
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -271,6 +272,61 @@ def test_nested_inputs_python_values_and_output_structure():
     assert g.stats.captures == 2          # scale=3 and options="tuple" are separate buckets
     g((a, b), {"w": w}, scale=4)
     assert g.stats.captures == 3
+
+
+def _append_step(x, cache, pos):
+    cache.index_copy_(0, pos, x)
+    pos.add_(1)
+    return cache.sum(0)
+
+
+@dataclass(eq=False)
+class _State:
+    cache: torch.Tensor
+    pos: torch.Tensor
+
+
+@pytest.mark.parametrize("backend", ["cpu-graph", "eager"])
+@pytest.mark.parametrize("check", [True, False])
+def test_writing_into_a_tensor_argument_is_refused_with_its_path(backend, check):
+    """A replay writes into graphrt's static copy of a tensor argument, so the caller's tensor would
+    never change and the next call would copy its stale values back in: refused at capture, by path."""
+    def in_dict(x, state):
+        return _append_step(x, state["cache"], state["pos"])
+
+    x, cache, pos = torch.ones(1, 4), torch.zeros(8, 4), torch.zeros(1, dtype=torch.long)
+    cases = [(_append_step, (x, cache, pos), {}, r"cache \(aten\.index_copy_.*pos \(aten\.add_"),
+             (in_dict, (x,), {"state": {"cache": cache, "pos": pos}}, r"state\['cache'\].*state\['pos'\]")]
+    for fn, args, kwargs, named in cases:
+        g = graphrt.compile(fn, backend=backend, check=check, verify=3, progress=False)
+        with pytest.raises(graphrt.errors.CaptureError, match=r"(?s)writes into tensor argument.*" + named):
+            g(*args, **kwargs)
+        assert not cache.any() and pos.item() == 0      # the refused capture left no trace
+
+    # the same state used live, in an object argument or a module buffer, replays as eager runs
+    def in_object(x, s):
+        return _append_step(x, s.cache, s.pos)
+
+    class Appender(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("cache", torch.zeros(8, 4))
+            self.register_buffer("pos", torch.zeros(1, dtype=torch.long))
+
+        def forward(self, x):
+            return _append_step(x, self.cache, self.pos)
+
+    for make in (lambda: (in_object, _State(torch.zeros(8, 4), torch.zeros(1, dtype=torch.long))),
+                 lambda: (Appender(), None)):
+        fn, s = make()
+        eager_fn, eager_s = make()
+        g = graphrt.compile(fn, backend=backend, check=check, verify=3, progress=False)
+        for i in range(4):
+            xi = torch.full((1, 4), float(i + 1))
+            got = g(xi) if s is None else g(xi, s)
+            want = eager_fn(xi) if s is None else eager_fn(xi, eager_s)
+            assert torch.equal(got, want)
+        assert got[0].item() == 10.0
 
 
 def test_static_buffer_passed_back_skips_copy():

@@ -148,11 +148,13 @@ def rng_guard(device: torch.device):
 
 
 def capture(runtime: Runtime, fn: Callable, rebuild: Callable, inputs: list[torch.Tensor], states,
-            where: str, roots: dict | None = None) -> Captured:
+            where: str, roots: dict | None = None, names: list[str] | None = None) -> Captured:
     """Capture ``fn(*rebuild(inputs))`` over the static ``inputs`` (a list of tensors).
 
     ``rebuild(tensors) -> (args, kwargs)`` puts the tensors back into the call's structure; ``roots``
-    names the call's argument objects (a cache passed in). Every run before the real call (check,
+    names the call's argument objects (a cache passed in); ``names`` the argument path of each input.
+    A function that writes into a tensor argument is refused: the graph writes into its static copy,
+    so the caller's tensor would never change (see :func:`refuse_argument_writes`). Every run before the real call (check,
     warm-ups, trace) runs in a :class:`~graphrt.capture.undo.Sandbox`: its writes are undone and a
     rebound attribute is refused. Refuses a forward with host reads, host values or host tensors (the report names each
     file:line) and warns when it draws random numbers (each replay draws new ones).
@@ -182,6 +184,7 @@ def capture(runtime: Runtime, fn: Callable, rebuild: Callable, inputs: list[torc
             report = recorder.report()
             if not report.ok:
                 raise HostReadError(report)
+            refuse_argument_writes(sandbox.last, inputs, names, where)
             if report.notes:
                 warnings.warn(f"{where} draws random numbers at "
                               f"{', '.join(s.where for s in report.notes)}: every replay draws new ones, so a "
@@ -190,6 +193,9 @@ def capture(runtime: Runtime, fn: Callable, rebuild: Callable, inputs: list[torc
         host_scalar = None if runtime.backend == "cuda-graph" else (
             lambda t: not isinstance(t, torch.nn.Parameter) and storage_key(t) not in stored)
         try:
+            if sandbox.last is None:            # no check ran: one recorded run finds the outputs and the writes
+                sandbox.run(flat_fn, *inputs)
+                refuse_argument_writes(sandbox.last, inputs, names, where)
             graph = GRAPH_CLASSES[runtime.backend](flat_fn, inputs, runtime, host_scalar, sandbox)
         except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
             if isinstance(e, CaptureError):
@@ -198,3 +204,31 @@ def capture(runtime: Runtime, fn: Callable, rebuild: Callable, inputs: list[torc
                                fix="run the function eagerly with these inputs to see the error; "
                                    "graphrt.check(fn, ...) lists host reads") from e
     return Captured(graph, out_info["spec"], out_info["consts"], time.perf_counter() - t0, sandbox.peak_bytes)
+
+
+def refuse_argument_writes(log, inputs: list[torch.Tensor], names: list[str] | None, where: str) -> None:
+    """Refuse a run that wrote into a tensor that came in as an argument (``pos.add_(1)`` on an argument
+    ``pos``, ``state["cache"].index_copy_`` on a dict argument's tensor).
+
+    Every call copies its tensor arguments into static buffers and the graph reads and writes those:
+    the write would land in the buffer, the caller's tensor would never change, and the next call would
+    copy its stale values back in. State the call updates must be used live instead: an attribute of an
+    object argument (a cache, a dataclass) or a module buffer."""
+    if log is None or not inputs:
+        return
+    storages = {t.untyped_storage().data_ptr(): i for i, t in enumerate(inputs) if t.numel() > 0}
+    hit: dict[int, str] = {}
+    for r in log.regions:
+        i = storages.get(r.tensor.untyped_storage().data_ptr())
+        if i is not None:
+            hit.setdefault(i, r.op)
+    if not hit:
+        return
+    paths = [f"{names[i] if names else f'tensor input {i}'} ({op})" for i, op in sorted(hit.items())]
+    raise CaptureError(
+        "the captured function writes into tensor argument(s): a replay writes into graphrt's static copy, "
+        "so the caller's tensor would never change and the next call would copy its old values back in",
+        where=where, expected="tensor arguments only read", got="written: " + ", ".join(paths),
+        fix="keep state the call updates where the graph uses it live: an attribute of an object argument "
+            "(a cache or state object, a dataclass) or a module buffer; or return the new value instead of "
+            "writing it into the argument")

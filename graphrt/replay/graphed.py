@@ -261,7 +261,8 @@ class GraphedModule:
             return req.rebuild(filled)
 
         entry.captured = capture(self.runtime, self.fn, rebuild, [leaves[i] for i in positions], entry.states,
-                                 where=f"bucket [{key}]", roots=_object_roots(req))
+                                 where=f"bucket [{key}]", roots=_object_roots(req),
+                                 names=[req.paths[i] for i in positions])
         self.stats.pool_bytes = self.runtime.pool_bytes()
         self.stats.captures += 1
         self.stats.capture_seconds += entry.captured.seconds
