@@ -238,6 +238,31 @@ def test_wrong_batch_past_the_cache_and_swapped_cache_are_clear_errors():
         dec.step(tok)
 
 
+def test_a_cache_whose_tensors_were_rebound_is_refused_with_the_path():
+    """reorder_cache (beam search) assigns new keys/values to every layer: the graph would go on
+    writing the old ones. The next call names the rebound tensor; an in-place reorder replays exactly."""
+    model = llama(layers=1)
+    cache, tok = prefilled(model, 2, max_cache_len=16)
+    twin, _ = prefilled(model, 2, max_cache_len=16)
+    g = graphrt.compile(model, progress=False)
+    beam = torch.tensor([1, 0])
+    for _ in range(2):
+        out = g(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1:]
+        with torch.no_grad():
+            ref = model(input_ids=tok, past_key_values=twin, use_cache=True).logits[:, -1:]
+        assert torch.equal(out, ref)
+        for c in (cache, twin):                  # the reorder a graph can follow: in place
+            for layer in c.layers:
+                layer.keys.copy_(layer.keys.index_select(0, beam))
+                layer.values.copy_(layer.values.index_select(0, beam))
+        tok = ref.argmax(-1)[beam]
+    cache.reorder_cache(beam)
+    with pytest.raises(SignatureError, match=r"(?s)replaced since bucket.*past_key_values\.layers\[0\]\.keys: a "
+                                             r"tensor.*compile again"):
+        g(input_ids=tok, past_key_values=cache, use_cache=True)
+    assert g.stats.captures == 1 and g.stats.replays == 2
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_decode_equals_eager(dtype):

@@ -355,6 +355,7 @@ class Bindings:
         self.depth, self.max_items = depth, max_items
         self.roots = roots
         self.slots: dict[str, tuple[_Slot, Any]] = {}
+        self.holders: dict[str, tuple[_Slot, Any]] = {}    # the objects and containers on the way to them
         self._seen: set[int] = set()
         for name, obj in roots.items():
             if isinstance(obj, _Slot):                    # a closure cell or a global: rebinding it counts too
@@ -367,6 +368,8 @@ class Bindings:
         if isinstance(value, torch.Tensor) or isinstance(value, _SCALARS):
             self.slots[path] = (slot, value)
         else:
+            if not isinstance(value, _OPAQUE):
+                self.holders[path] = (slot, value)
             self._walk(value, path, level + 1)
 
     def _walk(self, obj, path: str, level: int):
@@ -433,6 +436,47 @@ class Bindings:
         for path, (_, v) in self.slots.items():
             if isinstance(v, torch.Tensor):
                 out.setdefault(id(v), path)
+        return out
+
+
+class TensorIds:
+    """Which tensor every path of some objects held (``past_key_values.layers[0].keys``), checked
+    cheaply on every call: a graph reads and writes the tensors its argument objects held at capture,
+    so a rebound one (``cache.reorder_cache(beam)`` assigns new ``keys``/``values``) would silently
+    leave the graph on the old tensors.
+
+    :meth:`rebound` compares identities only (no data): the tensors and each attribute, dict or list
+    on the way to them; a changed holder that still holds the same tensors is recorded anew.
+    """
+
+    def __init__(self, roots: dict[str, Any]):
+        self.roots = roots
+        b = Bindings(roots)
+        self.tensors = {p: v for p, (_, v) in b.slots.items() if isinstance(v, torch.Tensor)}
+        entries = [(slot, v) for slot, v in b.slots.values() if isinstance(v, torch.Tensor)]
+        entries += list(b.holders.values())
+        self._attrs = [(slot.owner.__dict__, slot.key, v) for slot, v in entries if slot.kind == "attr"]
+        self._items = [(slot.owner, slot.key, v) for slot, v in entries if slot.kind == "item"]
+
+    def rebound(self) -> list[str]:
+        """Each path whose tensor is no longer the one recorded, ``path: before -> after``; [] when none."""
+        for d, k, v in self._attrs:
+            if d.get(k, _MISSING) is not v:
+                return self._compare()
+        for owner, k, v in self._items:
+            try:
+                if owner[k] is not v:
+                    return self._compare()
+            except (KeyError, IndexError):
+                return self._compare()
+        return []
+
+    def _compare(self) -> list[str]:
+        now = Bindings(self.roots).slots
+        out = [str(Change(p, t, now[p][1] if p in now else _MISSING)) for p, t in self.tensors.items()
+               if p not in now or now[p][1] is not t]
+        if not out:                       # a holder was replaced by one holding the same tensors
+            self.__init__(self.roots)
         return out
 
 

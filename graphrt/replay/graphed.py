@@ -23,7 +23,7 @@ from graphrt.capture.buckets import (Buckets, BucketKey, PyValue, Request, State
                                      is_runtime_state, parameter_names)
 from graphrt.capture.capture import Captured, Runtime, capture, resolve_backend
 from graphrt.capture.diskcache import DiskCache
-from graphrt.capture.undo import Bindings, WriteLog, roots_of
+from graphrt.capture.undo import Bindings, TensorIds, WriteLog, roots_of
 from graphrt.errors import (BackendUnavailableError, BucketMissError, CaptureError, InputError, ReplayMismatchError,
                             SignatureError)
 from graphrt.tolerance import max_rel_err, tolerance
@@ -51,6 +51,7 @@ class _Bucket:
     request: Request                  # the structure the leaves fill
     states: list                      # runtime states this bucket touches
     captured: Captured | None = None
+    tensor_ids: TensorIds | None = None   # the tensors its argument objects held at capture
     replays: int = 0
     verified: int = 0
 
@@ -117,6 +118,8 @@ class GraphedModule:
             if self.sealed or why:
                 return self._miss(req, key, why)
             entry = self._capture(key, req)
+        elif entry.tensor_ids is not None:
+            self._refuse_rebound_tensors(entry)
         self._load(entry, req)
         with torch.no_grad(), self._padding(entry, req):
             # the call that captured ran with the capture's own Python values: verifying it proves nothing
@@ -233,6 +236,19 @@ class GraphedModule:
                     fix="a graph reads and writes the tensors of the object it was captured with: pass that object "
                         "again (reset it for a new sequence), or compile one graphrt.compile(...) per object")
 
+    def _refuse_rebound_tensors(self, entry: _Bucket) -> None:
+        """An argument object (a cache) that holds other tensors than at capture: the graph would go
+        on reading and writing the old ones. Refused, with the path named."""
+        rebound = entry.tensor_ids.rebound()
+        if rebound:
+            raise SignatureError(
+                f"a tensor of an argument object was replaced since bucket [{entry.key}] was captured",
+                expected="the tensors the object held at capture", got="; ".join(rebound[:4]) + (
+                    f"; ... {len(rebound) - 4} more" if len(rebound) > 4 else ""),
+                fix="the graph reads and writes the tensors captured: write into the object's tensors in place "
+                    "(keys.copy_(keys.index_select(0, beam)) instead of assigning new ones, as "
+                    "reorder_cache does), or compile again")
+
     def _capture(self, key: BucketKey, req: Request, load: bool = True) -> _Bucket:
         _check_caches(req, key)
         if self.runtime is None:
@@ -263,6 +279,8 @@ class GraphedModule:
         entry.captured = capture(self.runtime, self.fn, rebuild, [leaves[i] for i in positions], entry.states,
                                  where=f"bucket [{key}]", roots=_object_roots(req),
                                  names=[req.paths[i] for i in positions])
+        objects = _object_roots(req)
+        entry.tensor_ids = TensorIds(objects) if objects else None
         self.stats.pool_bytes = self.runtime.pool_bytes()
         self.stats.captures += 1
         self.stats.capture_seconds += entry.captured.seconds
