@@ -329,6 +329,39 @@ def test_writing_into_a_tensor_argument_is_refused_with_its_path(backend, check)
         assert got[0].item() == 10.0
 
 
+@dataclass
+class _EqState:              # eq=True, so unhashable: keyed by identity
+    cache: torch.Tensor
+    pos: torch.Tensor
+
+
+def test_an_unhashable_dataclass_argument_is_keyed_by_identity_and_used_live():
+    def step(x, s):
+        return _append_step(x, s.cache, s.pos)
+
+    def in_dict(x, d):
+        return step(x, d["s"])
+
+    def fresh():
+        return _EqState(torch.zeros(8, 4), torch.zeros(1, dtype=torch.long))
+
+    for fn, wrap in ((step, lambda s: s), (in_dict, lambda s: {"s": s})):
+        s, twin = fresh(), fresh()
+        g = graphrt.compile(fn, verify=3, progress=False)
+        for i in range(4):
+            xi = torch.full((1, 4), float(i + 1))
+            assert torch.equal(g(xi, wrap(s)), fn(xi, wrap(twin)))
+        assert s.pos.item() == 4 and torch.equal(s.cache, twin.cache)
+        assert g.stats.captures == 1 and "_EqState at 0x" in str(g.keys[0])
+        with pytest.raises(SignatureError, match="another _EqState object"):
+            g(torch.ones(1, 4), wrap(fresh()))          # equal by value, but the graph writes the first one's
+        s.pos = s.pos.clone()                           # rebound: the graph would go on writing the old one
+        with pytest.raises(SignatureError, match=r"(?s)replaced since bucket.*\.pos: a tensor int64\[1\]"):
+            g(torch.ones(1, 4), wrap(s))
+    with pytest.raises(graphrt.errors.InputError, match="neither a tensor"):
+        graphrt.compile(lambda x, s: x, progress=False)(torch.ones(1), {1, 2})
+
+
 def test_static_buffer_passed_back_skips_copy():
     g = graphrt.compile(lambda x: x * 2, progress=False)
     x = torch.randn(4)

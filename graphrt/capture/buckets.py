@@ -67,8 +67,31 @@ class PyValue:
     def of(cls, x) -> "PyValue":
         return cls(type(x).__qualname__, x.hex() if isinstance(x, float) else x, x)
 
+    @classmethod
+    def identity(cls, x) -> "PyValue":
+        """An object keyed by identity (a ``@dataclass`` holding state, unhashable since it defines
+        ``__eq__``): the graph uses its tensors live, as it does a cache's. The key holds the object,
+        so its id cannot be reused while the graph exists."""
+        return cls(type(x).__qualname__, _Identity(id(x)), x)
+
+    @property
+    def by_identity(self) -> bool:
+        """Whether two values match only when they are the same object."""
+        return isinstance(self.key, _Identity) or (
+            not isinstance(self.value, _SCALARS) and type(self.value).__eq__ is object.__eq__)
+
     def __str__(self):
+        if self.by_identity:
+            return f"<{self.type} at {id(self.value):#x}>"
         return repr(self.value)
+
+
+@dataclass(frozen=True)
+class _Identity:
+    ident: int
+
+
+_SCALARS = (bool, int, float, complex, str, bytes, type(None))
 
 
 def is_runtime_state(obj) -> bool:
@@ -167,8 +190,11 @@ def _leaf_key(x, path: str):
     try:
         hash(x)
     except TypeError:
-        raise InputError(f"argument {path} of type {type(x).__name__} is neither a tensor nor a hashable value",
-                         fix="pass tensors, Python scalars, or tuples/lists/dicts of them") from None
+        if hasattr(x, "__dict__"):       # an object holding state (an eq=True dataclass): keyed by identity
+            return PyValue.identity(x)
+        raise InputError(f"argument {path} of type {type(x).__name__} is neither a tensor, a hashable value "
+                         "nor an object", fix="pass tensors, Python scalars, objects (a cache, a dataclass), "
+                         "or tuples/lists/dicts of them") from None
     return PyValue.of(x)
 
 

@@ -399,7 +399,7 @@ def _object_roots(req: Request) -> dict[str, Any]:
 
 def _stateful(v) -> bool:
     """A Python leaf keyed by identity that holds tensors (a transformers Cache, a state dataclass)."""
-    if not isinstance(v, PyValue) or type(v.value).__eq__ is not object.__eq__:
+    if not isinstance(v, PyValue) or not v.by_identity:
         return False
     return any(isinstance(x, torch.Tensor) for _, x in Bindings({"arg": v.value}).slots.values())
 
