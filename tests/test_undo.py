@@ -224,6 +224,27 @@ def test_rebinding_a_tensor_attribute_is_named_and_undone():
     assert "in place" in str(e.value) and m.pos is old and m.pos.item() == 0
 
 
+_STEP = torch.zeros(1)
+
+
+class _GlobalCounter(torch.nn.Module):
+    def forward(self, x):
+        global _STEP
+        _STEP = _STEP + 1                                    # rebinds a global: a replay would not do it
+        return x + _STEP
+
+
+def test_a_module_forward_rebinding_a_global_is_named_and_undone():
+    old = _STEP
+    with pytest.raises(RebindError, match=r"_STEP: a tensor") as e:
+        Sandbox(roots_of(_GlobalCounter())).run(_GlobalCounter(), torch.ones(2))
+    assert "in place" in str(e.value) and _STEP is old and _STEP.item() == 0
+    import graphrt                                           # and end to end: refused at capture
+    with pytest.raises(RebindError, match=r"_STEP"):
+        graphrt.compile(_GlobalCounter(), progress=False)(torch.ones(2))
+    assert _STEP is old
+
+
 def test_changed_python_number_is_named_and_undone():
     class Layer:
         def __init__(self):

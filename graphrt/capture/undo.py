@@ -482,13 +482,15 @@ class TensorIds:
 
 def roots_of(fn: Callable, named: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a call of ``fn`` can reach besides its tensors: the module (or a bound method's owner),
-    closure cells and the globals its code names (as slots, so rebinding them counts; not modules,
+    closure cells and the globals its code (a module's ``forward``) names (as slots, so rebinding them counts; not modules,
     functions or classes), and ``named`` (the call's argument objects by name)."""
     roots: dict[str, Any] = {}
     owner = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
     if owner is not None and not isinstance(owner, types.ModuleType):
         roots[type(owner).__name__] = owner
     func = getattr(fn, "__func__", fn)
+    if isinstance(fn, torch.nn.Module):     # what runs is its class's forward: scan that code's closure and globals
+        func = getattr(type(fn).forward, "__func__", type(fn).forward)
     code = getattr(func, "__code__", None)
     if code is not None:
         for name, cell in zip(code.co_freevars, func.__closure__ or ()):
