@@ -81,7 +81,7 @@ class PyValue:
             not isinstance(self.value, _SCALARS) and type(self.value).__eq__ is object.__eq__)
 
     def __str__(self):
-        if self.by_identity:
+        if isinstance(self.key, _Identity):     # its repr would print every tensor it holds
             return f"<{self.type} at {id(self.value):#x}>"
         return repr(self.value)
 
