@@ -267,6 +267,41 @@ def test_outputs_live_until_the_next_replay_of_any_bucket():
     assert torch.equal(a, torch.full_like(x, 2.0))
 
 
+def test_state_in_tensor_arguments_is_refused_and_in_an_object_argument_replays():
+    """A CUDA graph writes into its static copy of a tensor argument, so such a write is refused at
+    capture; the same state in a dataclass argument is used live by the graph (bf16, as users run),
+    and a tensor of it rebound between calls is refused at the next call."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class State:                      # eq=True: unhashable, keyed by identity
+        cache: torch.Tensor
+        pos: torch.Tensor
+
+    def step(x, cache, pos):
+        cache.index_copy_(0, pos, x)
+        pos.add_(1)
+        return cache.float().sum(0)
+
+    kw = dict(device="cuda")
+    with pytest.raises(graphrt.errors.CaptureError, match=r"(?s)writes into tensor argument.*cache.*pos"):
+        graphrt.compile(step, progress=False)(torch.ones(1, 4, dtype=BF16, **kw), torch.zeros(8, 4, dtype=BF16, **kw),
+                                              torch.zeros(1, dtype=torch.long, **kw))
+
+    def fresh():
+        return State(torch.zeros(8, 4, dtype=BF16, **kw), torch.zeros(1, dtype=torch.long, **kw))
+
+    s, twin = fresh(), fresh()
+    g = graphrt.compile(lambda x, s: step(x, s.cache, s.pos), verify=2, progress=False)
+    for i in range(4):
+        x = torch.full((1, 4), float(i + 1), dtype=BF16, **kw)
+        assert torch.equal(g(x, s), step(x, twin.cache, twin.pos))
+    assert s.pos.item() == 4 and torch.equal(s.cache, twin.cache) and g.stats.captures == 1
+    s.cache = s.cache.clone()
+    with pytest.raises(graphrt.SignatureError, match=r"s\.cache: a tensor"):
+        g(x, s)
+
+
 # -- failure paths --------------------------------------------------------------------------------------
 def test_a_failed_capture_leaves_the_process_usable():
     """A sync inside the captured region (check=False lets it through) fails the capture: the error
