@@ -201,3 +201,39 @@ def test_num_graphs_is_what_prewarm_captures_and_the_bar_counts(causal, cfg, mon
     engine.prewarm()
     assert engine.num_graphs == cfg.num_chunks == engine.graphs.stats.captures
     assert seen[0] == f"capturing graph 1 of {cfg.num_chunks}: batch=1 kv_exact=True kv_frames={cfg.max_frames}"
+
+
+# -- the prompt cache is bounded: least recently used prompts are dropped --------------------------------
+def test_the_prompt_cache_keeps_at_most_prompt_cache_prompts(causal, cfg):
+    ctx = torch.randn(5, cfg.text_len, cfg.text_dim)
+    engine = Engine(causal, max_sessions=2, batch_sizes=(1, 2), mode="eager", progress=False, prompt_cache=2)
+    a = engine.open(ctx[:1], seed=1, prompt="p0")            # stays open while its prompt is dropped
+    for i in range(1, 5):
+        engine.close(engine.open(ctx[i:i + 1], seed=i, prompt=f"p{i}"))
+    mem = engine.memory()
+    assert mem.prompts == 2 and engine.stats.prompt_misses == 5
+    kv = causal.encode_prompt(ctx[:1])
+    assert mem.prompt_bytes == 2 * (ctx[:1].nbytes + kv[0][:, 0].nbytes + kv[1][:, 0].nbytes)
+    with pytest.raises(InputError, match="needs a text context"):
+        engine.open(None, prompt="p0")                       # dropped: its K/V are gone
+    engine.close(engine.open(None, prompt="p4"))             # kept: a hit, and p4 is now the most recent
+    assert engine.stats.prompt_hits == 1
+    b = engine.open(ctx[:1], seed=2, prompt="p0")            # encoded again: drops p3, not p4
+    assert engine.stats.prompt_misses == 6 and list(engine._prompts) == ["p4", "p0"]
+    chunks = [engine.step([a, b]) for _ in range(2)]
+    solo = Engine(causal, max_sessions=2, batch_sizes=(2,), mode="eager", progress=False)
+    want = solo.generate(ctx[:1].expand(2, -1, -1), 2, seed=[1, 2])
+    got = torch.cat([torch.cat([c[a], c[b]]) for c in chunks], 2)
+    assert rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "8"])
+def test_prompt_cache_must_be_a_count(causal, bad):
+    with pytest.raises(InputError, match="prompt_cache must be an int >= 0"):
+        Engine(causal, mode="eager", prompt_cache=bad)
+
+
+def test_prompt_cache_zero_keeps_no_prompt(causal, ctx):
+    engine = Engine(causal, mode="eager", progress=False, prompt_cache=0)
+    engine.close(engine.open(ctx[:1], prompt="a boat"))
+    assert engine.memory().prompts == 0 and not engine._prompts

@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 import os
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -79,17 +80,20 @@ class EngineMemory:
     graph_pool: int | None
     host_suspended: int
     suspended_sessions: int
+    prompts: int = 0                     # prompts in the prompt cache (cross-attention K/V kept on the device)
+    prompt_bytes: int = 0
 
     @property
     def device_total(self) -> int:
-        return self.weights + self.kv.total + (self.graph_pool or 0)
+        return self.weights + self.kv.total + (self.graph_pool or 0) + self.prompt_bytes
 
     def __str__(self) -> str:
         mib = 2 ** 20
         pool = "-" if self.graph_pool is None else f"{self.graph_pool / mib:,.1f} MiB"
         return (f"weights {self.weights / mib:,.1f} MiB | K/V ({self.kv.kv_dtype}) {self.kv.slabs} slabs x "
                 f"{self.kv.per_session / mib:,.1f} MiB per session + scratch {self.kv.scratch / mib:,.1f} MiB | "
-                f"graph pool {pool} | host: {self.suspended_sessions} suspended, "
+                f"graph pool {pool} | prompt cache {self.prompts} x "
+                f"{self.prompt_bytes / max(self.prompts, 1) / mib:,.1f} MiB | host: {self.suspended_sessions} suspended, "
                 f"{self.host_suspended / mib:,.1f} MiB")
 
 
@@ -149,13 +153,18 @@ class Engine:
     the budget (at most ``max_sessions`` when both are given); leave room for activations and the
     graph pool, which :meth:`memory` reports after :meth:`prewarm`. More sessions than slabs may
     be open: :meth:`suspend` and :meth:`resume` move them between host and device.
+
+    ``prompt_cache`` (default 256, 0 keeps none) bounds the prompts whose cross-attention K/V
+    :meth:`open` keeps on the device under their key (a 1.3B model in bf16: about 94 MiB each);
+    the least recently used is dropped first. An open session holds its own copy in its slab,
+    so dropping a prompt only means its next :meth:`open` encodes it again.
     """
 
     def __init__(self, model, *, max_sessions: int | None = None, batch_sizes: Sequence[int] | None = None,
                  mode: str = "chunk", schedule: FlowMatchSchedule | None = None, window: tuple[int, int] | None = None,
                  backend: str = "auto", inductor: bool | str = False, verify: int = 0, progress: bool = True,
                  kv_dtype: str | torch.dtype | None = None, memory_budget: int | float | None = None,
-                 cache_dir=None, kv_buckets: str = "auto"):
+                 cache_dir=None, kv_buckets: str = "auto", prompt_cache: int = 256):
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r}", expected=MODES, got=mode)
         if kv_buckets not in KV_BUCKETS:
@@ -171,6 +180,9 @@ class Engine:
         self.schedule = schedule or FlowMatchSchedule()
         if max_sessions is not None and (not isinstance(max_sessions, int) or max_sessions < 1):
             raise InputError("max_sessions must be an int >= 1", got=max_sessions)
+        if not _is_int(prompt_cache) or prompt_cache < 0:
+            raise InputError("prompt_cache must be an int >= 0 (prompts kept; 0 keeps none)", got=prompt_cache)
+        self.prompt_cache = prompt_cache
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         if window is not None and window[0] - window[1] < cfg.chunk_frames:
@@ -197,7 +209,7 @@ class Engine:
         self.sessions: dict[int, Session] = {}
         self.stats = EngineStats()
         self._ids = itertools.count()
-        self._prompts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._prompts: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
         self.mark: Callable | None = None    # optional phase callback (timing); not called inside graphs
         frames, limit = cfg.chunk_frames, self.cache.slab_frames
         self.kv_buckets = kv_buckets if kv_buckets != "auto" else auto_kv_buckets(model)
@@ -267,6 +279,7 @@ class Engine:
         ``prompt`` once the session opened (None on a hit). A key reused for a different context
         is an error, never a silent hit."""
         if prompt is not None and prompt in self._prompts:
+            self._prompts.move_to_end(prompt)
             cached_ctx, k, v = self._prompts[prompt]
             if context is not None:
                 context = context.to(self.device, self.dtype)
@@ -327,8 +340,10 @@ class Engine:
             self.stats.prompt_hits += 1
         else:
             self.stats.prompt_misses += 1
-            if prompt is not None:
-                self._prompts[prompt] = new
+            if prompt is not None and self.prompt_cache:
+                self._prompts[prompt] = new      # the slab holds its own copy: evicting is safe
+                while len(self._prompts) > self.prompt_cache:
+                    self._prompts.popitem(last=False)
         self.seeds[slab] = seed
         self.t_table[slab] = torch.tensor(schedule.timesteps, device=self.device)
         self.sigma_table[slab] = torch.tensor(schedule.sigmas, device=self.device)
@@ -588,7 +603,9 @@ class Engine:
         g = self.graphs
         pool = g.stats.pool_bytes if g is not None and self.device.type == "cuda" else None
         host = sum(c.nbytes for c in self._suspended.values())
-        return EngineMemory(weights, self.cache.memory(), pool, host, len(self._suspended))
+        prompt_bytes = sum(t.nbytes for entry in self._prompts.values() for t in entry)
+        return EngineMemory(weights, self.cache.memory(), pool, host, len(self._suspended),
+                            len(self._prompts), prompt_bytes)
 
     @property
     def graphs(self):
