@@ -237,3 +237,16 @@ def test_prompt_cache_zero_keeps_no_prompt(causal, ctx):
     engine = Engine(causal, mode="eager", progress=False, prompt_cache=0)
     engine.close(engine.open(ctx[:1], prompt="a boat"))
     assert engine.memory().prompts == 0 and not engine._prompts
+
+
+@pytest.mark.parametrize("num_chunks, seed, error, why", [
+    (100, 0, CacheError, "a video of 100 chunks does not fit"),
+    (1, -1, InputError, r"seed must be an int in \[0, 2\*\*63\)"),
+    (1, 2 ** 63 - 1, InputError, r"seed must be an int in \[0, 2\*\*63\)"),   # row 1 gets 2**63
+    (1, [0, 1.5], InputError, "seed must be an int"),
+], ids=["past-the-cache", "negative-seed", "seed-plus-row", "float-seed"])
+def test_stream_checks_length_and_seeds_at_the_call(causal, ctx, num_chunks, seed, error, why):
+    engine = Engine(causal, max_sessions=2, batch_sizes=(2,), mode="eager", progress=False)
+    with pytest.raises(error, match=why):
+        engine.stream(ctx[:2], num_chunks, seed=seed)        # not at the first next()
+    assert not engine.sessions and engine.cache.free_slabs == 2

@@ -481,6 +481,14 @@ class Engine:
         if len(seeds) != rows or len(prompts) != rows:
             raise InputError("one seed and one prompt key per context row", expected=rows,
                              got=(len(seeds), len(prompts)))
+        bad = [x for x in seeds if not _is_int(x) or not 0 <= x < 2 ** 63]
+        if bad:
+            raise InputError("seed must be an int in [0, 2**63) (row i gets seed + i)", got=bad)
+        limit = None if isinstance(self.cache, RollingKVCache) else self.cfg.num_chunks
+        if limit is not None and num_chunks > limit:
+            raise CacheError(f"a video of {num_chunks} chunks does not fit max_frames={self.cfg.max_frames} "
+                             f"({limit} chunks of {self.cfg.chunk_frames} frames)",
+                             fix="build the Engine with window=(frames, sink_frames) for longer videos")
         free = self.cache.free_slabs
         if rows > free:
             raise CacheError(f"{rows} video(s) need {rows} free slab(s); {free} of {self.cache.num_slabs} are free",
