@@ -116,6 +116,8 @@ BAD_ARGS = {
     "device-mps": (["--device", "mps"], "runs on cpu or cuda"),
     "json-folder": (["--json", "/no/such/folder/x.json"], "--json /no/such/folder/x.json: cannot write there"),
     "md-folder": (["--md", "/no/such/folder/x.md"], "--md /no/such/folder/x.md: cannot write there"),
+    "seed-negative": (["--seed", "-1"], "--seed must be an int in [0, 2**63 - batch]"),
+    "seed-past-int64": (["--seed", str(2 ** 63 - 1), "--batch", "2"], "--seed must be an int in [0, 2**63 - batch]"),
     "checkpoint-missing": (["--checkpoint", "/no/such/file.safetensors"], "checkpoint not found"),
     "checkpoint-garbage": (_bad_checkpoint, "as safetensors"),
     "checkpoint-other-model": (_other_model_checkpoint, "does not match"),

@@ -144,6 +144,9 @@ class BenchConfig:
                                    ("repeats", self.repeats, 0), ("threads", self.threads, 1)):
             if value is not None and (not isinstance(value, int) or value < least):
                 raise ConfigError(f"--{what} must be an int >= {least}", got=value)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= 2 ** 63 - self.batch:
+            raise ConfigError("--seed must be an int in [0, 2**63 - batch] (row i of the batch gets seed + i)",
+                              got=self.seed)
         from graphrt.pipeline.engine import KV_BUCKETS
 
         if self.kv_buckets not in KV_BUCKETS:
