@@ -289,3 +289,33 @@ def test_kernel_table_names_the_attention_kernel_that_ran():
     assert att["cudnn"]["ms"] == pytest.approx(30) and att["cudnn"]["calls"] == 30
     assert att["sdpa-flash"]["share"] == pytest.approx(1 / 50)
     assert kernel_table([("void flash::flash_fwd_splitkv_kernel<...>", 10.0)])["attention"].keys() == {"flash-attn"}
+
+
+def _read_only_folder(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):                          # root writes anywhere
+        pytest.skip("this user can write to a read-only folder")
+    return str(folder / "x.json")
+
+
+@pytest.mark.parametrize("where", ["read-only-folder", "proc"])
+def test_bench_json_into_an_unwritable_folder_exits_2_before_running(capsys, tmp_path, where):
+    if where == "proc" and not os.path.isdir("/proc"):
+        pytest.skip("no /proc")
+    path = _read_only_folder(tmp_path) if where != "proc" else "/proc/graphrt-bench.json"    # fails for root too
+    rc, out, err = _main(capsys, "--device", "cpu", "--json", path)
+    assert rc == 2 and f"--json {path}: cannot write there" in err and out == "", err
+    assert len(err.strip().splitlines()) == 1 and not os.path.exists(path)
+
+
+def test_bench_output_check_leaves_files_as_they_were(tmp_path):
+    from argparse import Namespace
+
+    from graphrt.bench.__main__ import _check_outputs
+
+    old, new = tmp_path / "old.json", tmp_path / "new.md"
+    old.write_text("{}")
+    _check_outputs(Namespace(json_path=str(old), md=str(new), plot=None))
+    assert old.read_text() == "{}" and not new.exists()

@@ -206,8 +206,23 @@ def _check_outputs(opts) -> None:
         if not os.path.isdir(folder) or os.path.isdir(path):
             raise ConfigError(f"{flag} {path}: cannot write there", expected="a file path in an existing folder",
                               got=path)
+        _check_writable(flag, path)
     if opts.plot and importlib.util.find_spec("matplotlib") is None:
         raise ConfigError("--plot needs matplotlib, which is not installed", fix="pip install matplotlib")
+
+
+def _check_writable(flag: str, path: str) -> None:
+    """Open ``path`` for append (which keeps an existing file as it is), and remove it again when
+    this made it: a folder without write permission fails here, not after the first mode ran."""
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+        if not existed:
+            os.remove(path)
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot write there ({e.strerror})",
+                          expected="a file path in a folder you can write to", got=path) from None
 
 
 def _one_line(e: Exception) -> str:
