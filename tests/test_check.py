@@ -206,6 +206,10 @@ CRASHES = {
     "syntax-error": ("def factory(:\n    pass\n", "importing", "SyntaxError", 1),
     "forward-fails": ("import torch\n\ndef factory():\n    return (lambda x: x @ torch.ones(3, 5)), (torch.ones(2, 4),)\n",
                       "the checked function", "RuntimeError", 4),
+    "factory-exits-0": ("import sys\n\ndef factory():\n    sys.exit(0)\n", "factory() in", "SystemExit", 4),
+    "forward-exits-0": ("import sys\nimport torch\n\ndef factory():\n    return (lambda x: sys.exit(0)), "
+                        "(torch.ones(2),)\n", "the checked function", "SystemExit", 5),
+    "import-exits": ("import sys\nsys.exit('no')\n", "importing", "SystemExit", 2),
 }
 
 

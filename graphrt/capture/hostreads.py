@@ -622,6 +622,12 @@ class _TargetCrash(Exception):
         self.stage = stage
 
 
+# What the checked code may raise and still be reported as a crash (exit 3): sys.exit() in a
+# factory or forward means the check did not run, never that it found nothing. KeyboardInterrupt
+# goes on up: Ctrl-C stops the check (a non-zero exit) as it stops any program.
+_TARGET_ERRORS = (Exception, SystemExit)
+
+
 def _load_factory(spec: str):
     """``path/to/file.py:factory`` -> (fn, args, kwargs) from ``factory()``."""
     fix = "name a Python file and a function in it that returns (fn, args) or (fn, args, kwargs)"
@@ -636,7 +642,7 @@ def _load_factory(spec: str):
     sys.modules[module_name] = module  # dataclasses and pickling look the module up there
     try:
         module_spec.loader.exec_module(module)
-    except Exception as e:
+    except _TARGET_ERRORS as e:
         raise _TargetCrash(f"importing {path}") from e
     factory = getattr(module, name, None)
     if not callable(factory):
@@ -644,7 +650,7 @@ def _load_factory(spec: str):
                           got=type(factory).__name__, fix=fix)
     try:
         made = factory()
-    except Exception as e:
+    except _TARGET_ERRORS as e:
         raise _TargetCrash(f"{name}() in {path}") from e
     if not (isinstance(made, tuple) and len(made) in (2, 3) and callable(made[0])
             and isinstance(made[1], (tuple, list)) and (len(made) == 2 or isinstance(made[2], dict))):
@@ -714,7 +720,7 @@ def main(argv=None) -> int:
         console.print(f"host reads of {opts.target}", style="bold", markup=False)
         try:
             report = check(target[0], *target[1], **target[2])
-        except Exception as e:
+        except _TARGET_ERRORS as e:
             return _crash("the checked function", e, opts.traceback)
         console.print(report)
         return 0 if report.ok else 1
