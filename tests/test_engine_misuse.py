@@ -250,3 +250,32 @@ def test_stream_checks_length_and_seeds_at_the_call(causal, ctx, num_chunks, see
     with pytest.raises(error, match=why):
         engine.stream(ctx[:2], num_chunks, seed=seed)        # not at the first next()
     assert not engine.sessions and engine.cache.free_slabs == 2
+
+
+# -- batch sizes are normalised, and step() takes one session too -------------------------------------
+def test_batch_sizes_are_sorted_distinct_ints(causal):
+    engine = Engine(causal, max_sessions=2, batch_sizes=(2, 1, 2), mode="chunk", progress=False)
+    assert engine.batch_sizes == (1, 2) and engine.num_graphs == 2 * 7 * 2
+    assert Engine(causal, max_sessions=2, batch_sizes=iter([2, 1]), mode="eager").batch_sizes == (1, 2)
+
+
+@pytest.mark.parametrize("bad, why", [
+    ((1.5,), r"batch sizes must be ints >= 1; got \[1.5\]"),
+    ((0, 1), r"batch sizes must be ints >= 1; got \[0\]"),
+    ((True,), r"batch sizes must be ints >= 1; got \[True\]"),
+    ((), "batch_sizes is empty"),
+    (2, "batch_sizes must be a sequence of ints"),
+    ("12", "batch_sizes must be a sequence of ints"),
+], ids=["float", "zero", "bool", "empty", "int", "str"])
+def test_bad_batch_sizes_get_clear_errors(causal, bad, why):
+    with pytest.raises(InputError, match=why):
+        Engine(causal, max_sessions=2, batch_sizes=bad, mode="eager")
+
+
+def test_step_takes_a_lone_session(causal, ctx):
+    engine = Engine(causal, max_sessions=2, batch_sizes=(1, 2), mode="eager", progress=False)
+    a, b = engine.open(ctx[:1], seed=1), engine.open(ctx[1:2], seed=2)
+    out = engine.step(a)
+    assert list(out) == [a] and a.chunk == 1 and b.chunk == 0
+    solo = Engine(causal, mode="eager", progress=False).generate(ctx[:1], 1, seed=1)
+    assert torch.equal(out[a], solo)

@@ -193,10 +193,9 @@ class Engine:
         else:
             self._new_cache = lambda **kw: RollingKVCache.for_model(model, window_frames=window[0],
                                                                     sink_frames=window[1], kv_dtype=kv_dtype, **kw)
+        batch_sizes = _batch_sizes(batch_sizes)
         max_sessions = self._num_slabs(max_sessions, memory_budget, batch_sizes)
-        self.batch_sizes = tuple(sorted(batch_sizes or _powers_of_two(max_sessions)))
-        if self.batch_sizes[0] < 1:
-            raise InputError("batch sizes must be >= 1", got=self.batch_sizes)
+        self.batch_sizes = batch_sizes or _powers_of_two(max_sessions)
         self.cache = self._new_cache(num_slabs=max_sessions, max_batch=self.batch_sizes[-1])
         self._suspended: dict[int, HostCopy] = {}
         self._copy_stream = None
@@ -378,10 +377,11 @@ class Engine:
             (session.chunk + 1) * self.cfg.chunk_frames > self.cfg.max_frames
 
     @torch.no_grad()
-    def step(self, sessions: Sequence[Session] | None = None, cond: dict[Session, torch.Tensor] | None = None
-             ) -> dict[Session, torch.Tensor]:
+    def step(self, sessions: Sequence[Session] | Session | None = None,
+             cond: dict[Session, torch.Tensor] | None = None) -> dict[Session, torch.Tensor]:
         """Run one chunk for each session, batched; returns ``{session: latents [1, C, F, H, W]}``
-        (copies), so ``engine.step()[a]`` is session ``a``'s chunk.
+        (copies), so ``engine.step()[a]`` is session ``a``'s chunk. ``sessions``: a list, or one
+        :class:`Session`.
 
         ``sessions`` default to every open one not suspended; a suspended one listed is an error
         (:meth:`resume` it first). Finished sessions (:attr:`Session.done`) are left
@@ -393,6 +393,8 @@ class Engine:
         disturbs no one.
         """
         explicit = sessions is not None
+        if isinstance(sessions, Session):
+            sessions = [sessions]                # step(a): one session
         pool = list(sessions) if explicit else [s for s in self.sessions.values() if not s.suspended]
         self._check_open(pool, "step()")
         suspended = [s.id for s in pool if s.suspended]
@@ -639,6 +641,22 @@ def _powers_of_two(n: int) -> tuple[int, ...]:
     while sizes[-1] < n:
         sizes.append(min(sizes[-1] * 2, n))
     return tuple(sizes)
+
+
+def _batch_sizes(sizes) -> tuple[int, ...] | None:
+    """Batch buckets as sorted distinct ints >= 1 (a repeat would capture its graphs twice), or None."""
+    if sizes is None:
+        return None
+    want = "a non-empty sequence of ints >= 1, e.g. (1, 2, 4)"
+    if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__iter__"):
+        raise InputError("batch_sizes must be a sequence of ints", expected=want, got=sizes)
+    sizes = tuple(sizes)
+    if not sizes:
+        raise InputError("batch_sizes is empty", expected=want, got=sizes)
+    bad = [b for b in sizes if not _is_int(b) or b < 1]
+    if bad:
+        raise InputError(f"batch sizes must be ints >= 1; got {bad}", expected=want, got=tuple(sizes))
+    return tuple(sorted(set(sizes)))
 
 
 def _is_int(x) -> bool:
