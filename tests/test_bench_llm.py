@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -32,6 +33,9 @@ def test_llm_bench_cli(tmp_path):
         assert r["host_reads_per_token"] == 0 and r["tokens_per_s"] > 0
         assert r["token_ms_p90"] >= r["token_ms_median"] > 0
     assert last["modes"]["graphs"]["graphs"] == 1 and last["modes"]["eager"]["graphs"] == 0
+    assert last["clocks"]["speedups"] == last["clocks"]["token_cpu_ms_median"]      # CPU time on the CPU
+    eager, graphs = last["modes"]["eager"], last["modes"]["graphs"]
+    assert graphs["speedup_vs_eager"] == pytest.approx(eager["token_cpu_ms_median"] / graphs["token_cpu_ms_median"])
     assert "graphrt.bench: llama-tiny" in proc.stdout and "| graphs |" in (tmp_path / "llm.md").read_text()
 
 
@@ -72,3 +76,31 @@ def test_presets_and_dispatch():
     assert not is_llm_argv(["--preset", "tiny"]) and not is_llm_argv([])
     with pytest.raises(ConfigError, match="unknown"):
         run(LlmBenchConfig(modes=("eager", "fast")))
+
+
+def test_speedups_compare_cpu_time_on_the_cpu_and_wall_time_on_cuda():
+    from graphrt.bench.llm import LlmModeResult, _compare, clocks
+
+    tokens = {m: torch.zeros(1, 2, dtype=torch.long) for m in ("eager", "graphs")}
+    cpu = {"eager": LlmModeResult(token_ms_median=10.0, token_cpu_ms_median=8.0),
+           "graphs": LlmModeResult(token_ms_median=20.0, token_cpu_ms_median=4.0)}      # a busy machine's wall
+    assert _compare(cpu, tokens)["graphs"]["speedup_vs_eager"] == 2.0
+    assert clocks(torch.device("cpu"))["speedups"].startswith("thread CPU time")
+    gpu = {"eager": LlmModeResult(token_ms_median=10.0), "graphs": LlmModeResult(token_ms_median=5.0)}
+    assert _compare(gpu, tokens)["graphs"]["speedup_vs_eager"] == 2.0
+    assert clocks(torch.device("cuda"))["speedups"].startswith("CUDA events")
+
+
+def test_host_reads_that_cannot_be_counted_are_none_not_zero():
+    from graphrt.bench.llm import _host_reads_per_token
+
+    class Replay:                                # a replay the checker's hooks cannot run inside
+        def start(self, ids, n):
+            return ids[:, -1:]
+
+        def step(self, tok):
+            raise RuntimeError("not under the checker")
+
+    notes = []
+    assert _host_reads_per_token(Replay(), "graphs+inductor", torch.ones(1, 2, dtype=torch.long), notes) is None
+    assert notes and notes[0].startswith("host reads not counted")
