@@ -124,7 +124,8 @@ class Engine:
     ``len(batch_sizes)`` x ``cfg.num_chunks`` KV lengths (the window's, with ``window``) x 2
     (1 when the largest batch is 1). Each costs a warm-up and a capture of one DiT forward
     (``"forward"``) or of a whole chunk, ``len(schedule.steps) + 1`` forwards (``"chunk"``); on
-    the CPU emulation the trace dominates (about 0.4 s and 2.5 s per graph on the tiny model).
+    the CPU emulation the trace dominates (about 0.4 s and 2.3 s of CPU per graph on the tiny
+    model: ``time.thread_time`` of :meth:`prewarm` over its graphs, batch 1, one torch thread).
     A bucket is captured on its first use; :meth:`prewarm` captures every one up front (with a
     progress bar), so no request waits for a capture. Fewer batch sizes, fewer graphs.
 
