@@ -279,3 +279,20 @@ def test_step_takes_a_lone_session(causal, ctx):
     assert list(out) == [a] and a.chunk == 1 and b.chunk == 0
     solo = Engine(causal, mode="eager", progress=False).generate(ctx[:1], 1, seed=1)
     assert torch.equal(out[a], solo)
+
+
+# -- kv_buckets="auto": one graph per batch size only where attention reads the cache in place ----------
+def test_auto_kv_buckets_keeps_per_length_for_a_quantized_cache(causal, cfg, monkeypatch):
+    from types import SimpleNamespace
+
+    from graphrt.pipeline.engine import auto_kv_buckets
+
+    flash = SimpleNamespace(attention_backend="flash")
+    assert auto_kv_buckets(flash) == "max" and auto_kv_buckets(flash, quantized=True) == "per-length"
+    assert auto_kv_buckets(SimpleNamespace(attention_backend="sdpa"), quantized=False) == "per-length"
+    # the Engine's decision, as on a GPU with flash-attn (not installed here: the backend is forced)
+    monkeypatch.setattr(CausalWan, "attention_backend", property(lambda self: "flash"))
+    assert Engine(causal, mode="chunk", progress=False).kv_buckets == "max"
+    for kv_dtype in ("int8", "float8_e4m3fn"):
+        engine = Engine(causal, mode="chunk", progress=False, kv_dtype=kv_dtype)
+        assert engine.cache.quantized and engine.kv_buckets == "per-length" and engine.num_graphs == cfg.num_chunks

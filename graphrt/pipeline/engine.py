@@ -131,7 +131,9 @@ class Engine:
 
     ``kv_buckets="max"`` keeps one graph per batch size: every chunk attends the whole slab,
     masked by the rows' device lengths. Free with flash-attn (its kernel reads
-    ``cache_seqlens`` and skips the keys past them), so ``"auto"`` picks it there; with SDPA and
+    ``cache_seqlens`` and skips the keys past them), so ``"auto"`` picks it there, unless
+    ``kv_dtype`` quantizes the cache (then every chunk would gather and dequantize the whole
+    slab, so ``"auto"`` is ``"per-length"``); with SDPA and
     flex (as written: a ``score_mod`` mask) every key is computed, up to ``cfg.num_chunks`` x
     the attention of the first chunk, so ``"auto"`` keeps one graph per KV length
     (``"per-length"``); a compiled graph is captured once and kept on disk, so its cost is paid
@@ -212,7 +214,7 @@ class Engine:
         self._prompts: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
         self.mark: Callable | None = None    # optional phase callback (timing); not called inside graphs
         frames, limit = cfg.chunk_frames, self.cache.slab_frames
-        self.kv_buckets = kv_buckets if kv_buckets != "auto" else auto_kv_buckets(model)
+        self.kv_buckets = kv_buckets if kv_buckets != "auto" else auto_kv_buckets(model, self.cache.quantized)
         if self.kv_buckets == "max":     # one graph per batch size: the whole slab, masked by device seqlens
             self.kv_choices, exact = (limit,), (False,)
         else:
@@ -668,10 +670,15 @@ def _chunks(items, size):
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def auto_kv_buckets(model) -> str:
+def auto_kv_buckets(model, quantized: bool = False) -> str:
     """``"max"`` (one graph per batch size) where attention skips the keys past each row's
     device length, so the longest graph costs nothing extra (flash-attn's ``cache_seqlens``);
     else ``"per-length"``: SDPA and flex compute every key of the graph's length, and on an
     H200 (1.3B, 480p, bf16) attention over 7 chunks of keys took 6x (cuDNN) and 5.7x (flex)
-    that over the first chunk's, every chunk, where a capture is paid once (and kept on disk)."""
+    that over the first chunk's, every chunk, where a capture is paid once (and kept on disk).
+    A ``quantized`` cache (int8/float8 K/V) is never read in place by flash-attn: each forward
+    gathers and dequantizes ``kv_frames`` frames, the whole slab under ``"max"``, so it is
+    ``"per-length"`` whatever the backend."""
+    if quantized:
+        return "per-length"
     return "max" if getattr(model, "attention_backend", None) == "flash" else "per-length"
