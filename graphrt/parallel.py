@@ -20,7 +20,12 @@ forward calls them like any aten op, so
 
 Everything here is decided at start-up, before any graph: :func:`sequence_parallel` checks that
 every rank holds the same config and weights, that the heads and a chunk's tokens divide by N,
-and fails on every rank with the same error rather than hanging one of them.
+and fails on every rank with the same error rather than hanging one of them. The Engine does the
+same for its own arguments (:meth:`Ulysses.check_engine`) and for each session's inputs
+(:meth:`Ulysses.check_open`): ranks that batch, seed or quantize differently would otherwise
+crash mid-run on a collective mismatch, hang on NCCL, or return different, wrong videos. Every
+handshake is one small host collective over a gloo group (the model's group when it is gloo, a
+gloo side group when it is NCCL), outside any graph, so a peer that died ends it at once.
 
 :func:`kv_bytes_per_rank` sizes a rank's cache with :mod:`graphrt.kv` itself (on the meta device),
 for any ``kv_dtype``.
@@ -31,6 +36,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -49,10 +55,46 @@ class Ulysses:
     group: dist.ProcessGroup
     rank: int
     world: int
+    host_group: dist.ProcessGroup | None = None     # gloo, for the handshakes (None: ``group``)
 
     @property
     def group_name(self) -> str:
         return self.group.group_name
+
+    # -- handshakes ----------------------------------------------------------------------------
+    def check_engine(self, engine, *, window, inductor, backend, verify) -> None:
+        """Raise :class:`ConfigError` on every rank unless every rank built the same Engine:
+        the resolved slabs, batch sizes, mode, K/V dtype, window, schedule, K/V buckets and
+        compile options (anything that changes which collectives run, or what they carry)."""
+        def mine() -> dict:
+            return {"max_sessions": engine.cache.num_slabs, "batch_sizes": tuple(engine.batch_sizes),
+                    "mode": engine.mode, "kv_dtype": str(engine.cache.kv_dtype).removeprefix("torch."),
+                    "window": None if window is None else tuple(window), "schedule": repr(engine.schedule),
+                    "kv_buckets": engine.kv_buckets, "kv_frames": tuple(engine.kv_choices),
+                    "inductor": repr(inductor), "backend": repr(backend), "verify": repr(verify)}
+        self._same("building the Engine", mine, ConfigError,
+                   fix="build the Engine with the same arguments on every rank (a memory_budget given as a "
+                       "fraction sizes the slabs from each device's free memory: pass max_sessions or bytes)")
+
+    def check_open(self, context, *, seed, prompt, num_chunks, schedule) -> None:
+        """Raise :class:`InputError` on every rank unless every rank opens the same session: the
+        same seed, prompt key, length, schedule and text context (shape, dtype and a digest of
+        its bytes). Called first in :meth:`~graphrt.pipeline.Engine.open`, on its raw arguments,
+        so that a failing check, and every check after it, fails alike on every rank."""
+        def mine() -> dict:
+            return {"seed": repr(seed), "prompt": repr(prompt), "num_chunks": repr(num_chunks),
+                    "schedule": repr(schedule), **_describe(context)}
+        self._same("open()", mine, InputError,
+                   fix="open every session with the same context, seed, prompt, num_chunks and schedule on "
+                       "every rank, in the same order (every rank runs the same program)")
+
+    def _same(self, what: str, mine: Callable[[], dict], error: type, fix: str) -> None:
+        everyone = _gather(self.host_group or self.group, mine, what)
+        keys = sorted({k for d in everyone for k in d})
+        diff = [k for k in keys if any(d.get(k) != everyone[0].get(k) for d in everyone)]
+        if diff:
+            raise error(f"{what}: the ranks differ in {', '.join(diff)}", expected="the same on every rank",
+                        got="; ".join(f"rank {r}: {_show(d, diff)}" for r, d in enumerate(everyone)), fix=fix)
 
     # -- token shards ---------------------------------------------------------------------------
     def shard(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,12 +184,8 @@ def sequence_parallel(model, group: dist.ProcessGroup | None = None):
     if getattr(model, "parallel", None) is not None:
         raise ConfigError("the model is already sequence-parallel", got=f"{model.parallel.world} ranks",
                           fix="call sequence_parallel(model) once per model")
-    try:
-        mine = _fingerprint(model)
-    except Exception as e:   # tell the other ranks, then fail here with the original error
-        _agree(group, {"failed": f"{type(e).__name__}: {e}"})
-        raise
-    everyone = _agree(group, mine)
+    host = _host_group(group)
+    everyone = _gather(host, lambda: _fingerprint(model), "at start-up")
     for r, theirs in enumerate(everyone):
         if theirs != everyone[0]:
             diff = sorted(k for k in everyone[0] if theirs.get(k) != everyone[0][k])
@@ -166,39 +204,94 @@ def sequence_parallel(model, group: dist.ProcessGroup | None = None):
                           f"divide among {world} ranks", got=world,
                           expected=f"a rank count that divides {tokens}: {_divisors(tokens)}",
                           fix="change the rank count, the latent size or chunk_frames")
-    model.parallel = Ulysses(group, rank, world)
+    model.parallel = Ulysses(group, rank, world, host_group=None if host is group else host)
     return model
 
 
 def _fingerprint(model) -> dict:
     """What every rank must agree on: config, dtype, device type, attention backend, weights
-    (per parameter, the sum of its raw bytes: exact and cheap, one host read at start-up)."""
+    (per parameter, a digest of its bytes by position: exact, computed on the device, one host
+    read at start-up)."""
     params = list(model.parameters())
-    digest = torch.stack([p.detach().reshape(-1).view(torch.uint8).sum(dtype=torch.int64) for p in params])
+    digest = torch.stack([_digest(p) for p in params])
     return {**{f"config.{k}": v for k, v in dataclasses.asdict(model.cfg).items()},
             "dtype": str(params[0].dtype), "device": params[0].device.type, "attention": model.attention_backend,
             "weights": digest.tolist()}  # host-read-ok: start-up, never in a forward
 
 
-def _agree(group, mine: dict) -> list[dict]:
+_DIGEST_CHUNK = 1 << 22     # bytes per step: the int64 temporaries stay at 32 MiB each
+_DIGEST_MOD = 65521         # the largest prime below 2**16: a byte's weight is 1 + its offset mod this
+
+
+def _digest(t: torch.Tensor) -> torch.Tensor:
+    """A 0-dim int64 on ``t``'s device: the sum of ``t``'s bytes, each times a weight set by its
+    offset, so the same bytes in another order (a transposed square weight, swapped rows) give
+    another digest; a plain sum could not tell them apart. Integer arithmetic, so it is exact and
+    the same on every device (it cannot overflow below 2**43 bytes)."""
+    u8 = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    total = torch.zeros((), dtype=torch.int64, device=t.device)
+    for start in range(0, u8.numel(), _DIGEST_CHUNK):
+        part = u8[start:start + _DIGEST_CHUNK]
+        weight = torch.arange(start, start + part.numel(), device=t.device) % _DIGEST_MOD + 1
+        total += (part.long() * weight).sum()
+    return total
+
+
+def _describe(context) -> dict:
+    """A text context as the ranks compare it: shape, dtype and digest (type alone if no tensor)."""
+    if not isinstance(context, torch.Tensor):
+        return {"context": type(context).__name__}
+    out = {"context.shape": tuple(context.shape), "context.dtype": str(context.dtype).removeprefix("torch.")}
+    if context.device.type != "meta":
+        out["context.digest"] = int(_digest(context))   # host-read-ok: open(), outside any graph
+    return out
+
+
+def _host_group(group: dist.ProcessGroup) -> dist.ProcessGroup:
+    """The group the handshakes run on: gloo (``group`` itself when it is). Over NCCL a host
+    handshake would need the device, and a peer that died would leave the others waiting out
+    the timeout; gloo sees the closed connection at once. Same ranks, same timeout."""
+    if dist.get_backend(group) == "gloo":
+        return group
+    timeout = None
+    try:    # the NCCL group's timeout (no public getter; the gloo default would be 30 minutes)
+        timeout = group._get_backend(torch.device("cuda")).options._timeout
+    except Exception:
+        pass
+    return dist.new_group(dist.get_process_group_ranks(group), timeout=timeout, backend="gloo",
+                          use_local_synchronization=True)
+
+
+def _gather(group, mine: Callable[[], dict], what: str) -> list[dict]:
+    """Every rank's ``mine()``, in rank order. A rank whose ``mine()`` raises tells the others
+    (they raise :class:`ParallelError`) and then raises its own error, so none waits."""
+    try:
+        value = mine()
+    except Exception as e:
+        _agree(group, {"failed": f"{type(e).__name__}: {e}"}, what)
+        raise
+    return _agree(group, value, what)
+
+
+def _agree(group, mine: dict, what: str) -> list[dict]:
     """Every rank's ``mine``, in rank order; raises on every rank when one rank failed."""
     everyone: list = [None] * dist.get_world_size(group)
     try:
         dist.all_gather_object(everyone, mine, group=group)
     except (RuntimeError, dist.DistError) as e:
-        raise ParallelError("the sequence-parallel start-up handshake failed: another rank exited or never got "
+        raise ParallelError(f"the sequence-parallel handshake {what} failed: another rank exited or never got "
                             "here", got=(str(e).splitlines() or [""])[0],
-                            fix="read the other ranks' output for the first error; every rank must call "
-                                "sequence_parallel(model)") from e
+                            fix="read the other ranks' output for the first error; every rank must make the "
+                                "same calls in the same order (sequence_parallel, Engine(...), open(...))") from e
     for r, theirs in enumerate(everyone):
         if "failed" in theirs and "failed" not in mine:
-            raise ParallelError(f"rank {r} failed at start-up", got=theirs["failed"],
+            raise ParallelError(f"rank {r} failed {what}", got=theirs["failed"],
                                 fix=f"fix rank {r}'s error; every rank stops here so none waits forever")
     return everyone
 
 
 def _show(d: dict, keys) -> str:
-    return "; ".join("weights digest differs" if k == "weights" else f"{k}={d.get(k)}" for k in keys)
+    return ", ".join("weights digest differs" if k == "weights" else f"{k}={d.get(k)}" for k in keys)
 
 
 def _divisors(n: int) -> list[int]:

@@ -5,7 +5,8 @@ Launched N times by ``tests/test_parallel.py`` with the variables torchrun sets 
 ``OUTDIR/rank<r>.json`` (and its videos to ``OUTDIR/rank<r>.pt``); the test asserts on them.
 
 - ``startup``: the start-up checks (a model that differs on one rank, heads or tokens that do not
-  divide), then three chunks of two batched sessions in eager, forward-graph and chunk-graph
+  divide; an Engine or a session's inputs that differ on one rank), then two videos one after the
+  other, each of two batched sessions and three chunks, in eager, forward-graph and chunk-graph
   modes in float32, eager and chunk-graph in bfloat16, and chunk-graph on a quantized rank-local
   cache (int8 in float32, float8 in bfloat16); rank 0 also runs the single-process generation
   (plain and quantized).
@@ -70,22 +71,52 @@ def startup(rank, world, device, out):
         build(cfg.replace(height=6, width=6), device, torch.float32)))
     model = sequence_parallel(build(cfg, device, torch.float32))
     out["twice"] = expect_error(lambda: sequence_parallel(model))
+    engine_and_session_mismatches(rank, cfg, device, model, out)
+
+
+def engine_and_session_mismatches(rank, cfg, device, model, out):
+    """An Engine or a session that differs on rank 1: every rank raises, naming the field and
+    each rank's value, and the ranks stay in step (a matching session then takes a chunk)."""
+    kw = dict(max_sessions=2, batch_sizes=(2,), mode="eager", schedule=SCHEDULE, progress=False)
+    mine = {"batch_sizes": (1, 2)} if rank == 1 else {}
+    out["engine_batch_sizes"] = expect_error(lambda: Engine(model, **{**kw, **mine}))
+    out["engine_kv_dtype"] = expect_error(lambda: Engine(model, **kw, kv_dtype="int8" if rank == 1 else None))
+    steps = FlowMatchSchedule(steps=(1000.0, 750.0, 500.0)) if rank == 1 else SCHEDULE
+    out["engine_schedule"] = expect_error(lambda: Engine(model, **{**kw, "schedule": steps}))
+    engine = Engine(model, **kw)
+    ctx = torch.randn(1, cfg.text_len, cfg.text_dim, generator=torch.Generator().manual_seed(2)).to(device)
+    out["open_seed"] = expect_error(lambda: engine.open(ctx, seed=SEED + rank))
+    other = ctx.clone()
+    other[0, 0, 0] += rank
+    out["open_context"] = expect_error(lambda: engine.open(other, seed=SEED))
+    # the same values in another order: a sum of the bytes would not see it
+    out["open_context_order"] = expect_error(lambda: engine.open(ctx.flip(1) if rank == 1 else ctx, seed=SEED))
+    out["open_shape"] = expect_error(lambda: engine.open(ctx[:, :cfg.text_len - rank], seed=SEED))
+    out["open_kept"] = [len(engine.sessions), engine.cache.free_slabs]     # nothing kept by a failed open
+    session = engine.open(ctx, seed=SEED)
+    out["after_mismatch"] = list(engine.step()[session].shape)
+    engine.close(session)
 
 
 def run_engine(engine, ctx, out, key):
-    """Two sessions, CHUNKS chunks each, batched; the host reads of a steady chunk are counted."""
-    sessions = [engine.open(ctx[i:i + 1], seed=SEED + i) for i in range(ctx.shape[0])]
-    parts = []
-    for c in range(CHUNKS):
-        recorder = HostReadRecorder()
-        with recorder:
-            outs = engine.step()
-        if c == 1:
-            out[f"{key}.host_reads"] = recorder.report().count
-        parts.append(torch.cat([outs[s] for s in sessions]))
-    for s in sessions:
-        engine.close(s)
-    return torch.cat(parts, dim=2).cpu()
+    """Two videos, each of two batched sessions and CHUNKS chunks; returns them as rows 0-1 and
+    2-3. The second pair (other seeds, the contexts swapped between slabs) replays the graphs
+    the first one captured, on new inputs. The host reads of a steady chunk are counted."""
+    videos = []
+    for pair, rows in enumerate((ctx, ctx.flip(0))):
+        sessions = [engine.open(rows[i:i + 1], seed=SEED + 2 * pair + i) for i in range(rows.shape[0])]
+        parts = []
+        for c in range(CHUNKS):
+            recorder = HostReadRecorder()
+            with recorder:
+                outs = engine.step()
+            if c == 1 and pair == 0:
+                out[f"{key}.host_reads"] = recorder.report().count
+            parts.append(torch.cat([outs[s] for s in sessions]))
+        for s in sessions:
+            engine.close(s)
+        videos.append(torch.cat(parts, dim=2).cpu())
+    return torch.cat(videos)
 
 
 def generate(rank, world, device, out, videos):
@@ -97,6 +128,8 @@ def generate(rank, world, device, out, videos):
         name = str(dtype).removeprefix("torch.")
         ctx = torch.randn(2, cfg.text_len, cfg.text_dim, generator=gen).to(device, dtype)
         model = sequence_parallel(build(cfg, device, dtype))
+        sp = model.parallel         # the handshakes run over gloo: the model's group, or a gloo side group
+        out["handshake_group"] = [torch.distributed.get_backend(sp.host_group or sp.group), sp.host_group is None]
         res = out.setdefault(name, {})
         for mode in MODES[dtype]:
             engine_mode, _, kv_dtype = mode.partition("+")

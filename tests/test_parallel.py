@@ -19,7 +19,7 @@ import torch
 import graphrt
 from graphrt.errors import ConfigError, InputError
 from graphrt.models.wan import CausalWan, WanConfig
-from graphrt.parallel import Ulysses, init_distributed, kv_bytes_per_rank, sequence_parallel
+from graphrt.parallel import Ulysses, _digest, _fingerprint, init_distributed, kv_bytes_per_rank, sequence_parallel
 from graphrt.pipeline import Engine
 from graphrt.tolerance import max_rel_err, tolerance
 
@@ -82,7 +82,9 @@ def launch(tmp_path, scenario: str, world: int = 2, device: str = "cpu", timeout
 @pytest.fixture(scope="module")
 def startup_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sp")
-    codes, errs, reports = launch(tmp, "startup")
+    # one launch for every check below (one process start-up and trace); about 45 s of CPU per
+    # rank, minutes of wall time on a loaded 2-core machine, so the bound is wide
+    codes, errs, reports = launch(tmp, "startup", timeout=480.0)
     if codes != [0, 0]:
         pytest.fail(f"ranks exited with {codes}:\n" + "\n".join(e[-3000:] for e in errs))
     videos = [torch.load(tmp / f"rank{r}.pt") for r in range(2)]
@@ -100,19 +102,53 @@ def test_mismatched_ranks_fail_at_startup_on_every_rank(startup_run):
         assert "already sequence-parallel" in rep["twice"]
 
 
+def test_an_engine_or_session_that_differs_on_a_rank_fails_on_every_rank(startup_run):
+    """Engine arguments and session inputs are checked across ranks: each rank raises the same
+    error naming the field and every rank's value (before, a batch size crashed mid-run on a
+    collective mismatch, and a seed or kv_dtype gave different, wrong videos with no error).
+    The ranks stay in step after it: a matching session then takes a chunk."""
+    reports, _ = startup_run
+    assert reports[0]["engine_batch_sizes"] == reports[1]["engine_batch_sizes"]
+    for rep in reports:
+        err = rep["engine_batch_sizes"]
+        assert err.startswith("ConfigError: building the Engine: the ranks differ in batch_sizes\n"), err
+        assert "rank 0: batch_sizes=(2,); rank 1: batch_sizes=(1, 2)" in err and "fix:" in err
+        err = rep["engine_kv_dtype"]
+        assert err.startswith("ConfigError: building the Engine: the ranks differ in kv_dtype\n"), err
+        assert "rank 0: kv_dtype=float32; rank 1: kv_dtype=int8" in err
+        err = rep["engine_schedule"]
+        assert err.startswith("ConfigError: building the Engine: the ranks differ in schedule\n"), err
+        assert "750.0" in err.partition("rank 1:")[2] and "750.0" not in err.partition("rank 1:")[0]
+        err = rep["open_seed"]
+        assert err.startswith("InputError: open(): the ranks differ in seed\n"), err
+        assert "rank 0: seed=7; rank 1: seed=8" in err
+        for key in ("open_context", "open_context_order"):
+            assert rep[key].startswith("InputError: open(): the ranks differ in context.digest\n"), rep[key]
+        assert rep["open_shape"].startswith("InputError: open(): the ranks differ in context.digest, "
+                                            "context.shape\n"), rep["open_shape"]
+        assert "context.shape=(1, 8, 32)" in rep["open_shape"] and "context.shape=(1, 7, 32)" in rep["open_shape"]
+        assert rep["open_kept"] == [0, 2]
+        assert rep["after_mismatch"] == [1, 4, 3, 8, 8]
+        assert rep["handshake_group"] == ["gloo", True]       # gloo already: no side group
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_sequence_parallel_generation_equals_one_process(startup_run, dtype):
-    """Two batched sessions, three chunks: eager, forward graphs (fp32) and the chunk graph on 2
-    ranks equal the single-process generation within the dtype's tolerance, every graph mode
-    agrees bit for bit with the 2-rank eager run, and both ranks hold the same whole output."""
+    """Two batched sessions, three chunks, then two more with other seeds and contexts (the
+    graphs captured for the first pair replay on new inputs): eager, forward graphs (fp32) and
+    the chunk graph on 2 ranks equal the single-process generation within the dtype's tolerance,
+    every graph mode agrees bit for bit with the 2-rank eager run, and both ranks hold the same
+    whole output."""
     reports, videos = startup_run
     single = videos[0][f"{dtype}.single"]
-    assert single.shape == (2, 4, 9, 8, 8)
+    assert single.shape == (4, 4, 9, 8, 8)
+    assert not torch.equal(single[:2], single[2:])
     tol = tolerance(getattr(torch, dtype))
     for mode in MODES[dtype]:
         got = videos[0][f"{dtype}.{mode}"]
-        err = max_rel_err(got.float(), single.float())
-        assert err <= tol, f"{mode}: {err:.3g} > {tol}"
+        for pair in (slice(0, 2), slice(2, 4)):
+            err = max_rel_err(got[pair].float(), single[pair].float())
+            assert err <= tol, f"{mode}, rows {pair}: {err:.3g} > {tol}"
         assert torch.equal(got, videos[0][f"{dtype}.eager"]), mode     # graph replay == eager, per rank
         assert torch.equal(got, videos[1][f"{dtype}.{mode}"]), mode     # both ranks agree
 
@@ -126,7 +162,8 @@ def test_sequence_parallel_generation_with_quantized_rank_caches(startup_run, dt
     mode = QUANTIZED[dtype]
     kv_dtype = mode.partition("+")[2]
     got, single = videos[0][f"{dtype}.{mode}"], videos[0][f"{dtype}.single+{kv_dtype}"]
-    assert max_rel_err(got.float(), single.float()) <= tolerance(getattr(torch, dtype))
+    for pair in (slice(0, 2), slice(2, 4)):     # the first video, then new inputs to the same graphs
+        assert max_rel_err(got[pair].float(), single[pair].float()) <= tolerance(getattr(torch, dtype)), pair
     assert torch.equal(got, videos[1][f"{dtype}.{mode}"])
     plain = videos[0][f"{dtype}.single"]
     assert not torch.equal(single, plain) and max_rel_err(single.float(), plain.float()) <= 1.5e-2
@@ -282,11 +319,12 @@ def test_a_cache_built_before_the_split_is_refused(cfg):
     assert graphrt.StaticKVCache.for_model(model).k[0].shape[1] == cfg.num_heads // 2
 
 
-def test_memory_budget_counts_a_rank_local_cache(cfg):
+def test_memory_budget_counts_a_rank_local_cache(cfg, monkeypatch):
     """On a rank the Engine sizes its slabs from the rank's cache (H/2 heads, int8 codes and
     scales), so one budget holds more sessions than on one process; suspend/resume see the same."""
     model = CausalWan(cfg).eval()
     model.parallel = Ulysses(_Group(), 0, 2)
+    monkeypatch.setattr(Ulysses, "check_engine", lambda *a, **kw: None)    # one process: no other rank to ask
     rank = kv_bytes_per_rank(cfg, 2, dtype=torch.float32, kv_dtype="int8", max_batch=2)
     whole = kv_bytes_per_rank(cfg, 1, dtype=torch.float32, kv_dtype="int8", max_batch=2)
     budget = rank["total"] + 3 * rank["per_session"]       # 4 sessions of a rank, 2 of a whole model
@@ -297,6 +335,43 @@ def test_memory_budget_counts_a_rank_local_cache(cfg):
         cfg, 2, dtype=torch.float32, sessions=4, kv_dtype="int8", max_batch=2)["total"] <= budget
     assert (engine.cache.num_heads, engine.cache.cross_heads, engine.cache.k_scale[0].shape[1]) == (2, 4, 2)
     assert m.per_session == rank["per_session"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_digest_sees_a_transposed_square_weight(cfg, dtype):
+    """The same bytes in another order (a square weight transposed, two rows swapped) hold the
+    same plain byte sum, so a sum would let the handshake pass; the positional digest differs."""
+    torch.manual_seed(0)
+    a = CausalWan(cfg).to(dtype)
+    b = CausalWan(cfg).to(dtype)
+    b.load_state_dict(a.state_dict())
+    assert _fingerprint(a) == _fingerprint(b)
+    w = b.blocks[0].self_attn.q.weight
+    assert w.shape[0] == w.shape[1]
+    with torch.no_grad():
+        w.copy_(w.t().clone())
+    before = a.blocks[0].self_attn.q.weight
+    plain = [p.detach().reshape(-1).view(torch.uint8).sum(dtype=torch.int64) for p in (before, w)]
+    assert torch.equal(*plain) and not torch.equal(before, w)
+    fa, fb = _fingerprint(a), _fingerprint(b)
+    differ = [i for i, (x, y) in enumerate(zip(fa["weights"], fb["weights"])) if x != y]
+    names = [n for n, _ in b.named_parameters()]
+    assert [names[i] for i in differ] == ["blocks.0.self_attn.q.weight"]
+    rows = torch.arange(12.).view(3, 4)
+    assert _digest(rows) != _digest(rows[[1, 0, 2]])
+
+
+def test_weight_digest_is_the_same_whatever_the_chunk_size(monkeypatch):
+    """Large parameters are digested in chunks on their device; each byte keeps the weight of its
+    offset in the whole tensor, so the chunk size changes nothing."""
+    import graphrt.parallel as par
+
+    data = torch.randint(0, 256, (1000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    want = int((data.long() * (torch.arange(1000) % 65521 + 1)).sum())
+    for chunk in (1 << 22, 64, 7):
+        monkeypatch.setattr(par, "_DIGEST_CHUNK", chunk)
+        assert int(_digest(data)) == want
+        assert int(_digest(data.view(torch.float32))) == want       # bytes, whatever the dtype
 
 
 def test_token_count_that_does_not_divide_is_an_input_error(cfg):
@@ -310,6 +385,8 @@ def test_token_count_that_does_not_divide_is_an_input_error(cfg):
 def check_gpu_run(tmp_path, world: int):
     videos = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    for rep in reports:         # the handshakes ran over a gloo side group next to NCCL
+        assert rep["handshake_group"] == ["gloo", False]
     for dtype in ("float32", "bfloat16"):
         single = videos[0][f"{dtype}.single"]
         for mode in MODES[dtype]:
@@ -344,4 +421,6 @@ def test_two_gpus_nccl_all_to_all_inside_cuda_graphs(tmp_path):
     codes, errs, reports = launch(tmp_path, "startup", device="cuda", timeout=600)
     assert codes == [0, 0], "\n".join(e[-3000:] for e in errs)
     assert "rank 1 holds another model" in reports[0]["mismatch_config"]
+    assert "the ranks differ in batch_sizes" in reports[0]["engine_batch_sizes"]
+    assert "the ranks differ in seed" in reports[1]["open_seed"]
     check_gpu_run(tmp_path, 2)

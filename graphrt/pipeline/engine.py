@@ -231,6 +231,9 @@ class Engine:
         elif mode == "chunk":
             self._chunk_fn = graphrt.compile(self._chunk, states=[self.cache], buckets=Buckets(
                 static_args={"batch": self.batch_sizes, "kv_frames": self.kv_choices, "exact": exact}), **opts)
+        self._ranks = getattr(model, "parallel", None)     # sequence-parallel: every rank must run the same engine
+        if self._ranks is not None:
+            self._ranks.check_engine(self, window=window, inductor=inductor, backend=backend, verify=verify)
 
     @property
     def num_graphs(self) -> int:
@@ -302,8 +305,12 @@ class Engine:
         With ``prompt`` its cross-attention K/V are cached under that key, and a repeated prompt
         skips the work. ``num_chunks`` (>= 1) ends the video there (:attr:`Session.done`); None
         keeps it open until closed, or until its slab is full without ``window``. Nothing is kept
-        (slab, prompt key, counters) when ``open`` raises.
+        (slab, prompt key, counters) when ``open`` raises. On a sequence-parallel model every
+        rank must open the same session (same arguments, same context): checked first, on every
+        rank, with one small host collective.
         """
+        if self._ranks is not None:      # first, on the raw arguments, so every check below fails alike on every rank
+            self._ranks.check_open(context, seed=seed, prompt=prompt, num_chunks=num_chunks, schedule=schedule)
         cfg = self.cfg
         if prompt is not None and not isinstance(prompt, str):
             raise InputError("prompt must be a str key (or None)", got=type(prompt).__name__)
