@@ -572,6 +572,27 @@ def test_a_host_scalar_is_frozen_at_capture_as_on_cuda():
         g(x)
 
 
+class _Tables:
+    """An owner of per-row tables that its method reads with device ops, as the Engine's seeds."""
+
+    def __init__(self):
+        self.table = torch.arange(1.0, 6.0)
+
+    def step(self, x, rows):
+        return x * self.table.index_select(0, rows)
+
+
+def test_a_table_read_by_device_ops_is_read_live_at_every_replay():
+    """A table the checker lets through is read by device ops: on CUDA it lives on the device
+    and a replay reads its current values (the Engine writes a new session's seed there). The
+    CPU emulation must not freeze it, or a second video would replay the first one's noise."""
+    owner, x, rows = _Tables(), torch.ones(2), torch.tensor([1, 3])
+    g = graphrt.compile(owner.step, backend="cpu-graph", progress=False)
+    assert torch.equal(g(x, rows), torch.tensor([2.0, 4.0]))
+    owner.table.mul_(10.0)                                              # a new session's values
+    assert torch.equal(g(x, rows), torch.tensor([20.0, 40.0]))
+
+
 def test_a_value_read_from_a_host_table_is_frozen_at_capture_as_on_cuda():
     """``sigmas[i]`` of a scheduler's host table runs on the host once, at capture, on CUDA: a
     table updated in place later does not reach the replays. The CPU emulation freezes it too."""

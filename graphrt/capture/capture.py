@@ -190,8 +190,13 @@ def capture(runtime: Runtime, fn: Callable, rebuild: Callable, inputs: list[torc
                               f"{', '.join(s.where for s in report.notes)}: every replay draws new ones, so a "
                               "replay never equals an eager rerun (verify will differ)", GraphrtWarning, stacklevel=3)
         stored = {storage_key(t) for t in known}
+        # With the checker on, a table the capture reads passed it: device ops read it (index_select
+        # of the Engine's seed and timestep tables), so on CUDA it lives on the device and every
+        # replay reads it live. Only a host scalar, or any host tensor when the checker is off
+        # (``sigmas[i]`` of a host table), is frozen as a CUDA graph freezes it.
         host_scalar = None if runtime.backend == "cuda-graph" else (
-            lambda t: not isinstance(t, torch.nn.Parameter) and storage_key(t) not in stored)
+            lambda t: not isinstance(t, torch.nn.Parameter) and storage_key(t) not in stored
+            and (t.dim() == 0 or not runtime.check_host_reads))
         try:
             if sandbox.last is None:            # no check ran: one recorded run finds the outputs and the writes
                 sandbox.run(flat_fn, *inputs)
