@@ -30,7 +30,7 @@ import os
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -59,7 +59,6 @@ class Session:
     seed: int
     num_chunks: int | None
     chunk: int = 0                       # chunks done
-    decoder: Any = None                  # this video's decoder state (e.g. the VAE's feature cache)
 
     @property
     def done(self) -> bool:
