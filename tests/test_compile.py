@@ -671,13 +671,13 @@ def test_capture_order_is_largest_first(cfg):
 class LeakyWriter(nn.Module):
     """Returns the right value but writes its state at a Python-int position: only the state shows it."""
 
-    def __init__(self):
+    def __init__(self, width: int = 3, device=None):
         super().__init__()
-        self.register_buffer("log", torch.zeros(4, 3))
+        self.register_buffer("log", torch.zeros(4, width, device=device))
         self.pos = 0
 
     def forward(self, x):
-        self.log[self.pos] = x
+        self.log[self.pos] = x                        # a Python-int row: frozen into the graph
         return x * 2
 
     def snapshot(self, data=False):

@@ -338,26 +338,9 @@ def test_verify_on_cuda_passes_the_model_and_catches_a_frozen_position(cfg):
         cache.commit(1, 3)
     assert g.stats.verified == 3                          # one replay per bucket after its capture
 
-    class LeakyWriter(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.register_buffer("log", torch.zeros(4, 8, device="cuda"))
-            self.pos = 0
+    from test_compile import LeakyWriter
 
-        def forward(self, x):
-            self.log[self.pos] = x                        # a Python-int row: frozen into the graph
-            return x * 2
-
-        def snapshot(self, data=False):
-            return {"pos": self.pos}
-
-        def restore(self, snap):
-            self.pos = snap["pos"]
-
-        def reset(self):
-            self.pos = 0
-
-    leaky = LeakyWriter()
+    leaky = LeakyWriter(width=8, device="cuda")
     g = graphrt.compile(leaky, verify=1, progress=False)
     g(torch.ones(8, device="cuda"))
     leaky.pos = 1

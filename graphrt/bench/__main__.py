@@ -20,6 +20,7 @@ from rich.table import Table
 
 from graphrt.bench.core import MODES, PRESETS, BenchConfig, ModeResult, run
 from graphrt.bench.llm import PRESETS as LLM_PRESETS, is_llm_argv, main as llm_main
+from graphrt.bench.output import check_output_path, one_line, save as save_outputs
 from graphrt.attention import BACKENDS
 from graphrt.errors import ConfigError, GraphrtError
 from graphrt.kv import KV_DTYPES
@@ -200,34 +201,10 @@ def plot(summary: dict, path: str) -> None:
 def _check_outputs(opts) -> None:
     """The files asked for can be written, and --plot can draw, before anything runs."""
     for flag, path in (("--json", opts.json_path), ("--md", opts.md), ("--plot", opts.plot)):
-        if path is None:
-            continue
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder) or os.path.isdir(path):
-            raise ConfigError(f"{flag} {path}: cannot write there", expected="a file path in an existing folder",
-                              got=path)
-        _check_writable(flag, path)
+        if path is not None:
+            check_output_path(flag, path)
     if opts.plot and importlib.util.find_spec("matplotlib") is None:
         raise ConfigError("--plot needs matplotlib, which is not installed", fix="pip install matplotlib")
-
-
-def _check_writable(flag: str, path: str) -> None:
-    """Open ``path`` for append (which keeps an existing file as it is), and remove it again when
-    this made it: a folder without write permission fails here, not after the first mode ran."""
-    existed = os.path.exists(path)
-    try:
-        with open(path, "a"):
-            pass
-        if not existed:
-            os.remove(path)
-    except OSError as e:
-        raise ConfigError(f"{flag} {path}: cannot write there ({e.strerror})",
-                          expected="a file path in a folder you can write to", got=path) from None
-
-
-def _one_line(e: Exception) -> str:
-    """A GraphrtError's what / expected / got / fix on one line (scripts read one line)."""
-    return "; ".join(" ".join(line.split()) for line in str(e).splitlines() if line.strip())
 
 
 def main(argv=None) -> int:
@@ -250,16 +227,11 @@ def main(argv=None) -> int:
         cfg.resolve()
         _check_outputs(opts)
     except GraphrtError as e:
-        errors.print(f"error: {_one_line(e)}", style="red", markup=False)
+        errors.print(f"error: {one_line(e)}", style="red", markup=False)
         return 2
 
     def save(summary: dict):
-        if opts.json_path:
-            with open(opts.json_path, "w") as f:
-                json.dump(summary, f, indent=2)
-        if opts.md:
-            with open(opts.md, "w") as f:
-                f.write(markdown(summary))
+        save_outputs(summary, opts.json_path, opts.md, markdown)
 
     with Progress(console=console, transient=True, disable=opts.no_progress) as bar:
         task = bar.add_task("bench", total=len(cfg.modes))
@@ -279,7 +251,7 @@ def main(argv=None) -> int:
         try:
             summary = run(cfg, on_mode)
         except GraphrtError as e:       # the model or checkpoint could not be set up: no mode ran
-            errors.print(f"error: {_one_line(e)}", style="red", markup=False)
+            errors.print(f"error: {one_line(e)}", style="red", markup=False)
             return 2
     console.print(table(summary))
     for line in kv_lines(summary):

@@ -52,11 +52,12 @@ import tempfile
 import time
 import traceback
 from datetime import datetime, timezone
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from graphrt.bench.output import result_json
 from graphrt.errors import ConfigError, GraphrtError
 from graphrt.kv import StaticKVCache, resolve_kv_dtype
 from graphrt.models.wan import CausalWan, ReferenceWan, WanConfig, load_checkpoint
@@ -215,17 +216,7 @@ class ModeResult:
     skipped: str | None = None
 
     def to_json(self) -> dict:
-        if self.skipped:
-            return {"skipped": self.skipped}
-        d = asdict(self)
-        d.pop("skipped")
-        for key in ("notes", "warnings"):
-            if not d[key]:
-                d.pop(key)
-        for k in ("max_err_vs_unquantized", "rms_err_vs_unquantized", "kernels"):
-            if d[k] is None:
-                d.pop(k)
-        return d
+        return result_json(self, optional=("max_err_vs_unquantized", "rms_err_vs_unquantized", "kernels"))
 
 
 # -- timing: every clock read of the bench happens here ------------------------------------------------

@@ -25,13 +25,14 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
 import torch
 
 from graphrt.bench.core import BUSY_WALL_OVER_CPU, NOISY_P90, Clock, _load, _percentile, _torch_threads
+from graphrt.bench.output import check_output_path, one_line, result_json, save as save_outputs
 from graphrt.errors import ConfigError, GraphrtError
 
 MODES = ("eager", "graphs", "graphs+inductor", "compile")
@@ -129,14 +130,7 @@ class LlmModeResult:
     skipped: str | None = None
 
     def to_json(self) -> dict:
-        if self.skipped:
-            return {"skipped": self.skipped}
-        d = asdict(self)
-        d.pop("skipped")
-        for key in ("notes", "warnings"):
-            if not d[key]:
-                d.pop(key)
-        return d
+        return result_json(self)
 
 
 class _Peer:
@@ -407,10 +401,6 @@ def _args(argv):
     return p.parse_args(argv)
 
 
-def _one_line(e: Exception) -> str:
-    return "; ".join(" ".join(line.split()) for line in str(e).splitlines() if line.strip())
-
-
 def main(argv=None) -> int:
     """The command line: 0 when every mode ran, 1 when one did not, 2 on bad arguments."""
     from rich.console import Console
@@ -426,21 +416,15 @@ def main(argv=None) -> int:
     try:
         cfg.resolve()
         for flag, path in (("--json", opts.json_path), ("--md", opts.md)):
-            if path is not None and (not os.path.isdir(os.path.dirname(os.path.abspath(path))) or os.path.isdir(path)):
-                raise ConfigError(f"{flag} {path}: cannot write there", expected="a file path in an existing folder",
-                                  got=path)
+            if path is not None:
+                check_output_path(flag, path)
         import transformers  # noqa: F401
     except (GraphrtError, ImportError) as e:
-        errors.print(f"error: {_one_line(e)}", style="red", markup=False)
+        errors.print(f"error: {one_line(e)}", style="red", markup=False)
         return 2
 
     def save(summary: dict):
-        if opts.json_path:
-            with open(opts.json_path, "w") as f:
-                json.dump(summary, f, indent=2)
-        if opts.md:
-            with open(opts.md, "w") as f:
-                f.write(markdown(summary))
+        save_outputs(summary, opts.json_path, opts.md, markdown)
 
     with Progress(console=console, transient=True, disable=opts.no_progress) as bar:
         task = bar.add_task(f"mode {cfg.modes[0]}", total=len(cfg.modes))
