@@ -259,12 +259,12 @@ class DecodeQueue:
 
     def _decode(self, latents: torch.Tensor, state: DecoderState, ready) -> torch.Tensor:
         if ready is None:
-            return self.decoder.decode(latents, state).cpu()
+            return self.decoder.decode(latents, state).cpu()     # host-read-ok: decoded frames are the output
         stream = self._stream(latents.device)
         with torch.cuda.stream(stream):
             stream.wait_event(ready)
             # the copy to the host waits for this stream only: the worker blocks, the DiT does not
-            return self.decoder.decode(latents, state).cpu()
+            return self.decoder.decode(latents, state).cpu()     # host-read-ok: decoded frames are the output
 
     def drain(self) -> None:
         """Wait until every queued decode has run (their kernels done: each ends in a copy to the

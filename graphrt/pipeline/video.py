@@ -13,6 +13,7 @@ from graphrt.errors import BackendUnavailableError, InputError
 def _as_frames(frames):
     import numpy as np                  # PyAV's frames are numpy arrays (numpy comes with the video extra)
 
+    # host-read-ok: frames leave the device to be encoded into the file, after the DiT and the decoder
     arr = frames.detach().cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
         raise InputError("video frames must be uint8 [T, H, W, 3] (RGB)", got=f"{arr.dtype} {list(arr.shape)}",
