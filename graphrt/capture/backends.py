@@ -38,7 +38,7 @@ BACKENDS = ("cuda-graph", "cpu-graph", "eager")
 
 
 class EagerGraph:
-    def __init__(self, flat_fn, inputs, runtime, host_scalar=None, sandbox=None):
+    def __init__(self, flat_fn, inputs, runtime, frozen_on_host=None, sandbox=None):
         self.fn, self.inputs = flat_fn, inputs
 
     def replay(self):
@@ -57,12 +57,12 @@ def _one_fake_mode():
         return contextlib.nullcontext()
 
 
-def trace(flat_fn, inputs, inductor: bool, host_scalar=None, sandbox: Sandbox | None = None):
+def trace(flat_fn, inputs, inductor: bool, frozen_on_host=None, sandbox: Sandbox | None = None):
     """The aten ops of one call over ``inputs``, every Python value frozen (``make_fx``, real
     tensors: it runs once), optionally compiled by inductor. Each bucket gets its own GraphModule,
     so compiling many buckets never hits dynamo's recompile limit.
 
-    ``host_scalar(t) -> bool`` names the tensor constants that live on the host of a CUDA model:
+    ``frozen_on_host(t) -> bool`` names the tensor constants that live on the host of a CUDA model:
     their value is frozen (copied) here, as a CUDA graph bakes a host scalar into a kernel
     argument. Host tables are frozen too: ``sigmas[i]`` of a host ``sigmas`` runs on the host once,
     at capture, and its value is what every replay uses.
@@ -73,9 +73,9 @@ def trace(flat_fn, inputs, inductor: bool, host_scalar=None, sandbox: Sandbox | 
 
     with _one_fake_mode():
         gm = (sandbox or Sandbox({})).run(make_fx(flat_fn, tracing_mode="real"), *inputs)
-    if host_scalar is not None:
+    if frozen_on_host is not None:
         for name, t in list(gm.named_buffers()):
-            if "." not in name and host_scalar(t):
+            if "." not in name and frozen_on_host(t):
                 gm.register_buffer(name, t.clone())
     if inductor:
         return torch.compile(gm, fullgraph=True, dynamic=False, options={"triton.cudagraphs": False, "freezing": False})
@@ -83,10 +83,10 @@ def trace(flat_fn, inputs, inductor: bool, host_scalar=None, sandbox: Sandbox | 
 
 
 class CpuGraph:
-    def __init__(self, flat_fn, inputs, runtime, host_scalar=None, sandbox=None):
+    def __init__(self, flat_fn, inputs, runtime, frozen_on_host=None, sandbox=None):
         sandbox = sandbox or Sandbox({})
         self.inputs = inputs
-        self.run = trace(flat_fn, inputs, False, host_scalar, sandbox)
+        self.run = trace(flat_fn, inputs, False, frozen_on_host, sandbox)
         if runtime.inductor:
             self.run = CompiledTrace(self.run, inputs, runtime.inductor, runtime.disk)
         self.disk_hit = getattr(self.run, "disk_hit", None)       # True/False: loaded from / stored to disk
@@ -120,7 +120,7 @@ class CudaGraph:
     longer routes to the pool, the default generator is out of capture mode, and the error names
     its first cause."""
 
-    def __init__(self, flat_fn, inputs, runtime, host_scalar=None, sandbox=None):
+    def __init__(self, flat_fn, inputs, runtime, frozen_on_host=None, sandbox=None):
         sandbox = sandbox or Sandbox({})
         self.device = runtime.device
         self.inputs = inputs

@@ -194,14 +194,14 @@ def capture(runtime: Runtime, fn: Callable, rebuild: Callable, inputs: list[torc
         # of the Engine's seed and timestep tables), so on CUDA it lives on the device and every
         # replay reads it live. Only a host scalar, or any host tensor when the checker is off
         # (``sigmas[i]`` of a host table), is frozen as a CUDA graph freezes it.
-        host_scalar = None if runtime.backend == "cuda-graph" else (
+        frozen_on_host = None if runtime.backend == "cuda-graph" else (
             lambda t: not isinstance(t, torch.nn.Parameter) and storage_key(t) not in stored
             and (t.dim() == 0 or not runtime.check_host_reads))
         try:
             if sandbox.last is None:            # no check ran: one recorded run finds the outputs and the writes
                 sandbox.run(flat_fn, *inputs)
                 refuse_argument_writes(sandbox.last, inputs, names, where)
-            graph = GRAPH_CLASSES[runtime.backend](flat_fn, inputs, runtime, host_scalar, sandbox)
+            graph = GRAPH_CLASSES[runtime.backend](flat_fn, inputs, runtime, frozen_on_host, sandbox)
         except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
             if isinstance(e, CaptureError):
                 raise
