@@ -310,7 +310,6 @@ class Engine:
         """
         if self._ranks is not None:      # first, on the raw arguments, so every check below fails alike on every rank
             self._ranks.check_open(context, seed=seed, prompt=prompt, num_chunks=num_chunks, schedule=schedule)
-        cfg = self.cfg
         if prompt is not None and not isinstance(prompt, str):
             raise InputError("prompt must be a str key (or None)", got=type(prompt).__name__)
         if context is None and (prompt is None or prompt not in self._prompts):
@@ -320,15 +319,9 @@ class Engine:
             if context.shape[0] != 1:
                 raise InputError("open() starts one video: one context row", expected="[1, L, text_dim]",
                                  got=list(context.shape), fix="open one session per row (or use stream())")
-        limit = None if isinstance(self.cache, RollingKVCache) else cfg.num_chunks
         if num_chunks is not None and (not _is_int(num_chunks) or num_chunks < 1):
             raise InputError("num_chunks must be an int >= 1 (or None for an open-ended video)", got=num_chunks)
-        if num_chunks is not None and limit is not None and num_chunks > limit:
-            raise CacheError(f"a video of {num_chunks} chunks does not fit max_frames={cfg.max_frames} "
-                             f"({limit} chunks of {cfg.chunk_frames} frames)",
-                             fix="build the Engine with window=(frames, sink_frames) for longer videos")
-        if not _is_int(seed) or not 0 <= seed < 2 ** 63:
-            raise InputError("seed must be an int in [0, 2**63)", got=seed)
+        self._check_video(num_chunks, [seed])
         schedule = schedule or self.schedule
         if len(schedule.steps) != len(self.schedule.steps):
             raise InputError("every session must take the same number of denoising steps",
@@ -358,6 +351,20 @@ class Engine:
         s = Session(next(self._ids), slab, seed, num_chunks)
         self.sessions[s.id] = s
         return s
+
+    def _check_video(self, num_chunks: int | None, seeds: list) -> None:
+        """A video of ``num_chunks`` fits the static cache, and each row's seed is an int in
+        [0, 2**63) (row i of a batched context gets seed + i): what :meth:`open` and
+        :meth:`stream` check before any work."""
+        limit = None if isinstance(self.cache, RollingKVCache) else self.cfg.num_chunks
+        if num_chunks is not None and limit is not None and num_chunks > limit:
+            raise CacheError(f"a video of {num_chunks} chunks does not fit max_frames={self.cfg.max_frames} "
+                             f"({limit} chunks of {self.cfg.chunk_frames} frames)",
+                             fix="build the Engine with window=(frames, sink_frames) for longer videos")
+        bad = [x for x in seeds if not _is_int(x) or not 0 <= x < 2 ** 63]
+        if bad:
+            raise InputError("seed must be an int in [0, 2**63) (row i of a batch gets seed + i)",
+                             got=bad[0] if len(seeds) == 1 else bad)
 
     def _check_open(self, sessions, where: str) -> None:
         """Each one a Session open in this engine (by identity), each at most once."""
@@ -492,14 +499,7 @@ class Engine:
         if len(seeds) != rows or len(prompts) != rows:
             raise InputError("one seed and one prompt key per context row", expected=rows,
                              got=(len(seeds), len(prompts)))
-        bad = [x for x in seeds if not _is_int(x) or not 0 <= x < 2 ** 63]
-        if bad:
-            raise InputError("seed must be an int in [0, 2**63) (row i gets seed + i)", got=bad)
-        limit = None if isinstance(self.cache, RollingKVCache) else self.cfg.num_chunks
-        if limit is not None and num_chunks > limit:
-            raise CacheError(f"a video of {num_chunks} chunks does not fit max_frames={self.cfg.max_frames} "
-                             f"({limit} chunks of {self.cfg.chunk_frames} frames)",
-                             fix="build the Engine with window=(frames, sink_frames) for longer videos")
+        self._check_video(num_chunks, seeds)
         free = self.cache.free_slabs
         if rows > free:
             raise CacheError(f"{rows} video(s) need {rows} free slab(s); {free} of {self.cache.num_slabs} are free",
