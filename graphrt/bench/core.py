@@ -415,7 +415,7 @@ class Driver:
 def _host_reads_per_chunk(driver: Driver, context, seed, chunks: int) -> tuple[float, float | None] | None:
     """Host reads and async uploads (the pinned block-table copy: no sync) of one steady chunk
     (the second of a video: no session set-up in it), or of the only chunk of a one-chunk video."""
-    from graphrt.capture.hostreads import HostReadRecorder
+    from graphrt.capture import HostReadRecorder
 
     if driver.mode in PEERS:
         driver.notes.append("host reads not counted: the checker's hooks change what torch.compile traces")

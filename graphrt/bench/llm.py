@@ -187,7 +187,7 @@ def _sequence(driver, ids, new_tokens: int, clock: Clock):
 
 
 def _host_reads_per_token(driver, mode: str, ids, notes: list[str]) -> float | None:
-    from graphrt.capture.hostreads import HostReadRecorder
+    from graphrt.capture import HostReadRecorder
 
     if mode == "compile":
         notes.append("host reads not counted: the checker's hooks change what torch.compile traces")

@@ -27,10 +27,9 @@ from typing import Sequence
 
 import torch
 
-from graphrt.capture.buckets import Buckets
 from graphrt.errors import CacheError, InputError
 from graphrt.llm.cache import batch_view, check_layout
-from graphrt.replay.graphed import compile as graphrt_compile
+from graphrt.replay import Buckets, compile as graphrt_compile
 
 MODES = ("eager", "graphs")
 

@@ -173,8 +173,7 @@ class WanVAEDecoder:
         then replay it from their third latent frame on (the first two run eagerly: the cache has
         not yet reached its fixed shape); more run eagerly, counted in ``eager_frames``. Frames
         equal the eager decode's bit for bit (the same kernels)."""
-        import graphrt
-        from graphrt.capture.buckets import Buckets
+        from graphrt.replay import Buckets, compile as compile_graphs
 
         if videos < 1:
             raise InputError("videos must be >= 1", got=videos)
@@ -188,7 +187,7 @@ class WanVAEDecoder:
         self._static = [StaticFeatureCache(state.feat_cache) for _ in range(videos)]
         self._free = list(range(videos))[::-1]
         self._frame_shape = tuple(x[:, :, :1].shape)
-        self.graphs = graphrt.compile(self._steady, states=self._static, backend=backend, progress=progress,
+        self.graphs = compile_graphs(self._steady, states=self._static, backend=backend, progress=progress,
                                       buckets=Buckets(static_args={"slot": tuple(range(videos))}))
         self.graphs.prewarm(x[:, :, :1], slot=0)
         return self

@@ -34,8 +34,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-import graphrt
-from graphrt.capture.buckets import Buckets
+from graphrt.replay import Buckets
+from graphrt.replay import compile as compile_graphs
 from graphrt.errors import CacheError, InputError
 from graphrt.kv import KVMemory, RollingKVCache, StaticKVCache
 from graphrt.offload import HostCopy
@@ -224,11 +224,11 @@ class Engine:
         self._forward = model
         self._chunk_fn = self._chunk
         if mode == "forward":
-            self._forward = graphrt.compile(model, buckets=Buckets(
+            self._forward = compile_graphs(model, buckets=Buckets(
                 self.batch_sizes, batch_args=("x", "t", "cond"),
                 static_args={"kv_frames": self.kv_choices, "kv_exact": exact}), **opts)
         elif mode == "chunk":
-            self._chunk_fn = graphrt.compile(self._chunk, states=[self.cache], buckets=Buckets(
+            self._chunk_fn = compile_graphs(self._chunk, states=[self.cache], buckets=Buckets(
                 static_args={"batch": self.batch_sizes, "kv_frames": self.kv_choices, "exact": exact}), **opts)
         self._ranks = getattr(model, "parallel", None)     # sequence-parallel: every rank must run the same engine
         if self._ranks is not None:
