@@ -3,16 +3,16 @@
 Public API: :func:`compile` (one graph per bucket, replayed), :func:`check` (find every host
 read in a forward), the KV caches, the bucket spec and the errors.
 """
+from graphrt._version import __version__
 from graphrt.attention import attend
 from graphrt.capture.buckets import BucketKey, Buckets
-from graphrt.capture.hostreads import HostReadReport, HostReadSite, check
+from graphrt.capture import HostReadReport, HostReadSite, check
 from graphrt.errors import (BackendUnavailableError, BucketMissError, CacheError, CaptureError, CheckpointError,
                             ConfigError, GraphrtError, GraphrtWarning, HostReadError, InputError, ParallelError,
                             RebindError, ReplayMismatchError, SignatureError)
 from graphrt.kv import RollingKVCache, StaticKVCache
 from graphrt.replay.graphed import GraphedModule, GraphStats, compile
 
-__version__ = "0.1.0"
 
 __all__ = ["compile", "check", "GraphedModule", "GraphStats", "Buckets", "BucketKey", "StaticKVCache",
            "RollingKVCache", "attend", "HostReadReport", "HostReadSite", "GraphrtError", "ConfigError",

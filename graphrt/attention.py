@@ -30,6 +30,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+from graphrt.capture import call_unwatched, only_watched
 from graphrt.errors import BackendUnavailableError
 
 SDPA_KERNELS = {"sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-flash": "FLASH_ATTENTION",
@@ -151,8 +152,6 @@ def _flex(q, k, v, seqlens):
     the kernels the CUDA graph captures: verify compares like with like, and flex is compiled and
     first launched before the capture, not inside it."""
     if q.device.type in _COMPILED_FLEX_DEVICES:
-        from graphrt.capture.watch import call_unwatched, only_watched
-
         if only_watched(q, k, v, *(() if seqlens is None else (seqlens,))):
             key = (tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device, seqlens is not None)
             return call_unwatched(_compiled_flex(key), q, k, v, seqlens)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import planted_reads as planted
-from graphrt.capture.hostreads import HostReadRecorder, check, main
+from graphrt.capture import HostReadRecorder, check
+from graphrt.check import main
 from graphrt.errors import HostReadError
 from graphrt.kv import StaticKVCache
 
@@ -352,3 +353,15 @@ def test_pinned_non_blocking_uploads_are_counted_apart():
 
     assert copy_kind(non_blocking=True, pinned=True) == ASYNC_H2D
     assert copy_kind(non_blocking=True, pinned=False) == H2D == copy_kind(non_blocking=False, pinned=True)
+
+
+def test_importing_the_command_line_keeps_graphrt_check_callable():
+    """``import graphrt.check`` binds the CLI module over the function on the package: it still checks."""
+    import graphrt
+    import graphrt.check
+
+    def reads(x):
+        return x.sum().item()
+
+    assert graphrt.check(reads, torch.ones(3)).count == 1
+    assert graphrt.check(lambda x: x * 2, torch.ones(3)).ok

@@ -39,6 +39,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from graphrt._version import __version__
 from graphrt.capture.diskcache import DiskCache
 from graphrt.errors import BackendUnavailableError, CaptureError, InputError
 
@@ -117,8 +118,6 @@ def _meta(t: torch.Tensor) -> list:
 
 def artifact_key(gm: fx.GraphModule, args: list[torch.Tensor], wrapper: str) -> tuple[str, dict]:
     """The disk-cache key of compiling ``gm`` over ``args``, and its parts (stored next to it)."""
-    from graphrt import __version__
-
     devices = {t.device for t in args}
     parts = {
         "format": FORMAT,

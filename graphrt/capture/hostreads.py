@@ -38,15 +38,12 @@ so a replay differs from an eager rerun.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
-import importlib.util
 import io
 import linecache
 import os
 import sys
-import traceback
 import types
 from collections import Counter
 from dataclasses import dataclass
@@ -58,10 +55,9 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 from torch._subclasses.fake_tensor import FakeTensor
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from graphrt.errors import CaptureError, ConfigError, HostReadError
+from graphrt.capture.watch import WatchingDispatchMode, WatchingFunctionMode
+from graphrt.errors import CaptureError, HostReadError
 
 SCALAR = "scalar read"
 SHAPE = "data-dependent shape"
@@ -199,25 +195,37 @@ def _python_read(func, args, kwargs) -> tuple[str, str, str] | None:
 
 
 # -- where: the innermost frame of user code -----------------------------------------------------
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_SKIP_DIRS = tuple(os.path.join(d, "") for d in (
-    os.path.dirname(os.path.abspath(torch.__file__)), _HERE, os.path.join(os.path.dirname(_HERE), "replay")))
-_SKIP_FILES = frozenset(os.path.abspath(m.__file__) for m in (contextlib, functools))
+_SKIP_DIRS: list[str] = [os.path.join(d, "") for d in (os.path.dirname(os.path.abspath(torch.__file__)),
+                                                      os.path.dirname(os.path.abspath(__file__)))]
+_SKIP_FILES: set[str] = {os.path.abspath(m.__file__) for m in (contextlib, functools)}
+
+
+def mark_internal(*paths: str) -> None:
+    """Count frames in ``paths`` (files, or folders and everything under them) as machinery, never the
+    user's line: a layer above capture that runs the user's function (replay) marks its own files."""
+    for p in paths:
+        p = os.path.abspath(p)
+        if os.path.isdir(p):
+            _SKIP_DIRS.append(os.path.join(p, ""))
+        else:
+            _SKIP_FILES.add(p)
+    is_internal.cache_clear()
 
 
 @functools.lru_cache(maxsize=None)
-def _internal(filename: str) -> bool:
-    """Torch, graphrt's own capture/replay machinery and stdlib wrappers: never the user's line.
+def is_internal(filename: str) -> bool:
+    """Torch, graphrt's own capture machinery (and what layers above marked with :func:`mark_internal`)
+    and stdlib wrappers: never the user's line.
 
     ``graphrt/models/`` is user code here: the reference model's reads live there.
     """
     path = os.path.abspath(filename)
-    return path.startswith(_SKIP_DIRS) or path in _SKIP_FILES
+    return path.startswith(tuple(_SKIP_DIRS)) or path in _SKIP_FILES
 
 
 def _user_frame() -> tuple[str, int]:
     frame = sys._getframe(1)
-    while frame is not None and _internal(frame.f_code.co_filename):
+    while frame is not None and is_internal(frame.f_code.co_filename):
         frame = frame.f_back
     if frame is None:
         return "<unknown>", 0
@@ -299,7 +307,7 @@ class HostReadReport:
         if self.ok:
             return f"no host reads in {self.calls} call(s): graph-safe{tail}"
         return (f"{self.count} host read(s) at {len([s for s in self.sites if s.kind in READS])} site(s) over "
-                f"{self.calls} call(s); per call: {_runs(self.per_call)}{tail}")
+                f"{self.calls} call(s); per call: {per_call_text(self.per_call)}{tail}")
 
     def table(self) -> Table:
         table = Table(box=box.SIMPLE_HEAD, show_edge=False)
@@ -319,7 +327,7 @@ class HostReadReport:
         return "\n".join(line.rstrip() for line in out.getvalue().rstrip().splitlines())
 
 
-def _runs(counts) -> str:
+def per_call_text(counts) -> str:
     """``13, 13, 13, 0`` -> ``"13 (x3), 0"``: per-call counts of a long generation stay one line."""
     groups = []
     for n in counts:
@@ -527,7 +535,7 @@ class HostReadRecorder:
         return HostReadReport(sites, tuple(self._per_call))
 
 
-class _DispatchHook(TorchDispatchMode):
+class _DispatchHook(WatchingDispatchMode):
     def __init__(self, recorder: HostReadRecorder):
         super().__init__()
         self.supports_higher_order_operators = True   # FlexAttention is a higher-order op: it runs as it is
@@ -557,7 +565,7 @@ class _DispatchHook(TorchDispatchMode):
         return out
 
 
-class _FunctionHook(TorchFunctionMode):
+class _FunctionHook(WatchingFunctionMode):
     def __init__(self, recorder: HostReadRecorder):
         super().__init__()
         self.recorder = recorder
@@ -589,148 +597,3 @@ def check(fn, *args, **kwargs) -> HostReadReport:
     with recorder:
         fn(*args, **kwargs)
     return recorder.report()
-
-
-# -- CLI: python -m graphrt.check ------------------------------------------------------------------
-@torch.no_grad()
-def _check_wan_tiny(reference: bool = False, chunks: int = 3, seed: int = 0) -> HostReadReport:
-    """A short generation of the tiny Wan, one recorded call per chunk (the denoising forwards
-    and the clean pass that writes the cache), driven by the real pipeline."""
-    from graphrt.models.wan import CausalWan, ReferenceWan, WanConfig
-    from graphrt.pipeline import Engine, reference_stream
-
-    torch.manual_seed(seed)
-    cfg = WanConfig.preset("tiny")
-    context = torch.randn(1, cfg.text_len, cfg.text_dim)
-    if reference:
-        stream = reference_stream(ReferenceWan(cfg).eval(), context, chunks, seed)
-    else:
-        stream = Engine(CausalWan(cfg).eval(), mode="eager").stream(context, chunks, seed)
-    recorder = HostReadRecorder()
-    for _ in range(chunks):
-        with recorder:
-            next(stream)
-    stream.close()
-    return recorder.report()
-
-
-class _TargetCrash(Exception):
-    """The check target itself raised (``__cause__``) while ``stage`` ran: exit status 3, not 2."""
-
-    def __init__(self, stage: str):
-        super().__init__(stage)
-        self.stage = stage
-
-
-# What the checked code may raise and still be reported as a crash (exit 3): sys.exit() in a
-# factory or forward means the check did not run, never that it found nothing. KeyboardInterrupt
-# goes on up: Ctrl-C stops the check (a non-zero exit) as it stops any program.
-_TARGET_ERRORS = (Exception, SystemExit)
-
-
-def _load_factory(spec: str):
-    """``path/to/file.py:factory`` -> (fn, args, kwargs) from ``factory()``."""
-    fix = "name a Python file and a function in it that returns (fn, args) or (fn, args, kwargs)"
-    path, sep, name = spec.rpartition(":")
-    if not sep or not path.endswith(".py") or not name.isidentifier():
-        raise ConfigError("cannot read the check target", expected="path/to/file.py:factory", got=spec, fix=fix)
-    if not os.path.isfile(path):
-        raise ConfigError("check target file not found", where=path, got=os.path.abspath(path), fix=fix)
-    module_name = f"_graphrt_check_{abs(hash(os.path.abspath(path)))}"
-    module_spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_name] = module  # dataclasses and pickling look the module up there
-    try:
-        module_spec.loader.exec_module(module)
-    except _TARGET_ERRORS as e:
-        raise _TargetCrash(f"importing {path}") from e
-    factory = getattr(module, name, None)
-    if not callable(factory):
-        raise ConfigError(f"{path} has no function {name!r}", expected="a callable factory",
-                          got=type(factory).__name__, fix=fix)
-    try:
-        made = factory()
-    except _TARGET_ERRORS as e:
-        raise _TargetCrash(f"{name}() in {path}") from e
-    if not (isinstance(made, tuple) and len(made) in (2, 3) and callable(made[0])
-            and isinstance(made[1], (tuple, list)) and (len(made) == 2 or isinstance(made[2], dict))):
-        raise ConfigError(f"{name}() returned something that is not (fn, args) or (fn, args, kwargs)",
-                          where=path, expected="(callable, tuple/list[, dict])",
-                          got=repr(made)[:200], fix=fix)
-    fn, args, kwargs = made if len(made) == 3 else (*made, {})
-    return fn, tuple(args), kwargs
-
-
-def _crash(stage: str, e: BaseException, show_traceback: bool) -> int:
-    """Say on stderr that the check could not run (not that it found reads); exit status 3."""
-    frames = traceback.extract_tb(e.__traceback__)
-    user = [f for f in frames if not _internal(f.filename)] or frames
-    if isinstance(e, SyntaxError) and e.filename:
-        where = f"{e.filename}:{e.lineno}"
-    else:
-        where = f"{user[-1].filename}:{user[-1].lineno}" if user else None
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
-    if show_traceback:
-        err.print("".join(traceback.format_exception(e)), markup=False)
-    err.print(f"error: the check could not run: {stage} raised {type(e).__name__}: {e}"
-              + (f"\n  where: {where}" if where else "")
-              + ("" if show_traceback else "\n  fix:   run it alone to debug it, or pass --traceback"),
-              style="red", markup=False)
-    return 3
-
-
-def main(argv=None) -> int:
-    """``python -m graphrt.check``. Exit status: 0 graph-safe, 1 host reads found, 2 bad arguments,
-    3 the check could not run (the target file, its factory or the forward raised)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m graphrt.check",
-        description="Run a forward once and list every host read (file:line, kind, count, how to fix). "
-                    "Exit status: 0 graph-safe, 1 host reads found, 2 bad arguments, 3 the check could not run.")
-    parser.add_argument("target", nargs="?", help="path/to/file.py:factory; factory() returns (fn, args[, kwargs])")
-    parser.add_argument("--model", choices=["wan-tiny"], help="a built-in model with random weights")
-    parser.add_argument("--reference", action="store_true", help="check the upstream-style ReferenceWan")
-    parser.add_argument("--chunks", type=int, default=None, help="chunks to generate with --model (default 3)")
-    parser.add_argument("--traceback", action="store_true", help="print the whole traceback when the check crashes")
-    try:
-        opts = parser.parse_args(argv)
-    except SystemExit as exit_:  # argparse exits 2 on bad arguments and 0 on --help
-        return exit_.code if isinstance(exit_.code, int) else 2
-    console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)  # logs get the whole table
-    try:
-        if (opts.target is None) == (opts.model is None):
-            raise ConfigError("say what to check: one model or one factory",
-                              expected="--model wan-tiny, or path/to/file.py:factory",
-                              got=f"model={opts.model}, target={opts.target}")
-        if opts.target is not None and (opts.reference or opts.chunks is not None):
-            raise ConfigError("--reference and --chunks apply to --model only", got=opts.target)
-        chunks = 3 if opts.chunks is None else opts.chunks
-        from graphrt.models.wan import WanConfig
-
-        most = WanConfig.preset("tiny").num_chunks      # what one video's cache holds
-        if not 1 <= chunks <= most:
-            raise ConfigError(f"--chunks must be in 1..{most} (wan-tiny's videos hold {most} chunks)", got=chunks)
-        target = _load_factory(opts.target) if opts.target else None
-    except ConfigError as e:
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {e}", style="red", markup=False)
-        return 2
-    except _TargetCrash as e:
-        return _crash(e.stage, e.__cause__, opts.traceback)
-
-    if target:
-        console.print(f"host reads of {opts.target}", style="bold", markup=False)
-        try:
-            report = check(target[0], *target[1], **target[2])
-        except _TARGET_ERRORS as e:
-            return _crash("the checked function", e, opts.traceback)
-        console.print(report)
-        return 0 if report.ok else 1
-    name = "ReferenceWan" if opts.reference else "CausalWan"
-    try:
-        report = _check_wan_tiny(opts.reference, chunks)
-    except Exception as e:
-        return _crash(f"{name} (wan-tiny)", e, opts.traceback)
-    console.print(f"host reads of {name} (wan-tiny), {chunks} chunk(s) of 4 denoising forwards + the cache pass "
-                  "(one call = one chunk)", style="bold", markup=False)
-    console.print(report)
-    console.print(f"reads per chunk: {_runs(report.per_call)}", markup=False)
-    return 0 if report.ok else 1

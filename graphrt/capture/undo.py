@@ -39,8 +39,9 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import is_fake
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._python_dispatch import _disable_current_modes
 
+from graphrt.capture.watch import WatchingDispatchMode
 from graphrt.errors import CaptureError, RebindError
 
 aten = torch.ops.aten
@@ -213,7 +214,7 @@ def _region(func, t: torch.Tensor, name: str, args, kwargs) -> _Region:
     return _Whole(t)                         # copy_, fill_, zero_, add_, masked_fill_, ...: the whole view
 
 
-class WriteLog(TorchDispatchMode):
+class WriteLog(WatchingDispatchMode):
     """Record the old contents of every region an aten op overwrites in a pre-existing tensor.
 
     ``with WriteLog() as log: fn()`` runs ``fn`` for real; ``log.rollback()`` then writes every saved

@@ -1,6 +1,7 @@
 """Run compiled code under graphrt's watching modes, which cannot see into it.
 
-graphrt runs a forward under dispatch modes of its own that watch every aten op and change none:
+graphrt runs a forward under modes of its own that watch every op and change none (subclasses of
+:class:`WatchingDispatchMode` and :class:`WatchingFunctionMode`):
 the write log of a sandboxed run (warm-ups, verify's eager rerun; :mod:`graphrt.capture.undo`) and
 the host-read checker (:mod:`graphrt.capture.hostreads`). Code compiled with ``torch.compile``
 runs its kernels below the dispatcher, and dynamo will not run a compiled frame while a dispatch
@@ -18,35 +19,36 @@ import contextlib
 
 import torch
 import torch.utils._pytree as pytree
-from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode_stack
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes, _get_current_dispatch_mode_stack
 
 
-def _watchers():
-    from graphrt.capture.hostreads import _DispatchHook, _FunctionHook
-    from graphrt.capture.undo import WriteLog
+class WatchingDispatchMode(TorchDispatchMode):
+    """A dispatch mode that watches every aten op and changes none (the write log, the host-read
+    checker's op hook): compiled code may run with it suspended."""
 
-    return (WriteLog, _DispatchHook), (_FunctionHook,)
+
+class WatchingFunctionMode(TorchFunctionMode):
+    """A function mode that watches and changes nothing (the host-read checker's call hook)."""
 
 
 def only_watched(*tensors: torch.Tensor) -> bool:
     """True when no dispatch mode but graphrt's watchers is active and ``tensors`` are plain
     (not fake, not functional): compiled code may then run, under :func:`call_unwatched`."""
-    dispatch, _ = _watchers()
     if any(type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter) or torch._is_functional_tensor(t)
            for t in tensors):
         return False
-    return all(isinstance(m, dispatch) for m in _get_current_dispatch_mode_stack())
+    return all(isinstance(m, WatchingDispatchMode) for m in _get_current_dispatch_mode_stack())
 
 
 @contextlib.contextmanager
 def _function_watchers_suspended():
     """Pop the host-read checker's function mode off the top of the stack (dynamo would trace
     into its bookkeeping); other function modes (``torch.device``) stay for dynamo to honour."""
-    _, function = _watchers()
     popped = []
     try:
         while torch._C._len_torch_function_stack() and isinstance(
-                torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1), function):
+                torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1), WatchingFunctionMode):
             popped.append(torch._C._pop_torch_function_stack())
         yield
     finally:

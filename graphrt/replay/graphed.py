@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.utils._pytree as pytree
 
+from graphrt.capture import mark_internal
 from graphrt.capture.aot import resolve_wrapper
 from graphrt.capture.backends import BACKENDS
 from graphrt.capture.buckets import (Buckets, BucketKey, PyValue, Request, StateRef, TensorSpec, bind,
@@ -27,6 +29,9 @@ from graphrt.capture.undo import Bindings, TensorIds, WriteLog, roots_of
 from graphrt.errors import (BackendUnavailableError, BucketMissError, CaptureError, InputError, ReplayMismatchError,
                             SignatureError)
 from graphrt.tolerance import max_rel_err, tolerance
+
+
+mark_internal(os.path.dirname(os.path.abspath(__file__)))   # a host read's line is the user's, not replay's
 
 
 @dataclass
