@@ -3,15 +3,15 @@
 Public API: :func:`compile` (one graph per bucket, replayed), :func:`check` (find every host
 read in a forward), the KV caches, the bucket spec and the errors.
 """
-from graphrt._version import __version__
+from graphrt._version import __version__  # noqa: F401
 from graphrt.attention import attend
-from graphrt.capture.buckets import BucketKey, Buckets
 from graphrt.capture import HostReadReport, HostReadSite, check
 from graphrt.errors import (BackendUnavailableError, BucketMissError, CacheError, CaptureError, CheckpointError,
                             ConfigError, GraphrtError, GraphrtWarning, HostReadError, InputError, ParallelError,
                             RebindError, ReplayMismatchError, SignatureError)
 from graphrt.kv import RollingKVCache, StaticKVCache
-from graphrt.replay.graphed import GraphedModule, GraphStats, compile
+from graphrt.llm import cache as _llm_cache  # noqa: F401  (registers the transformers-cache check with capture)
+from graphrt.replay import BucketKey, Buckets, GraphedModule, GraphStats, compile
 
 
 __all__ = ["compile", "check", "GraphedModule", "GraphStats", "Buckets", "BucketKey", "StaticKVCache",

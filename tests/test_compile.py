@@ -502,7 +502,7 @@ def test_spec_and_backend_mistakes_fail_at_compile_time(cfg):
 
 def test_device_comes_from_the_runtime_state_when_no_tensor_is_passed():
     """A chunk function takes no tensors: the cache says where it runs (cuda-graph on a GPU)."""
-    from graphrt.capture.buckets import bind
+    from graphrt.replay.buckets import bind
 
     class State:
         device = torch.device("cuda", 0)
@@ -660,7 +660,7 @@ def test_capture_order_is_largest_first(cfg):
     spec = wan_buckets(cfg, batch_sizes=(1, 2))
     model = CausalWan(cfg, attention="sdpa").eval()
     g = graphrt.compile(model, buckets=spec, progress=False)
-    from graphrt.capture.buckets import bind
+    from graphrt.replay.buckets import bind
 
     x = torch.zeros(1, cfg.in_dim, 3, cfg.height, cfg.width)
     key = spec.key(bind(g.signature, (x, torch.zeros(1)), {"kv_frames": 3, "kv_exact": True}))

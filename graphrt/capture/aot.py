@@ -41,6 +41,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from graphrt._version import __version__
 from graphrt.capture.diskcache import DiskCache
+from graphrt.capture.tensors import storage_key
 from graphrt.errors import BackendUnavailableError, CaptureError, InputError
 
 WRAPPERS = ("aoti", "cpp-wrapper", "python")
@@ -104,7 +105,7 @@ def _check_no_aliasing(args: list[torch.Tensor]) -> None:
     for i, t in enumerate(args):
         if t.numel() == 0:
             continue
-        k = (t.device, t.untyped_storage().data_ptr())
+        k = storage_key(t)
         if k in seen:
             raise CaptureError(f"inputs {seen[k]} and {i} of the compiled graph share memory "
                                f"({list(args[seen[k]].shape)} and {list(t.shape)})",

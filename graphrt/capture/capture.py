@@ -17,7 +17,9 @@ import torch
 import torch.utils._pytree as pytree
 
 from graphrt.capture.backends import BACKENDS, GRAPH_CLASSES
-from graphrt.capture.hostreads import HostReadRecorder, device_tensors, storage_key
+from graphrt.capture.hostreads import HostReadRecorder, device_tensors
+from graphrt.capture.state import CaptureGuarded
+from graphrt.capture.tensors import storage_key
 from graphrt.capture.undo import Sandbox, root_values, roots_of
 from graphrt.errors import BackendUnavailableError, CaptureError, GraphrtWarning, HostReadError
 
@@ -124,7 +126,7 @@ def state_guard(states):
     snaps = [s.snapshot() for s in states]
     with contextlib.ExitStack() as stack:
         for s in states:
-            if hasattr(s, "capture_guard"):
+            if isinstance(s, CaptureGuarded):
                 stack.enter_context(s.capture_guard())
         try:
             yield
@@ -221,10 +223,10 @@ def refuse_argument_writes(log, inputs: list[torch.Tensor], names: list[str] | N
     object argument (a cache, a dataclass) or a module buffer."""
     if log is None or not inputs:
         return
-    storages = {t.untyped_storage().data_ptr(): i for i, t in enumerate(inputs) if t.numel() > 0}
+    storages = {storage_key(t): i for i, t in enumerate(inputs) if t.numel() > 0}
     hit: dict[int, str] = {}
     for r in log.regions:
-        i = storages.get(r.tensor.untyped_storage().data_ptr())
+        i = storages.get(storage_key(r.tensor))
         if i is not None:
             hit.setdefault(i, r.op)
     if not hit:

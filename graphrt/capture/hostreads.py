@@ -44,7 +44,6 @@ import io
 import linecache
 import os
 import sys
-import types
 from collections import Counter
 from dataclasses import dataclass
 
@@ -54,8 +53,9 @@ from rich import box
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
-from torch._subclasses.fake_tensor import FakeTensor
 
+from graphrt.capture.state import is_runtime_state
+from graphrt.capture.tensors import is_transformers_cache, reachable_tensors, split_args, storage_key
 from graphrt.capture.watch import WatchingDispatchMode, WatchingFunctionMode
 from graphrt.errors import CaptureError, HostReadError
 
@@ -339,16 +339,6 @@ def per_call_text(counts) -> str:
 
 
 # -- where a tensor lives ----------------------------------------------------------------------------
-def storage_key(t: torch.Tensor):
-    """Identifies the memory a tensor lives in (views of one tensor share it)."""
-    if isinstance(t, FakeTensor):       # make_fx's metadata for a traced op's output (collectives): no memory
-        return t.device, id(t)
-    try:
-        return t.device, t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):   # a tensor without storage (a subclass wrapper)
-        return t.device, id(t)
-
-
 def device_tensors(*objs, through=(), depth: int = 3) -> list[torch.Tensor]:
     """The tensors that live on the model's device, for telling host values apart on a CPU model.
 
@@ -359,46 +349,8 @@ def device_tensors(*objs, through=(), depth: int = 3) -> list[torch.Tensor]:
     transformers caches) and modules' parameters and buffers. A plain tensor attribute of a module
     or of an owner object is not among them: ``model.to(device)`` leaves it on the host.
     """
-    from graphrt.capture.buckets import is_runtime_state
-
-    out: list[torch.Tensor] = []
-    seen: set[int] = set()
-
-    def holds_state(x) -> bool:
-        return is_runtime_state(x) or (type(x).__module__.startswith("transformers.")
-                                       and isinstance(getattr(x, "layers", None), list))
-
-    def walk(x, d, collect):
-        if isinstance(x, torch.Tensor):
-            if collect:
-                out.append(x)
-            return
-        if id(x) in seen or isinstance(x, _NOT_STATE):
-            return
-        seen.add(id(x))
-        if isinstance(x, torch.nn.Module):
-            out.extend(x.parameters())
-            out.extend(x.buffers())
-        elif isinstance(x, (list, tuple)):
-            for v in x:
-                walk(v, d, collect)
-        elif isinstance(x, dict):
-            for v in x.values():
-                walk(v, d, collect)
-        elif d > 0 and hasattr(x, "__dict__"):
-            inner = collect or holds_state(x)
-            for v in vars(x).values():
-                walk(v, d - 1, inner)
-
-    for o in objs:
-        walk(o, depth, True)
-    for o in through:
-        walk(o, depth, False)
-    return out
-
-
-_NOT_STATE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType, functools.partial,
-              str, bytes)
+    return list(reachable_tensors(objs, through=through, depth=depth,
+                                  holds_state=lambda x: is_runtime_state(x) or is_transformers_cache(x)))
 
 
 class _Placement:
@@ -457,32 +409,6 @@ def _draws_random(func, args, kwargs) -> bool:
             if not v:
                 return False
     return True
-
-
-def _tensors(values) -> list[torch.Tensor]:
-    out = []
-    for a in values:
-        if isinstance(a, torch.Tensor):
-            out.append(a)
-        elif isinstance(a, (list, tuple)):
-            out.extend(x for x in a if isinstance(x, torch.Tensor))
-    return out
-
-
-@functools.lru_cache(maxsize=None)
-def written_args(func) -> tuple[frozenset[int], frozenset[str]]:
-    """Positions and names of the arguments an op writes (``self`` of ``add_``, ``out=``)."""
-    params = func._schema.arguments
-    hit = [(i, a.name) for i, a in enumerate(params) if a.alias_info is not None and a.alias_info.is_write]
-    return frozenset(i for i, _ in hit), frozenset(n for _, n in hit)
-
-
-def _split_args(func, args, kwargs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(tensors the op reads, tensors it writes)."""
-    pos, names = written_args(func)
-    read = _tensors([a for i, a in enumerate(args) if i not in pos] + [v for k, v in kwargs.items() if k not in names])
-    written = _tensors([a for i, a in enumerate(args) if i in pos] + [v for k, v in kwargs.items() if k in names])
-    return read, written
 
 
 _LIFTS = frozenset({aten.lift_fresh.default, aten.lift_fresh_copy.default})
@@ -548,7 +474,7 @@ class _DispatchHook(WatchingDispatchMode):
             out = func(*args, **kwargs)
             rec._placement.produced([], out, on_device=True)
             return out
-        reads, writes = _split_args(func, args, kwargs)
+        reads, writes = split_args(func, args, kwargs)
         tensors = reads + writes
         if not rec._muted:
             read = _aten_read(func, args, kwargs) if func in _WATCHED else None

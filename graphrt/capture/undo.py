@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import types
 from typing import Any, Callable
 
@@ -41,6 +40,7 @@ import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import _disable_current_modes
 
+from graphrt.capture.tensors import OPAQUE, SCALARS, storage_key, written_args
 from graphrt.capture.watch import WatchingDispatchMode
 from graphrt.errors import CaptureError, RebindError
 
@@ -56,22 +56,6 @@ _INDEX_PUT = frozenset({aten.index_put_.default, aten._index_put_impl_.default})
 # ops that change a tensor's shape, strides or storage, not (only) its data
 _META = frozenset({"resize_", "resize_as_", "set_", "as_strided_", "transpose_", "t_", "squeeze_", "unsqueeze_",
                    "swapdims_", "swapaxes_", "detach_"})
-
-
-@functools.lru_cache(maxsize=None)
-def _written_args(func) -> tuple[tuple[int | None, str], ...]:
-    """(position or None for keyword-only, name) of each argument the op writes."""
-    out, pos = [], 0
-    for a in func._schema.arguments:
-        if a.alias_info is not None and a.alias_info.is_write:
-            out.append((None if a.kwarg_only else pos, a.name))
-        if not a.kwarg_only:
-            pos += 1
-    return tuple(out)
-
-
-def _storage_ptr(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
 
 
 def _tracked(t) -> bool:
@@ -239,24 +223,24 @@ class WriteLog(WatchingDispatchMode):
         kwargs = kwargs or {}
         if not isinstance(func, torch._ops.OpOverload):     # a higher-order op (FlexAttention): runs unrecorded
             out = func(*args, **kwargs)
-            self._fresh.update(_storage_ptr(t) for t in pytree.tree_leaves(out) if _tracked(t))
+            self._fresh.update(storage_key(t) for t in pytree.tree_leaves(out) if _tracked(t))
             return out
-        written = _written_args(func)
+        written = written_args(func)
         if written:
             # the copies run below every mode: a tracer (make_fx) sits under this one and must not see them
             with _disable_current_modes(), torch.no_grad():
                 for pos, name in written:
                     target = kwargs.get(name) if pos is None else (args[pos] if pos < len(args) else kwargs.get(name))
                     for t in (target if isinstance(target, (list, tuple)) else (target,)):
-                        if _tracked(t) and _storage_ptr(t) not in self._fresh:
+                        if _tracked(t) and storage_key(t) not in self._fresh:
                             region = _region(func, t, name, args, kwargs)
                             region.op = str(func)
                             self.regions.append(region.save())
         out = func(*args, **kwargs)
         if not written:
-            inputs = {_storage_ptr(t) for t in pytree.tree_leaves((args, kwargs)) if _tracked(t)}
+            inputs = {storage_key(t) for t in pytree.tree_leaves((args, kwargs)) if _tracked(t)}
             for t in pytree.tree_leaves(out):
-                if _tracked(t) and (p := _storage_ptr(t)) not in inputs:
+                if _tracked(t) and (p := storage_key(t)) not in inputs:
                     self._fresh.add(p)
         return out
 
@@ -278,9 +262,6 @@ class WriteLog(WatchingDispatchMode):
 
 
 # -- rebinding ------------------------------------------------------------------------------------
-_SCALARS = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
-_OPAQUE = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType, type,
-           torch.nn.Parameter, functools.partial)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,15 +347,15 @@ class Bindings:
         self._seen.clear()
 
     def _record(self, slot: _Slot, value, path: str, level: int):
-        if isinstance(value, torch.Tensor) or isinstance(value, _SCALARS):
+        if isinstance(value, torch.Tensor) or isinstance(value, SCALARS):
             self.slots[path] = (slot, value)
         else:
-            if not isinstance(value, _OPAQUE):
+            if not isinstance(value, OPAQUE):
                 self.holders[path] = (slot, value)
             self._walk(value, path, level + 1)
 
     def _walk(self, obj, path: str, level: int):
-        if id(obj) in self._seen or isinstance(obj, _OPAQUE) or isinstance(obj, _SCALARS) or \
+        if id(obj) in self._seen or isinstance(obj, OPAQUE) or isinstance(obj, SCALARS) or \
                 isinstance(obj, torch.Tensor):
             return
         self._seen.add(id(obj))
@@ -498,7 +479,7 @@ def roots_of(fn: Callable, named: dict[str, Any] | None = None) -> dict[str, Any
             roots[name] = _Slot(cell, name, "cell")
         g = getattr(func, "__globals__", {})
         for name in code.co_names:
-            if name in g and not isinstance(g[name], _OPAQUE):
+            if name in g and not isinstance(g[name], OPAQUE):
                 roots.setdefault(name, _Slot(g, name, "item"))
     roots.update(named or {})
     return roots

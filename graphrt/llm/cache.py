@@ -16,9 +16,12 @@ capture, where a changed Python number or a rebound tensor is named (``graphrt.c
 from __future__ import annotations
 
 import copy
+from typing import Any, Mapping
 
 import torch
 
+from graphrt.capture.state import register_argument_check
+from graphrt.capture.tensors import is_transformers_cache
 from graphrt.errors import CacheError, InputError
 
 _SLIDING = ("keeps the window's fill level in a Python int (cumulative_length_int) and decides on the host, "
@@ -27,11 +30,6 @@ _SLIDING = ("keeps the window's fill level in a Python int (cumulative_length_in
             "window fills")
 _DYNAMIC = ("grows keys and values by concatenation: a new shape and a new tensor every token, which no "
             "static graph can hold")
-
-
-def is_transformers_cache(obj) -> bool:
-    """A ``transformers.Cache`` (checked by module, so transformers need not be imported)."""
-    return type(obj).__module__.startswith("transformers.") and isinstance(getattr(obj, "layers", None), list)
 
 
 def _unsupported(layer) -> str | None:
@@ -122,3 +120,23 @@ def batch_view(cache, rows: int):
             v.batch_size = rows
         view.layers.append(v)
     return view
+
+
+class TransformersCacheCheck:
+    """The capture's :class:`~graphrt.capture.state.ArgumentCheck` for transformers caches passed as
+    arguments: a layout a graph can replay (:func:`check_layout`), rows for the batch the graph runs
+    (:func:`check_batch`; without batch buckets, the rows of ``input_ids`` or ``inputs_embeds``)."""
+
+    def applies(self, obj: Any) -> bool:
+        return is_transformers_cache(obj)
+
+    def check(self, obj: Any, path: str, batch: int | None, call: Mapping[str, Any]) -> None:
+        check_layout(obj)
+        if batch is None:
+            batch = next((x.shape[0] for p, x in call.items()
+                          if p in ("input_ids", "inputs_embeds") and isinstance(x, torch.Tensor)), None)
+        if batch is not None:
+            check_batch(obj, batch, path)
+
+
+register_argument_check(TransformersCacheCheck())

@@ -19,10 +19,11 @@ import torch
 import torch.utils._pytree as pytree
 
 from graphrt.capture import mark_internal
+from graphrt.capture.state import PaddedRows, argument_checks, is_runtime_state
+from graphrt.capture.tensors import SCALARS
 from graphrt.capture.aot import resolve_wrapper
 from graphrt.capture.backends import BACKENDS
-from graphrt.capture.buckets import (Buckets, BucketKey, PyValue, Request, StateRef, TensorSpec, bind,
-                                     is_runtime_state, parameter_names)
+from graphrt.replay.buckets import Buckets, BucketKey, PyValue, Request, StateRef, TensorSpec, bind, parameter_names
 from graphrt.capture.capture import Captured, Runtime, capture, resolve_backend
 from graphrt.capture.diskcache import DiskCache
 from graphrt.capture.undo import Bindings, TensorIds, WriteLog, roots_of
@@ -255,7 +256,7 @@ class GraphedModule:
                     "reorder_cache does), or compile again")
 
     def _capture(self, key: BucketKey, req: Request, load: bool = True) -> _Bucket:
-        _check_caches(req, key)
+        _check_arguments(req, key)
         if self.runtime is None:
             device = self._device(req)
             self.runtime = Runtime(resolve_backend(self.backend, device), check_host_reads=self.check, device=device,
@@ -319,7 +320,7 @@ class GraphedModule:
         stack = contextlib.ExitStack()
         if req.batch is not None and req.batch < entry.key.batch:
             for s in entry.states:
-                if hasattr(s, "pad_rows"):
+                if isinstance(s, PaddedRows):
                     stack.enter_context(s.pad_rows(req.batch, entry.key.batch))
         return stack
 
@@ -399,7 +400,7 @@ class GraphedModule:
 def _object_roots(req: Request) -> dict[str, Any]:
     """The call's argument objects (a cache, a dict's dataclass) by path: what capture must leave as found."""
     return {p: x for p, x in zip(req.paths, req.leaves)
-            if not isinstance(x, (torch.Tensor, bool, int, float, complex, str, type(None)))}
+            if not isinstance(x, (torch.Tensor,) + SCALARS)}
 
 
 def _stateful(v) -> bool:
@@ -409,22 +410,16 @@ def _stateful(v) -> bool:
     return any(isinstance(x, torch.Tensor) for _, x in Bindings({"arg": v.value}).slots.values())
 
 
-def _check_caches(req: Request, key: BucketKey) -> None:
-    """transformers caches among the arguments: a layout a graph can replay, rows for the batch run."""
-    caches = {p: x for p, x in _object_roots(req).items() if type(x).__module__.startswith("transformers.")}
-    if not caches:
-        return
-    from graphrt.llm.cache import check_batch, check_layout, is_transformers_cache
-
-    batch = key.batch
-    if batch is None:
-        batch = next((x.shape[0] for p, x in zip(req.paths, req.leaves)
-                      if p in ("input_ids", "inputs_embeds") and isinstance(x, torch.Tensor)), None)
-    for path, cache in caches.items():
-        if is_transformers_cache(cache):
-            check_layout(cache)
-            if batch is not None:
-                check_batch(cache, batch, path)
+def _check_arguments(req: Request, key: BucketKey) -> None:
+    """Argument objects the capture cannot judge alone (a transformers cache): each registered
+    :class:`~graphrt.capture.state.ArgumentCheck` that applies refuses what a graph cannot replay."""
+    checks = argument_checks()
+    call = None
+    for path, obj in _object_roots(req).items():
+        for c in checks:
+            if c.applies(obj):
+                call = call or dict(zip(req.paths, req.leaves))
+                c.check(obj, path, key.batch, call)
 
 
 def _region_name(t: torch.Tensor, names: dict[int, str]) -> str:

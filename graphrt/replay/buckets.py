@@ -20,6 +20,8 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.utils._pytree as pytree
 
+from graphrt.capture.state import is_runtime_state
+from graphrt.capture.tensors import SCALARS
 from graphrt.errors import InputError
 
 
@@ -78,7 +80,7 @@ class PyValue:
     def by_identity(self) -> bool:
         """Whether two values match only when they are the same object."""
         return isinstance(self.key, _Identity) or (
-            not isinstance(self.value, _SCALARS) and type(self.value).__eq__ is object.__eq__)
+            not isinstance(self.value, SCALARS) and type(self.value).__eq__ is object.__eq__)
 
     def __str__(self):
         if isinstance(self.key, _Identity):     # its repr would print every tensor it holds
@@ -89,16 +91,6 @@ class PyValue:
 @dataclass(frozen=True)
 class _Identity:
     ident: int
-
-
-_SCALARS = (bool, int, float, complex, str, bytes, type(None))
-
-
-def is_runtime_state(obj) -> bool:
-    """Objects that own runtime state: ``snapshot(data=False)``/``restore(snap)`` around capture and
-    verification, ``reset()`` for a new video; optional ``capture_guard()`` (redirect writes while
-    capturing) and ``pad_rows(start, stop)`` (send padded batch rows to scratch during a replay)."""
-    return not isinstance(obj, type) and all(callable(getattr(obj, m, None)) for m in ("snapshot", "restore", "reset"))
 
 
 @dataclass(frozen=True)
