@@ -1,7 +1,7 @@
-"""What ``graphrt.compile`` returns: dispatch, copy-in, replay, outputs, stats, reset, verify.
+"""What ``graphrt.compile`` returns: the graph wrapper (static buffers, capture, replay, verify, stats).
 
-One call: bind and flatten the arguments, map them to a bucket key, copy the tensors into that
-bucket's static buffers (skipped when the caller passed the static buffer itself), replay, and
+One call: the :class:`~graphrt.replay.dispatch.Dispatcher` binds the arguments and maps them to a
+bucket key; the wrapper captures that bucket if it is new, copies the tensors into its static buffers (skipped when the caller passed the static buffer itself), replay, and
 hand back the static outputs in the model's own structure (unless ``clone_outputs``). Every
 bucket's outputs live in one shared arena, so an output is valid until the next replay of *any*
 bucket of this module, on CUDA and in the CPU emulation alike: clone what you keep. Static buffers are allocated once per argument at the largest batch
@@ -9,7 +9,6 @@ bucket; each bucket uses a view.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 from dataclasses import dataclass
@@ -17,18 +16,20 @@ from typing import Any, Callable
 
 import torch
 import torch.utils._pytree as pytree
+from rich.markup import escape
+from rich.progress import Progress
 
 from graphrt.capture import mark_internal
-from graphrt.capture.state import PaddedRows, argument_checks, is_runtime_state
-from graphrt.capture.tensors import SCALARS
 from graphrt.capture.aot import resolve_wrapper
 from graphrt.capture.backends import BACKENDS
-from graphrt.replay.buckets import Buckets, BucketKey, PyValue, Request, StateRef, TensorSpec, bind, parameter_names
 from graphrt.capture.capture import Captured, Runtime, capture, resolve_backend
 from graphrt.capture.diskcache import DiskCache
+from graphrt.capture.state import argument_checks, is_runtime_state
+from graphrt.capture.tensors import SCALARS
 from graphrt.capture.undo import Bindings, TensorIds, WriteLog, roots_of
-from graphrt.errors import (BackendUnavailableError, BucketMissError, CaptureError, InputError, ReplayMismatchError,
-                            SignatureError)
+from graphrt.errors import BackendUnavailableError, CaptureError, InputError, ReplayMismatchError, SignatureError
+from graphrt.replay.buckets import BucketKey, Buckets, Request, StateRef, TensorSpec
+from graphrt.replay.dispatch import Dispatcher
 from graphrt.tolerance import max_rel_err, tolerance
 
 
@@ -86,19 +87,11 @@ class GraphedModule:
         self._disk = DiskCache.resolve(cache_dir) if inductor else None
         self.fn = fn
         self.module = fn if isinstance(fn, torch.nn.Module) else None
-        target = fn.forward if self.module is not None else fn
-        try:
-            self.signature = inspect.signature(target)
-        except (TypeError, ValueError):
-            self.signature = None
-        self.buckets = buckets or Buckets()
-        self.buckets.check_names(parameter_names(self.signature))
+        self.dispatch = Dispatcher(fn, buckets)
         self.backend, self.inductor, self.verify = backend, inductor, verify
         self.fallback, self.clone_outputs, self.check, self.progress = fallback, clone_outputs, check, progress
         self.stats = GraphStats()
         self.runtime: Runtime | None = None
-        self.sealed = False
-        self._graphs: dict[BucketKey, _Bucket] = {}
         self._buffers: dict[tuple, torch.Tensor] = {}
         owner = self.module if self.module is not None else getattr(fn, "__self__", None)
         # module buffers, closures and argument objects need no declaration: capture's write log undoes them
@@ -110,16 +103,37 @@ class GraphedModule:
     @property
     def keys(self) -> list[BucketKey]:
         """Captured buckets, largest first."""
-        return sorted(self._graphs, key=BucketKey.sort_key, reverse=True)
+        return self.dispatch.keys
+
+    @property
+    def buckets(self) -> Buckets:
+        return self.dispatch.buckets
+
+    @property
+    def signature(self) -> inspect.Signature | None:
+        return self.dispatch.signature
+
+    @property
+    def sealed(self) -> bool:
+        """True once ``prewarm()`` captured every bucket: a request no graph serves is then a miss."""
+        return self.dispatch.sealed
+
+    @sealed.setter
+    def sealed(self, value: bool) -> None:
+        self.dispatch.sealed = value
+
+    @property
+    def _graphs(self) -> dict[BucketKey, _Bucket]:
+        return self.dispatch.graphs
 
     def __call__(self, *args, **kwargs):
-        req = bind(self.signature, args, kwargs)
+        req = self.dispatch.request(args, kwargs)
         self._register_states(req)
-        key = self.buckets.key(req)
+        key = self.dispatch.key(req)
         entry = self._graphs.get(key)
         captured_now = entry is None
         if entry is None:
-            self._refuse_swapped_objects(key)
+            self.dispatch.refuse_swapped_objects(key)
             why = self.buckets.allows(key)
             if self.sealed or why:
                 return self._miss(req, key, why)
@@ -127,7 +141,7 @@ class GraphedModule:
         elif entry.tensor_ids is not None:
             self._refuse_rebound_tensors(entry)
         self._load(entry, req)
-        with torch.no_grad(), self._padding(entry, req):
+        with torch.no_grad(), self.dispatch.padding(key, req, entry.states):
             # the call that captured ran with the capture's own Python values: verifying it proves nothing
             if not captured_now and entry.verified < self.verify:
                 outs = self._verified_replay(entry)
@@ -145,29 +159,20 @@ class GraphedModule:
         Without arguments, the buckets of the calls seen so far are expanded the same way.
         """
         if args or kwargs:
-            req = bind(self.signature, args, kwargs)
+            req = self.dispatch.request(args, kwargs)
             self._register_states(req)
-            templates = [(self.buckets.key(req), req)]
+            templates = [(self.dispatch.key(req), req)]
         else:
             templates = [(k, e.request) for k, e in self._graphs.items()]
             if not templates:
                 raise CaptureError("prewarm() without an example call has nothing to capture",
                                    fix="call prewarm(*example_args, **example_kwargs) once")
-        todo: dict[BucketKey, Request] = {}
-        for key, req in templates:
-            for k in self.buckets.expand(key):
-                if k not in self._graphs and self.buckets.allows(k) is None:
-                    todo.setdefault(k, req)
-        order = sorted(todo, key=BucketKey.sort_key, reverse=True)
-        from rich.progress import Progress
-
-        from rich.markup import escape
-
+        order = self.dispatch.plan(templates)
         with Progress(transient=True, disable=not self.progress) as bar:
             task = bar.add_task(f"capturing {len(order)} graphs", total=len(order))
-            for i, k in enumerate(order):
+            for i, (k, req) in enumerate(order):
                 bar.update(task, description=escape(f"capturing graph {i + 1} of {len(order)}: {k}"))
-                self._capture(k, todo[k], load=todo[k] is templates[0][1] and k == templates[0][0])
+                self._capture(k, req, load=req is templates[0][1] and k == templates[0][0])
                 bar.advance(task)
         self.sealed = True
         return self
@@ -180,8 +185,8 @@ class GraphedModule:
     def static_inputs(self, *args, **kwargs) -> tuple[tuple, dict]:
         """The static buffers of the bucket this call maps to, in the call's ``(args, kwargs)``
         structure. Writing into them and passing them back skips the copy-in."""
-        req = bind(self.signature, args, kwargs)
-        key = self.buckets.key(req)
+        req = self.dispatch.request(args, kwargs)
+        key = self.dispatch.key(req)
         if key not in self._graphs:
             return self._miss(req, key, self.buckets.allows(key), raise_only=True)
         entry = self._graphs[key]
@@ -224,23 +229,6 @@ class GraphedModule:
             self._buffers[k] = torch.zeros(full, dtype=spec.dtype, device=spec.device)
         buf = self._buffers[k]
         return buf[:spec.shape[0]] if spec.batched else buf
-
-    def _refuse_swapped_objects(self, key: BucketKey) -> None:
-        """A request that differs from a captured bucket only in a stateful argument object (a cache):
-        the graph reads and writes that object's tensors, so another object needs another graph, and
-        each would hold its cache alive. Refused, with the argument named."""
-        for k in self._graphs:
-            if (k.batch, k.statics, k.structure) != (key.batch, key.statics, key.structure):
-                continue
-            old, new = dict(k.signature), dict(key.signature)
-            diffs = [p for p in new if old.get(p) != new[p]]
-            if diffs and all(_stateful(old.get(p)) and _stateful(new[p]) for p in diffs):
-                p = diffs[0]
-                raise SignatureError(
-                    f"{p} is another {type(new[p].value).__name__} object than the one bucket [{k}] was captured with",
-                    expected=f"the captured object at {id(old[p].value):#x}", got=f"an object at {id(new[p].value):#x}",
-                    fix="a graph reads and writes the tensors of the object it was captured with: pass that object "
-                        "again (reset it for a new sequence), or compile one graphrt.compile(...) per object")
 
     def _refuse_rebound_tensors(self, entry: _Bucket) -> None:
         """An argument object (a cache) that holds other tensors than at capture: the graph would go
@@ -305,7 +293,7 @@ class GraphedModule:
             if not isinstance(dst, torch.Tensor):
                 continue
             src = req.leaves[i]
-            if not self.buckets._batched(req, i):
+            if not self.dispatch.batched(req, i):
                 if not _same_memory(src, dst):
                     dst.copy_(src)
                 continue
@@ -315,19 +303,8 @@ class GraphedModule:
             if n < dst.shape[0]:
                 dst[n:].zero_()
 
-    def _padding(self, entry: _Bucket, req: Request):
-        """While a padded request replays, its padded rows point at each cache's scratch slab."""
-        stack = contextlib.ExitStack()
-        if req.batch is not None and req.batch < entry.key.batch:
-            for s in entry.states:
-                if isinstance(s, PaddedRows):
-                    stack.enter_context(s.pad_rows(req.batch, entry.key.batch))
-        return stack
-
     def _outputs(self, entry: _Bucket, req: Request, tensors):
-        b, bucket = req.batch, entry.key.batch
-        if b is not None and b < bucket:
-            tensors = [t[:b] if t.dim() and t.shape[0] == bucket else t for t in tensors]
+        tensors = self.dispatch.unpad(entry.key, req, tensors)
         if self.clone_outputs:
             tensors = [t.clone() for t in tensors]
         return entry.captured.outputs(tensors)
@@ -375,39 +352,13 @@ class GraphedModule:
             args, kwargs = req.rebuild(req.leaves)
             with torch.no_grad():
                 return self.fn(*args, **kwargs)
-        near = [k for k in self._graphs if k.batch == key.batch and k.statics == key.statics]
-        if near and why is None:
-            want = dict(near[0].signature)
-            diffs = [(p, want.get(p, "(absent)"), v) for p, v in key.signature if want.get(p) != v]
-            diffs += [(p, w, "(absent)") for p, w in near[0].signature if p not in dict(key.signature)]
-            if not diffs:
-                diffs = [("structure", near[0].structure, key.structure)]
-            raise SignatureError(
-                f"inputs do not match the captured signature of bucket [{near[0]}]",
-                expected="; ".join(f"{p}: {w}" for p, w, _ in diffs),
-                got="; ".join(f"{p}: {g}" for p, _, g in diffs),
-                fix="pass inputs of the captured shape/dtype/device (and the same cache objects), or capture "
-                    "this signature before prewarm() seals the graphs")
-        existing = ", ".join(f"[{k}]" for k in self.keys) or "none"
-        raise BucketMissError(
-            f"no captured graph serves this request: [{key}]",
-            got=why or "the graphs are sealed (prewarm() ran) and this bucket was not captured",
-            expected=f"one of the captured buckets: {existing}",
-            fix="add the batch size / static value to the Buckets spec and prewarm again, or compile with "
-                "fallback='eager' to run such requests eagerly (counted in stats.eager_fallbacks)")
+        raise self.dispatch.miss(key, why)
 
 
 def _object_roots(req: Request) -> dict[str, Any]:
     """The call's argument objects (a cache, a dict's dataclass) by path: what capture must leave as found."""
     return {p: x for p, x in zip(req.paths, req.leaves)
             if not isinstance(x, (torch.Tensor,) + SCALARS)}
-
-
-def _stateful(v) -> bool:
-    """A Python leaf keyed by identity that holds tensors (a transformers Cache, a state dataclass)."""
-    if not isinstance(v, PyValue) or not v.by_identity:
-        return False
-    return any(isinstance(x, torch.Tensor) for _, x in Bindings({"arg": v.value}).slots.values())
 
 
 def _check_arguments(req: Request, key: BucketKey) -> None:
