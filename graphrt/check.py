@@ -23,6 +23,7 @@ from graphrt.errors import ConfigError
 from graphrt.models.wan import CausalWan, ReferenceWan, WanConfig
 from graphrt.pipeline import Engine, reference_stream
 
+
 @torch.no_grad()
 def _check_wan_tiny(reference: bool = False, chunks: int = 3, seed: int = 0) -> HostReadReport:
     """A short generation of the tiny Wan, one recorded call per chunk (the denoising forwards

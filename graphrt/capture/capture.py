@@ -1,9 +1,10 @@
 """Capture one bucket: check for host reads, warm up, capture, and leave no trace in the state.
 
 The :class:`Runtime` owns what captures share (backend, CUDA memory pool, side stream, flags),
-so nothing here is global. :func:`capture` runs the whole procedure for one bucket inside the
-state guards of every runtime-state object (KV caches): writes during warm-up and capture land in
-scratch, and positions, lengths and block tables are restored afterwards.
+so nothing here is global. :func:`capture` runs the whole procedure for one bucket in a
+:class:`~graphrt.capture.undo.Sandbox`, whose write log undoes every write of every run (positions,
+lengths, block tables and K/V rows alike), inside each runtime state's capture guard (a KV cache
+sends the warm-ups' writes to its scratch slab).
 """
 from __future__ import annotations
 
@@ -117,22 +118,16 @@ class Captured:
 
 
 @contextlib.contextmanager
-def state_guard(states):
-    """Snapshot every runtime state, enter its own capture guard (if any), restore on exit.
-
-    So warm-up, the host-read check and capture leave no trace: the known bug of static-cache
-    graph replay is a capture that advances positions or writes into live caches.
-    """
-    snaps = [s.snapshot() for s in states]
+def capture_guards(states):
+    """Enter each runtime state's own capture guard (:class:`~graphrt.capture.state.CaptureGuarded`:
+    a KV cache points every row at its scratch slab), so warm-up writes land in scratch. Undoing the
+    writes is the sandbox's write log's (:mod:`graphrt.capture.undo`), for these states as for any
+    tensor the function reaches."""
     with contextlib.ExitStack() as stack:
         for s in states:
             if isinstance(s, CaptureGuarded):
                 stack.enter_context(s.capture_guard())
-        try:
-            yield
-        finally:
-            for s, snap in zip(states, snaps):
-                s.restore(snap)
+        yield
 
 
 @contextlib.contextmanager
@@ -174,7 +169,7 @@ def capture(runtime: Runtime, fn: Callable, rebuild: Callable, inputs: list[torc
     known = device_tensors(states, inputs, list((roots or {}).values()), through=root_values(reachable))
     t0 = time.perf_counter()
     sandbox = Sandbox(reachable | (roots or {}), where)
-    with torch.no_grad(), rng_guard(runtime.device), state_guard(states):
+    with torch.no_grad(), rng_guard(runtime.device), capture_guards(states):
         if runtime.check_host_reads:
             recorder = HostReadRecorder(known=known)
 

@@ -1,8 +1,10 @@
 """The runtime-state protocol: what an object that owns state across calls (a KV cache, a decoder's
 rolling state) offers the capture and the replay.
 
-Capture and verification take a :meth:`RuntimeState.snapshot` of the Python-side state (positions,
-flags) and :meth:`~RuntimeState.restore` it afterwards; ``reset()`` starts a new sequence. Two
+A runtime state is keyed by identity in a bucket key (the graph uses its tensors live) and
+``reset()`` starts a new sequence (``GraphedModule.reset``); ``snapshot()``/``restore()`` save and put
+back its state for its owner (a caller that rewinds a sequence, a test). Capture and verification do
+not need them: the write log (:mod:`graphrt.capture.undo`) undoes every write of a run. Two
 optional protocols add to it: :class:`CaptureGuarded` (redirect writes while capturing) and
 :class:`PaddedRows` (send a padded batch's rows to scratch during a replay). Classes implement them
 by their methods alone; nothing here imports them.

@@ -317,15 +317,12 @@ class GraphedModule:
         the state (the whole pool). Returns the graph's static outputs, as an unverified replay
         does, so verification never changes whether outputs alias."""
         states = entry.states
-        snaps = [s.snapshot() for s in states]               # Python-side state: positions, flags
         args, kwargs = entry.request.rebuild(entry.leaves)
         with WriteLog() as log:
             eager = [x.clone() for x in pytree.tree_flatten(self.fn(*args, **kwargs))[0]
                      if isinstance(x, torch.Tensor)]
         wrote = log.contents()
         log.rollback()
-        for s, snap in zip(states, snaps):
-            s.restore(snap)
         outs = entry.captured.graph.replay()
         exact = not self.runtime.inductor
         names = Bindings(roots_of(self.fn, {type(s).__name__: s for s in states} | _object_roots(entry.request))).names()
