@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import types
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -69,6 +69,25 @@ def is_transformers_cache(obj) -> bool:
     return type(obj).__module__.startswith("transformers.") and isinstance(getattr(obj, "layers", None), list)
 
 
+def holdings(obj, max_items: int | None = None) -> Iterator[tuple[str, Any, Any]]:
+    """What a plain holder holds, as ``(kind, key, value)``: ``"item"`` of a dict or a list,
+    ``"element"`` of a tuple (immutable: only what it holds can change), ``"attr"`` of an object with
+    a ``__dict__``; at most ``max_items`` of them. The one rule for walking into state, shared by
+    :func:`reachable_tensors` and the write log's :class:`~graphrt.capture.undo.Bindings`."""
+    if isinstance(obj, dict):
+        kind, items = "item", list(obj.items())
+    elif isinstance(obj, list):
+        kind, items = "item", list(enumerate(obj))
+    elif isinstance(obj, tuple):
+        kind, items = "element", list(enumerate(obj))
+    elif hasattr(obj, "__dict__"):
+        kind, items = "attr", list(vars(obj).items())
+    else:
+        return
+    for k, v in items[:max_items]:
+        yield kind, k, v
+
+
 def reachable_tensors(objs, *, through=(), depth: int = 3,
                       holds_state: Callable[[object], bool] = lambda x: False) -> Iterator[torch.Tensor]:
     """The tensors ``objs`` reach, ``depth`` levels into attributes (containers do not count a level).
@@ -91,15 +110,13 @@ def reachable_tensors(objs, *, through=(), depth: int = 3,
         if isinstance(x, torch.nn.Module):
             yield from x.parameters()
             yield from x.buffers()
-        elif isinstance(x, (list, tuple)):
-            for v in x:
+            return
+        inner = None
+        for kind, _, v in holdings(x):
+            if kind != "attr":                   # containers do not count a level
                 yield from walk(v, d, collect)
-        elif isinstance(x, dict):
-            for v in x.values():
-                yield from walk(v, d, collect)
-        elif d > 0 and hasattr(x, "__dict__"):
-            inner = collect or holds_state(x)
-            for v in vars(x).values():
+            elif d > 0:
+                inner = (collect or holds_state(x)) if inner is None else inner
                 yield from walk(v, d - 1, inner)
 
     for o in objs:

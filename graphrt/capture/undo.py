@@ -40,7 +40,7 @@ import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import _disable_current_modes
 
-from graphrt.capture.tensors import OPAQUE, SCALARS, storage_key, written_args
+from graphrt.capture.tensors import OPAQUE, SCALARS, holdings, storage_key, written_args
 from graphrt.capture.watch import WatchingDispatchMode
 from graphrt.errors import CaptureError, RebindError
 
@@ -371,19 +371,15 @@ class Bindings:
             return
         if level >= self.depth:
             return
-        if isinstance(obj, dict):
-            for k, v in list(obj.items())[:self.max_items]:
-                if isinstance(k, (str, int)):
-                    self._record(_Slot(obj, k, "item"), v, f"{path}[{k!r}]", level)
-        elif isinstance(obj, list):
-            for i, v in enumerate(obj[:self.max_items]):
-                self._record(_Slot(obj, i, "item"), v, f"{path}[{i}]", level)
-        elif isinstance(obj, tuple):
-            for i, v in enumerate(obj[:self.max_items]):   # immutable: only what it holds can change
-                self._walk(v, f"{path}[{i}]", level + 1)
-        elif hasattr(obj, "__dict__"):
-            for k, v in list(vars(obj).items())[:self.max_items]:
+        for kind, k, v in holdings(obj, self.max_items):
+            if kind == "attr":
                 self._record(_Slot(obj, k), v, f"{path}.{k}", level)
+            elif kind == "element":                    # a tuple's: only what it holds can change
+                self._walk(v, f"{path}[{k}]", level + 1)
+            elif isinstance(obj, list):
+                self._record(_Slot(obj, k, "item"), v, f"{path}[{k}]", level)
+            elif isinstance(k, (str, int)):
+                self._record(_Slot(obj, k, "item"), v, f"{path}[{k!r}]", level)
 
     def changes(self) -> list[Change]:
         """Every recorded binding that no longer holds what it held, and tensors bound since."""
