@@ -357,7 +357,7 @@ class Driver:
         self.engine = self._engine(model, engine_mode)
         if mode == "compile-chunk":
             # what a user would do with the engine's chunk function: compile all of it, scheduler included
-            self.engine._chunk_fn = torch.compile(self.engine._chunk, fullgraph=True, **how)
+            self.engine.use_chunk_function(torch.compile(self.engine.chunk_function, fullgraph=True, **how))
             self.notes.append(f"{said} of the whole chunk function (fullgraph); first chunk includes one warm-up "
                               "video that compiles every shape; denoise/cache split not observable")
         else:   # a callback inside the compiled chunk would break its graph

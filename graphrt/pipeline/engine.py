@@ -35,7 +35,7 @@ import torch
 
 from graphrt.replay import Buckets
 from graphrt.replay import compile as compile_graphs
-from graphrt.errors import CacheError, InputError
+from graphrt.errors import CacheError, ConfigError, InputError
 from graphrt.kv import RollingKVCache, StaticKVCache
 from graphrt.pipeline import checks
 from graphrt.pipeline.schedule import FlowMatchSchedule, denoise_chunk
@@ -215,6 +215,28 @@ class Engine:
         return len(self.batch_sizes) * len(self.kv_choices) * len(self.exact_choices)
 
     # -- the chunk function (graph-safe) --------------------------------------------------------
+    @property
+    def chunk_function(self) -> Callable[..., torch.Tensor]:
+        """The graph-safe chunk function, ``fn(cond, *, batch, kv_frames, exact) -> latents``: one
+        chunk for rows ``0..batch`` of the bound block table (denoise, cache pass, advance). This
+        is what ``mode="chunk"`` captures and ``mode="eager"`` calls; hand it to another compiler
+        and give the result back with :meth:`use_chunk_function`."""
+        return self._chunk
+
+    def use_chunk_function(self, fn: Callable[..., torch.Tensor]) -> None:
+        """Let :meth:`step` call ``fn`` in place of :attr:`chunk_function`: a wrapper of it with the
+        same signature and results, e.g. ``torch.compile(engine.chunk_function, fullgraph=True)``
+        (the bench's ``compile-chunk`` peer). Only in ``mode="eager"``: the graph modes own the
+        chunk function (they capture it, or each forward inside it)."""
+        if self.mode != "eager":
+            raise ConfigError(f"use_chunk_function() needs an Engine in mode='eager'; this one is mode={self.mode!r}",
+                              expected="eager", got=self.mode,
+                              fix="build the Engine with mode='eager' to run your own compiled chunk function")
+        if not callable(fn):
+            raise InputError("use_chunk_function() takes a callable", expected="fn(cond, *, batch, kv_frames, "
+                             "exact) -> latents", got=type(fn).__name__)
+        self._chunk_fn = fn
+
     def _chunk(self, cond=None, *, batch: int, kv_frames: int, exact: bool) -> torch.Tensor:
         """One chunk for rows ``0..batch`` of the block table: denoise, cache pass, advance."""
         cache = self.cache
