@@ -312,7 +312,7 @@ def test_use_chunk_function_runs_the_given_wrapper_and_only_in_eager_mode(causal
 
     engine.use_chunk_function(wrapper)
     assert torch.equal(engine.generate(ctx[:1], 2, seed=3), plain)
-    assert len(calls) == 2 and set(calls[0]) == {"batch", "kv_frames", "exact"}
+    assert len(calls) == 2 and set(calls[0]) == {"batch", "kv_frames", "kv_exact"}
     with pytest.raises(InputError, match="callable"):
         engine.use_chunk_function(None)
     chunk = Engine(causal, mode="chunk", progress=False)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from graphrt.bench.core import PRESETS
+from graphrt.bench.presets import PRESETS
 from graphrt.kv import StaticKVCache
 from graphrt.models.wan import CausalWan
 

@@ -187,21 +187,21 @@ class Engine:
         frames, limit = cfg.chunk_frames, self.cache.slab_frames
         self.kv_buckets = kv_buckets if kv_buckets != "auto" else auto_kv_buckets(model, self.cache.quantized)
         if self.kv_buckets == "max":     # one graph per batch size: the whole slab, masked by device seqlens
-            self.kv_choices, exact = (limit,), (False,)
+            self.kv_choices, kv_exact = (limit,), (False,)
         else:
             self.kv_choices = tuple(sorted({min(c * frames, limit) for c in range(1, -(-limit // frames) + 1)}))
-            exact = (True, False) if self.batch_sizes[-1] > 1 else (True,)
-        self.exact_choices = exact
+            kv_exact = (True, False) if self.batch_sizes[-1] > 1 else (True,)
+        self.kv_exact_choices = kv_exact
         opts = dict(backend=backend, inductor=inductor, verify=verify, progress=progress, cache_dir=cache_dir)
         self._forward = model
         self._chunk_fn = self._chunk
         if mode == "forward":
             self._forward = compile_graphs(model, buckets=Buckets(
                 self.batch_sizes, batch_args=("x", "t", "cond"),
-                static_args={"kv_frames": self.kv_choices, "kv_exact": exact}), **opts)
+                static_args={"kv_frames": self.kv_choices, "kv_exact": kv_exact}), **opts)
         elif mode == "chunk":
             self._chunk_fn = compile_graphs(self._chunk, states=[self.cache], buckets=Buckets(
-                static_args={"batch": self.batch_sizes, "kv_frames": self.kv_choices, "exact": exact}), **opts)
+                static_args={"batch": self.batch_sizes, "kv_frames": self.kv_choices, "kv_exact": kv_exact}), **opts)
         self._ranks = getattr(model, "parallel", None)     # sequence-parallel: every rank must run the same engine
         if self._ranks is not None:
             self._ranks.check_engine(self, window=window, inductor=inductor, backend=backend, verify=verify)
@@ -212,12 +212,12 @@ class Engine:
     (batch sizes alone with ``kv_buckets="max"``)."""
         if self.mode == "eager":
             return 0
-        return len(self.batch_sizes) * len(self.kv_choices) * len(self.exact_choices)
+        return len(self.batch_sizes) * len(self.kv_choices) * len(self.kv_exact_choices)
 
     # -- the chunk function (graph-safe) --------------------------------------------------------
     @property
     def chunk_function(self) -> Callable[..., torch.Tensor]:
-        """The graph-safe chunk function, ``fn(cond, *, batch, kv_frames, exact) -> latents``: one
+        """The graph-safe chunk function, ``fn(cond, *, batch, kv_frames, kv_exact) -> latents``: one
         chunk for rows ``0..batch`` of the bound block table (denoise, cache pass, advance). This
         is what ``mode="chunk"`` captures and ``mode="eager"`` calls; hand it to another compiler
         and give the result back with :meth:`use_chunk_function`."""
@@ -234,15 +234,15 @@ class Engine:
                               fix="build the Engine with mode='eager' to run your own compiled chunk function")
         if not callable(fn):
             raise InputError("use_chunk_function() takes a callable", expected="fn(cond, *, batch, kv_frames, "
-                             "exact) -> latents", got=type(fn).__name__)
+                             "kv_exact) -> latents", got=type(fn).__name__)
         self._chunk_fn = fn
 
-    def _chunk(self, cond=None, *, batch: int, kv_frames: int, exact: bool) -> torch.Tensor:
+    def _chunk(self, cond=None, *, batch: int, kv_frames: int, kv_exact: bool) -> torch.Tensor:
         """One chunk for rows ``0..batch`` of the block table: denoise, cache pass, advance."""
         cache = self.cache
         bt = cache.block_table[:batch]
         pos = cache.frames.index_select(0, bt)
-        kw = dict(cache=cache, kv_frames=kv_frames, kv_exact=exact, cond=None if cond is None else cond[:batch])
+        kw = dict(cache=cache, kv_frames=kv_frames, kv_exact=kv_exact, cond=None if cond is None else cond[:batch])
 
         def forward(x, t):
             return self._forward(x.to(self.dtype), t, **kw)
@@ -392,7 +392,7 @@ class Engine:
             active = [s for s in active if not self.at_end(s)]
         if not active:
             return {}
-        groups = _chunks(active, self.batch_sizes[-1])
+        groups = _session_groups(active, self.batch_sizes[-1])
         inputs = [self._cond(g, cond) for g in groups]
         out: dict[Session, torch.Tensor] = {}
         for group, cond_t in zip(groups, inputs):
@@ -404,12 +404,12 @@ class Engine:
         frames = self.cfg.chunk_frames
         batch = next(b for b in self.batch_sizes if b >= len(group))
         kv = [min((s.chunk + 1) * frames, self.cache.slab_frames) for s in group]
-        # exact: every real row attends exactly kv_frames frames (padded rows read scratch; discarded)
-        kv_frames, exact = max(kv), len(set(kv)) == 1
+        # kv_exact: every real row attends exactly kv_frames frames (padded rows read scratch; discarded)
+        kv_frames, kv_exact = max(kv), len(set(kv)) == 1
         if self.kv_buckets == "max":
-            kv_frames, exact = self.kv_choices[0], False
+            kv_frames, kv_exact = self.kv_choices[0], False
         self.cache.bind([s.slab for s in group])
-        x0 = self._chunk_fn(cond_t, batch=batch, kv_frames=kv_frames, exact=exact)
+        x0 = self._chunk_fn(cond_t, batch=batch, kv_frames=kv_frames, kv_exact=kv_exact)
         self.stats.dispatches += 1 if self.mode == "chunk" else len(self.schedule.steps) + 1
         self.stats.chunks += len(group)
         self.stats.rows_padded += batch - len(group)
@@ -495,11 +495,11 @@ class Engine:
         cond = None if self.cfg.cond_dim == 0 else torch.zeros(b, self.cfg.chunk_frames, self.cfg.cond_dim,
                                                                 device=self.device, dtype=self.dtype)
         if self.mode == "chunk":
-            self._chunk_fn.prewarm(cond, batch=b, kv_frames=self.kv_choices[0], exact=self.exact_choices[0])
+            self._chunk_fn.prewarm(cond, batch=b, kv_frames=self.kv_choices[0], kv_exact=self.kv_exact_choices[0])
         else:
             x = torch.zeros(b, *self.shape, device=self.device, dtype=self.dtype)
             self._forward.prewarm(x, self.context_t[:b], cache=self.cache, kv_frames=self.kv_choices[0],
-                                  kv_exact=self.exact_choices[0], cond=cond)
+                                  kv_exact=self.kv_exact_choices[0], cond=cond)
         return self
 
     def reset(self) -> None:
@@ -555,8 +555,9 @@ class Engine:
         return self._chunk_fn if self.mode == "chunk" else self._forward if self.mode == "forward" else None
 
 
-def _chunks(items, size):
-    return [items[i:i + size] for i in range(0, len(items), size)]
+def _session_groups(sessions, size):
+    """Sessions in groups of at most ``size`` (the largest batch bucket): one batched chunk each."""
+    return [sessions[i:i + size] for i in range(0, len(sessions), size)]
 
 
 def auto_kv_buckets(model, quantized: bool = False) -> str:

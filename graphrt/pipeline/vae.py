@@ -79,7 +79,7 @@ class StaticFeatureCache:
                 b.zero_()
 
 
-class Decoder(Protocol):
+class VAEDecoder(Protocol):
     """What the pipeline needs of a decoder (the Wan VAE, or any causal video decoder)."""
 
     def new_state(self) -> DecoderState: ...
@@ -226,7 +226,7 @@ class DecodeQueue:
     After :meth:`close`, ``submit`` raises.
     """
 
-    def __init__(self, decoder: Decoder, *, overlap: bool = True):
+    def __init__(self, decoder: VAEDecoder, *, overlap: bool = True):
         self.decoder, self.overlap = decoder, overlap
         self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix="graphrt-decode") if overlap else None
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
