@@ -317,8 +317,8 @@ def head_to_head(pair: tuple[str, str], causal, ref, schedule, cfg: BenchConfig,
     """Two modes again, one video each in turn (A B A B ...), thread CPU time per steady chunk.
 
     Modes measured one after the other meet different loads: on a shared machine another
-    process's memory traffic slows a memory-bound chunk's CPU time too (at the 1.3B width the
-    same mode moved by 7% between runs). In turn, both meet the same load; the goal's ratio
+    process's memory traffic slows a memory-bound chunk's CPU time too (how much:
+    ``bench/results/design-numbers.md``). In turn, both meet the same load; the goal's ratio
     is this one where it was measured.
     """
     drivers = {m: Driver(m, causal, ref, schedule, cfg, cfg.kv_dtype) for m in pair}

@@ -30,7 +30,7 @@ class Driver:
                        "chunk-graph+inductor": "chunk", "compile": "eager", "compile-chunk": "eager"}[mode]
         cuda = next(causal.parameters()).is_cuda
         # each peer as strong as a user would make it: CUDA graphs on CUDA; inductor's C++ wrapper on
-        # the CPU (measured 1.1-1.3x faster than its Python wrapper on the tiny whole chunk)
+        # the CPU (faster than its Python wrapper: bench/results/design-numbers.md)
         how = dict(dynamic=False, **({"mode": "reduce-overhead"} if cuda else {"options": {"cpp_wrapper": True}}))
         said = "torch.compile(mode='reduce-overhead')" if cuda else "torch.compile(options={'cpp_wrapper': True})"
         model = causal

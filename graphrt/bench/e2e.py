@@ -51,7 +51,7 @@ PRESETS = {
     # 64x64 frames: a tiny DiT and VAE, seconds on a CPU
     "tiny": E2EPreset(RandomSpec(), VideoShape(64, 64, 3, 4, 16)),
     # 128x128 frames: an 8-layer 512-dim DiT, Wan's VAE layout at 1/12 of its width, the decode about
-    # as long as the DiT's chunk on a CPU core (on a GPU at 480p it is 40-90% of it)
+    # as long as the DiT's chunk on a CPU core (on a GPU at 480p, a share of it: bench/results/design-numbers.md)
     "cpu-small": E2EPreset(RandomSpec("tiny", (("dim", 512), ("ffn_dim", 2048), ("num_heads", 8), ("num_layers", 8),
                                                ("text_dim", 64)), 8, (1, 2, 4, 4)),
                            VideoShape(128, 128, 3, 4, 16), repeats=2),

@@ -96,8 +96,7 @@ class Engine:
     ``len(batch_sizes)`` x ``cfg.num_chunks`` KV lengths (the window's, with ``window``) x 2
     (1 when the largest batch is 1). Each costs a warm-up and a capture of one DiT forward
     (``"forward"``) or of a whole chunk, ``len(schedule.steps) + 1`` forwards (``"chunk"``); on
-    the CPU emulation the trace dominates (about 0.4 s and 2.3 s of CPU per graph on the tiny
-    model: ``time.thread_time`` of :meth:`prewarm` over its graphs, batch 1, one torch thread).
+    the CPU emulation the trace dominates (measured costs per graph: ``bench/results/design-numbers.md``).
     A bucket is captured on its first use; :meth:`prewarm` captures every one up front (with a
     progress bar), so no request waits for a capture. Fewer batch sizes, fewer graphs.
 
@@ -563,9 +562,9 @@ def _session_groups(sessions, size):
 def auto_kv_buckets(model, quantized: bool = False) -> str:
     """``"max"`` (one graph per batch size) where attention skips the keys past each row's
     device length, so the longest graph costs nothing extra (flash-attn's ``cache_seqlens``);
-    else ``"per-length"``: SDPA and flex compute every key of the graph's length, and on an
-    H200 (1.3B, 480p, bf16) attention over 7 chunks of keys took 6x (cuDNN) and 5.7x (flex)
-    that over the first chunk's, every chunk, where a capture is paid once (and kept on disk).
+    else ``"per-length"``: SDPA and flex compute every key of the graph's length, so the longest
+    graph's attention costs several times the first chunk's, every chunk (measured:
+    ``bench/results/design-numbers.md``), where a capture is paid once (and kept on disk).
     A ``quantized`` cache (int8/float8 K/V) is never read in place by flash-attn: each forward
     gathers and dequantizes ``kv_frames`` frames, the whole slab under ``"max"``, so it is
     ``"per-length"`` whatever the backend."""
