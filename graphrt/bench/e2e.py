@@ -33,8 +33,13 @@ from rich.console import Console
 from rich.table import Table
 
 from graphrt.bench.timing import process_cpu, sync, wall
+from graphrt.capture import check as check_host_reads
 from graphrt.errors import ConfigError, GraphrtError
+from graphrt.pipeline.engine import Engine
+from graphrt.pipeline.text import TextEncoder
 from graphrt.pipeline.tiny import RandomSpec, tiny_wan
+from graphrt.pipeline.vae import WanVAEDecoder
+from graphrt.pipeline.video_pipeline import VideoPipeline
 from graphrt.pipeline.weights import VideoShape
 
 
@@ -147,12 +152,6 @@ def _time_pipe(pipe, chunks, repeats, seed) -> tuple[dict, list]:
 @torch.no_grad()
 def run(cfg: E2EConfig, log=lambda msg: None) -> dict:
     """Measure every path on one model and return the JSON summary."""
-    from graphrt.capture import check as check_host_reads
-    from graphrt.pipeline.vae import WanVAEDecoder
-    from graphrt.pipeline.engine import Engine
-    from graphrt.pipeline.text import TextEncoder
-    from graphrt.pipeline.video_pipeline import VideoPipeline
-
     name, preset, device = cfg.resolve()
     chunks = cfg.chunks or preset.shape.chunks
     repeats = cfg.repeats or preset.repeats

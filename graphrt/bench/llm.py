@@ -32,7 +32,9 @@ import torch
 
 from graphrt.bench.timing import Clock, busy_warning, load_average, noisy_warning, percentile, torch_threads, wall
 from graphrt.bench.output import check_output_path, one_line, result_json, save as save_outputs
+from graphrt.capture import HostReadRecorder
 from graphrt.errors import ConfigError, GraphrtError
+from graphrt.llm import LLMDecoder
 
 MODES = ("eager", "graphs", "graphs+inductor", "compile")
 
@@ -158,8 +160,6 @@ class _Peer:
 
 
 def _driver(mode: str, model, max_cache_len: int, batch: int, device: torch.device):
-    from graphrt.llm import LLMDecoder
-
     if mode == "compile":
         return _Peer(model, max_cache_len, device.type == "cuda")
     return LLMDecoder(model, max_cache_len=max_cache_len, batch_sizes=(batch,),
@@ -186,8 +186,6 @@ def _sequence(driver, ids, new_tokens: int, clock: Clock):
 
 
 def _host_reads_per_token(driver, mode: str, ids, notes: list[str]) -> float | None:
-    from graphrt.capture import HostReadRecorder
-
     if mode == "compile":
         notes.append("host reads not counted: the checker's hooks change what torch.compile traces")
         return None

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from graphrt.errors import InputError
+from graphrt.replay import Buckets, compile as compile_graphs
 
 
 def to_uint8(video: torch.Tensor) -> torch.Tensor:
@@ -173,8 +174,6 @@ class WanVAEDecoder:
         then replay it from their third latent frame on (the first two run eagerly: the cache has
         not yet reached its fixed shape); more run eagerly, counted in ``eager_frames``. Frames
         equal the eager decode's bit for bit (the same kernels)."""
-        from graphrt.replay import Buckets, compile as compile_graphs
-
         if videos < 1:
             raise InputError("videos must be >= 1", got=videos)
         if self.graphs is not None:
