@@ -23,6 +23,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from graphrt.errors import GraphrtError
 from graphrt.pipeline.engine import MODES
+from graphrt.pipeline.tiny import tiny_wan
+from graphrt.pipeline.video import VideoWriter
+from graphrt.pipeline.video_pipeline import VideoPipeline
+from graphrt.pipeline.weights import VideoShape, load_wan
 
 
 def _args(argv):
@@ -55,10 +59,6 @@ def _args(argv):
 
 def build(opts):
     """The pipeline the options ask for (loading the folder, or building the tiny model)."""
-    from graphrt.pipeline.tiny import tiny_wan
-    from graphrt.pipeline.video_pipeline import VideoPipeline
-    from graphrt.pipeline.weights import VideoShape, load_wan
-
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, opts.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     mode = opts.mode or ("chunk" if device.type == "cuda" else "eager")
@@ -91,8 +91,6 @@ def main(argv=None) -> int:
         console.print(f"[red]error:[/] python -m graphrt.generate needs {', '.join(missing)}: "
                       "pip install -e '.[video]' (or pip install 'graphrt[video]')")
         return 2
-    from graphrt.pipeline.video import VideoWriter
-
     written = 0
     try:
         t0 = time.perf_counter()

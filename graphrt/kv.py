@@ -149,7 +149,12 @@ class CacheStep:
     block_table: torch.Tensor        # int32 [B] view of the cache's table
     positions: torch.Tensor          # int [B] first frame this forward writes, per row
     seqlens: torch.Tensor            # int32 [B] view of the cache's seqlens
-    exact: bool                      # every row has exactly kv_tokens valid: attend unmasked
+    kv_exact: bool                   # every row has exactly kv_tokens valid: attend unmasked
+
+    @property
+    def exact(self) -> bool:
+        """The old name of :attr:`kv_exact`."""
+        return self.kv_exact
 
 
 class SlabKVCache:
@@ -375,11 +380,11 @@ class SlabKVCache:
 
     # -- one forward ---------------------------------------------------------------------------
     def step(self, batch: int, query_frames: int, frame_tokens: int, kv_frames: int | None = None,
-             exact: bool = False, positions: torch.Tensor | None = None) -> CacheStep:
+             kv_exact: bool = False, positions: torch.Tensor | None = None) -> CacheStep:
         """Indices for a forward of ``batch`` rows writing ``query_frames`` frames at each row's position.
 
         ``kv_frames`` (static, from the bucket) is how many frames the forward attends; None
-        reads the whole slab, masked. ``exact`` promises that every row has exactly that many
+        reads the whole slab, masked. ``kv_exact`` promises that every row has exactly that many
         valid frames (the normal chunk-by-chunk case), so attention runs unmasked.
         ``positions`` (int [B] on the device) overrides the slab positions.
         """
@@ -416,7 +421,7 @@ class SlabKVCache:
         read_index = torch.where(scratch_row, self.scratch_base + span % self.scratch_tokens, base + span).flatten()
         seqlens = self.seqlens[:batch]
         seqlens.copy_(self._filled(start[:, 0] + query_frames * T))
-        return CacheStep(batch, kv_tokens, write_index, read_index, bt, pos, seqlens, exact)
+        return CacheStep(batch, kv_tokens, write_index, read_index, bt, pos, seqlens, kv_exact)
 
     def write(self, layer: int, step: CacheStep, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write this forward's K/V ([B, query_tokens, H, D]) at the step's device indices

@@ -211,7 +211,7 @@ def test_one_graph_per_batch_size(models, cfg):
     assert len(per_length.kv_choices) == cfg.num_chunks
     e = Engine(causal, max_sessions=2, batch_sizes=(1, 2), mode="chunk", kv_buckets="max",
                                 progress=False)
-    assert e.num_graphs == 2 and e.kv_choices == (cfg.max_frames,) and e.exact_choices == (False,)
+    assert e.num_graphs == 2 and e.kv_choices == (cfg.max_frames,) and e.kv_exact_choices == (False,)
     eager = Engine(causal, mode="eager", kv_buckets="max", progress=False)
     want = per_length.generate(ctx, 3, seed=1)
     got = e.generate(ctx, 3, seed=1)

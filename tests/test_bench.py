@@ -190,7 +190,8 @@ def test_bench_cpu_timings_are_pinned_and_recorded():
 
 
 def test_bench_warns_when_the_samples_say_the_machine_was_busy():
-    from graphrt.bench.core import Clock, ModeResult, _steady_times
+    from graphrt.bench.result import ModeResult, steady_times
+    from graphrt.bench.timing import Clock
 
     clock = Clock(torch.device("cpu"))
 
@@ -198,13 +199,13 @@ def test_bench_warns_when_the_samples_say_the_machine_was_busy():
         return (0.0, 0.0), None, (wall_ms / 1000, cpu_ms / 1000)
 
     calm = ModeResult()
-    _steady_times(calm, clock, [chunk(10, 10)] * 10)
+    steady_times(calm, clock, [chunk(10, 10)] * 10)
     assert calm.warnings == [] and calm.chunk_cpu_ms_median == pytest.approx(10)
     noisy = ModeResult()
-    _steady_times(noisy, clock, [chunk(10, 10)] * 8 + [chunk(40, 10)] * 2)
+    steady_times(noisy, clock, [chunk(10, 10)] * 8 + [chunk(40, 10)] * 2)
     assert any("p90 is 4.0x the median" in w for w in noisy.warnings)
     waiting = ModeResult()
-    _steady_times(waiting, clock, [chunk(20, 10)] * 10)
+    steady_times(waiting, clock, [chunk(20, 10)] * 10)
     assert torch.get_num_threads() == 1 and any("waited for a core" in w for w in waiting.warnings)
 
 
@@ -223,7 +224,8 @@ def test_bench_runs_in_16_bit(dtype):
 def test_bench_reports_spread_clocks_and_the_goal():
     """Per-video medians give the spread; speedups and the goal use thread CPU time on the CPU."""
     from graphrt.bench.__main__ import markdown
-    from graphrt.bench.core import Clock, ModeResult, _compare, _goal, _steady_times, clocks
+    from graphrt.bench.result import ModeResult, compare, goal_summary, steady_times
+    from graphrt.bench.timing import Clock, clocks
 
     clock = Clock(torch.device("cpu"))
 
@@ -234,12 +236,12 @@ def test_bench_reports_spread_clocks_and_the_goal():
     for mode, cpu in (("eager", 10), ("chunk-graph+inductor", 2), ("graphs", 9), ("compile", 5), ("compile-chunk", 3)):
         r = results[mode] = ModeResult()
         # video 0 a little slower than video 1; wall times inflated by a busy machine (ignored)
-        _steady_times(r, clock, [chunk(30, cpu * 1.1)] * 2 + [chunk(31, cpu)] * 3, [0, 0, 1, 1, 1])
+        steady_times(r, clock, [chunk(30, cpu * 1.1)] * 2 + [chunk(31, cpu)] * 3, [0, 0, 1, 1, 1])
     assert results["eager"].chunk_cpu_ms_spread == pytest.approx([10, 10.5, 11])
     assert results["eager"].steady_chunks == 5
-    modes = _compare(results, {})
+    modes = compare(results, {})
     assert modes["chunk-graph+inductor"]["speedup_vs_eager"] == pytest.approx(5)    # CPU time, not wall
-    goal = _goal(results)
+    goal = goal_summary(results)
     assert (goal["best_graph_mode"], goal["strongest_peer"]) == ("chunk-graph+inductor", "compile-chunk")
     assert goal["ratio"] == pytest.approx(1.5)
     named = clocks(torch.device("cpu"))
@@ -254,7 +256,9 @@ def test_bench_reports_spread_clocks_and_the_goal():
 
 def test_head_to_head_runs_two_modes_in_turn():
     """The goal's rerun: one video of each mode in turn, thread CPU time per steady chunk."""
-    from graphrt.bench.core import PRESETS, Clock, head_to_head
+    from graphrt.bench.core import head_to_head
+    from graphrt.bench.presets import PRESETS
+    from graphrt.bench.timing import Clock
     from graphrt.models.wan import CausalWan, ReferenceWan
     from graphrt.pipeline import FlowMatchSchedule
 
@@ -273,7 +277,7 @@ def test_head_to_head_runs_two_modes_in_turn():
 def test_kernel_table_names_the_attention_kernel_that_ran():
     """On CUDA the bench profiles one steady chunk and says which SDPA kernel ran (the next GPU
     question: cuDNN or flash?). The table is built from kernel names, checked here on real ones."""
-    from graphrt.bench.core import kernel_table
+    from graphrt.bench.profile import kernel_table
 
     cudnn = "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x128x128_4x1x1_kernel0_0"
     flash = "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, false, false>, true>(Params)"

@@ -296,3 +296,25 @@ def test_auto_kv_buckets_keeps_per_length_for_a_quantized_cache(causal, cfg, mon
     for kv_dtype in ("int8", "float8_e4m3fn"):
         engine = Engine(causal, mode="chunk", progress=False, kv_dtype=kv_dtype)
         assert engine.cache.quantized and engine.kv_buckets == "per-length" and engine.num_graphs == cfg.num_chunks
+
+
+# -- the public chunk-function hook (the bench's compile-chunk peer uses it) -------------------------------
+def test_use_chunk_function_runs_the_given_wrapper_and_only_in_eager_mode(causal, cfg, ctx):
+    from graphrt.errors import ConfigError
+
+    plain = Engine(causal, mode="eager", progress=False).generate(ctx[:1], 2, seed=3)
+    engine = Engine(causal, mode="eager", progress=False)
+    calls = []
+
+    def wrapper(cond, **kw):
+        calls.append(kw)
+        return engine.chunk_function(cond, **kw)
+
+    engine.use_chunk_function(wrapper)
+    assert torch.equal(engine.generate(ctx[:1], 2, seed=3), plain)
+    assert len(calls) == 2 and set(calls[0]) == {"batch", "kv_frames", "kv_exact"}
+    with pytest.raises(InputError, match="callable"):
+        engine.use_chunk_function(None)
+    chunk = Engine(causal, mode="chunk", progress=False)
+    with pytest.raises(ConfigError, match="mode='eager'"):
+        chunk.use_chunk_function(chunk.chunk_function)

@@ -205,7 +205,7 @@ def test_whole_chunk_graph_with_a_quantized_cache(cfg):
     (eager, ecache, _), (graphed, gcache, engine) = runs["eager"], runs["chunk"]
     assert torch.equal(graphed, eager)
     assert "k_scale.0" in gcache and all(torch.equal(gcache[k], ecache[k]) for k in ecache)
-    assert [str(k) for k in engine.graphs.keys] == ["batch=2 exact=True kv_frames=3"]   # as unquantized
+    assert [str(k) for k in engine.graphs.keys] == ["batch=2 kv_exact=True kv_frames=3"]   # as unquantized
 
 
 @pytest.mark.slow
@@ -223,7 +223,7 @@ def test_inductor_writes_and_reads_the_codes_eager_does(cfg):
     def write_read(pair, k, v):
         out = []
         for cache in pair:
-            step = cache.step(1, 3, cfg.frame_tokens, kv_frames=3, exact=True)
+            step = cache.step(1, 3, cfg.frame_tokens, kv_frames=3, kv_exact=True)
             cache.write(0, step, k, v)
             out += cache.read(0, step)
         return out
@@ -265,7 +265,7 @@ def test_a_head_shard_quantizes_like_its_heads_in_the_full_cache(cfg, kv_dtype):
     got = []
     for cache, sl in ((full, slice(None)), (halves[0], slice(0, h)), (halves[1], slice(h, None))):
         cache.bind([cache.acquire()])
-        step = cache.step(1, 3, cfg.frame_tokens, kv_frames=3, exact=True)
+        step = cache.step(1, 3, cfg.frame_tokens, kv_frames=3, kv_exact=True)
         cache.write(1, step, k[:, :, sl], v[:, :, sl])
         got.append(cache.read(1, step))
     for i in range(2):
@@ -327,7 +327,7 @@ def test_cuda_graphs_with_a_quantized_cache(cfg, dtype, kv_dtype, inductor):
 def test_cuda_dequantization_cost_at_480p():
     """One layer's write and read at 1.3B 480p, plain bf16 vs int8/fp8 (printed; -s shows it)."""
     from graphrt.bench.attention import kv_cache_costs
-    from graphrt.bench.core import PRESETS
+    from graphrt.bench.presets import PRESETS
 
     cfg = PRESETS["wan-1.3b-480p"].config()
     for kv in KV:

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 import graphrt  # noqa: E402
 from graphrt.errors import RebindError  # noqa: E402
 from graphrt.errors import CacheError, InputError, SignatureError  # noqa: E402
-from graphrt.llm import Decoder, greedy_eager  # noqa: E402
+from graphrt.llm import LLMDecoder, greedy_eager  # noqa: E402
 
 CACHE = 64           # one static length for graphs and the eager reference: same kernels, same bits
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
@@ -43,7 +43,7 @@ def prefilled(model, batch, max_cache_len=CACHE, ids=None, cache=None):
 def test_greedy_decode_equals_eager_at_batch_1(dtype):
     model = llama(dtype=dtype)
     ids = prompts(1)
-    dec = Decoder(model, max_cache_len=CACHE, verify=2, progress=False).prewarm()
+    dec = LLMDecoder(model, max_cache_len=CACHE, verify=2, progress=False).prewarm()
     tokens = dec.generate(ids, 40)
     assert torch.equal(tokens, greedy_eager(model, ids, 40, max_cache_len=CACHE))
     assert dec.stats.new_tokens == 40 and dec.stats.host_reads == 0 and dec.graphs.stats.verified == 2
@@ -56,7 +56,7 @@ def test_greedy_decode_equals_eager_at_batch_1(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_batch_buckets_equal_eager_per_batch(dtype):
     model = llama(dtype=dtype)
-    dec = Decoder(model, max_cache_len=CACHE, batch_sizes=(1, 2, 4), verify=1, progress=False).prewarm()
+    dec = LLMDecoder(model, max_cache_len=CACHE, batch_sizes=(1, 2, 4), verify=1, progress=False).prewarm()
     assert sorted(k.batch for k in dec.graphs.keys) == [1, 2, 4] and dec.graphs.sealed
     for batch in (1, 2, 3, 4):
         ids = prompts(batch, seed=batch)
@@ -110,7 +110,7 @@ def test_capture_leaves_no_trace_in_a_static_cache_argument():
 def test_decode_with_inductor_equals_eager():
     model = llama(layers=1)
     ids = prompts(1)
-    dec = Decoder(model, max_cache_len=CACHE, inductor=True, progress=False).prewarm()
+    dec = LLMDecoder(model, max_cache_len=CACHE, inductor=True, progress=False).prewarm()
     assert torch.equal(dec.generate(ids, 32), greedy_eager(model, ids, 32, max_cache_len=CACHE))
 
 
@@ -120,7 +120,7 @@ def test_stop_tokens_pad_finished_rows_and_stop_early():
     ref = greedy_eager(model, ids, 48, max_cache_len=CACHE)
     stops = {int(ref[0, 5]), int(ref[1, 9])}      # each row meets one by its 6th / 10th token
     ends = [int(next(i for i, t in enumerate(ref[r].tolist()) if t in stops)) + 1 for r in range(2)]
-    dec = Decoder(model, max_cache_len=CACHE, batch_sizes=(2,), stop_tokens=sorted(stops), check_every=4,
+    dec = LLMDecoder(model, max_cache_len=CACHE, batch_sizes=(2,), stop_tokens=sorted(stops), check_every=4,
                   progress=False).prewarm()
     out = dec.generate(ids, 48)
     for row, end in enumerate(ends):
@@ -136,7 +136,7 @@ def test_hybrid_family_goes_through_the_same_path():
     cfg = transformers.Lfm2Config(num_hidden_layers=4, layer_types=["conv", "full_attention"] * 2, **SMALL)
     model = transformers.Lfm2ForCausalLM(cfg).eval()
     ids = prompts(2)
-    dec = Decoder(model, max_cache_len=CACHE, batch_sizes=(1, 2), verify=2, progress=False).prewarm()
+    dec = LLMDecoder(model, max_cache_len=CACHE, batch_sizes=(1, 2), verify=2, progress=False).prewarm()
     assert {type(layer).__name__ for layer in dec.cache.layers} == {"LinearAttentionLayer", "StaticLayer"}
     assert torch.equal(dec.generate(ids, 32), greedy_eager(model, ids, 32, max_cache_len=CACHE))
     assert torch.equal(dec.generate(ids[:1], 32), greedy_eager(model, ids[:1], 32, max_cache_len=CACHE))
@@ -147,7 +147,7 @@ def test_sliding_window_and_dynamic_layouts_are_refused_with_the_reason():
     cfg = transformers.MistralConfig(num_hidden_layers=2, sliding_window=16, **SMALL)
     model = transformers.MistralForCausalLM(cfg).eval()
     with pytest.raises(CacheError, match=r"StaticSlidingWindowLayer at layers \[0, 1\].*Python int"):
-        Decoder(model, max_cache_len=CACHE)
+        LLMDecoder(model, max_cache_len=CACHE)
     cache, tok = prefilled(model, 1)
     length = cache.layers[0].cumulative_length_int
     with pytest.raises(CacheError, match="sliding_window=None"):
@@ -224,13 +224,13 @@ def test_wrong_batch_past_the_cache_and_swapped_cache_are_clear_errors():
     with pytest.raises(SignatureError, match="another StaticCache object than the one"):
         g(input_ids=tok, past_key_values=other, use_cache=True)
     assert g.stats.captures == 1
-    dec = Decoder(model, max_cache_len=16, batch_sizes=(1, 2), progress=False)
+    dec = LLMDecoder(model, max_cache_len=16, batch_sizes=(1, 2), progress=False)
     with pytest.raises(CacheError, match="past the cache"):
         dec.generate(prompts(1, length=8), 10)    # 8 + 10 - 1 = 17 positions > 16
     with pytest.raises(InputError, match="does not fit the batch buckets"):
         dec.generate(prompts(3), 4)
     with pytest.raises(InputError, match="max_cache_len"):
-        Decoder(model, max_cache_len=1)
+        LLMDecoder(model, max_cache_len=1)
     assert dec.generate(prompts(2, length=8), 9).shape == (2, 9)   # exactly 16 positions: fits
     tok = dec.start(prompts(1), 2)
     tok = dec.step(tok)
@@ -269,7 +269,7 @@ def test_cuda_graph_decode_equals_eager(dtype):
     """Real CUDA graphs: warm-ups on the side stream leave no trace, the capture itself runs no kernel,
     and every bucket's replays equal the eager loop token for token."""
     model = llama(dtype=dtype).cuda()
-    dec = Decoder(model, max_cache_len=CACHE, batch_sizes=(1, 2, 4), backend="cuda-graph", verify=1,
+    dec = LLMDecoder(model, max_cache_len=CACHE, batch_sizes=(1, 2, 4), backend="cuda-graph", verify=1,
                   progress=False).prewarm()
     assert dec.graphs.runtime.backend == "cuda-graph"
     for batch in (1, 3):
@@ -291,3 +291,12 @@ def test_cuda_graph_of_the_user_loop_leaves_the_cache_as_found():
         assert torch.equal(out, ref), step
         assert cache.layers[0].cumulative_length.item() == twin.layers[0].cumulative_length.item() == 9 + step
         tok = out.argmax(-1)
+
+
+def test_the_old_decoder_name_is_a_deprecated_alias():
+    import graphrt.llm
+
+    with pytest.warns(DeprecationWarning, match="LLMDecoder"):
+        assert graphrt.llm.Decoder is LLMDecoder
+    with pytest.raises(AttributeError):
+        graphrt.llm.NoSuchThing

@@ -116,7 +116,7 @@ def test_four_sessions_join_and_leave_each_equal_to_solo(models, cfg, ctx):
 def test_engine_serves_videos_back_to_back_with_one_capture(models, cfg, ctx):
     _, causal = models
     engine = Engine(causal, mode="chunk", progress=False)
-    engine._chunk_fn.buckets.static_args["kv_frames"] = (3, 6, 9)   # keep the test short
+    engine.graphs.buckets.static_args["kv_frames"] = (3, 6, 9)   # keep the test short
     engine.kv_choices = (3, 6, 9)
     engine.prewarm()
     captures = engine.graphs.stats.captures

@@ -8,7 +8,7 @@ import torch
 
 from graphrt.models.wan import CausalWan, WanConfig
 from graphrt.pipeline import Engine, TextEncoder, VideoPipeline
-from graphrt.pipeline.decode import DecoderState, to_uint8
+from graphrt.pipeline.vae import DecoderState, to_uint8
 
 pytestmark = pytest.mark.cuda
 PROMPT = "a red fox runs through the snow"

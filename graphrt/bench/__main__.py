@@ -18,7 +18,9 @@ from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
-from graphrt.bench.core import MODES, PRESETS, BenchConfig, ModeResult, run
+from graphrt.bench.core import run
+from graphrt.bench.presets import MODES, PRESETS, BenchConfig
+from graphrt.bench.result import ModeResult
 from graphrt.bench.llm import PRESETS as LLM_PRESETS, is_llm_argv, main as llm_main
 from graphrt.bench.output import check_output_path, one_line, save as save_outputs
 from graphrt.attention import BACKENDS

@@ -14,43 +14,17 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
-from graphrt.bench.core import PRESETS
+from graphrt.bench.presets import PRESETS
+from graphrt.bench.timing import time_fn
 from graphrt.kv import KV_DTYPES, StaticKVCache
 from graphrt.models.wan import WanConfig
 
 SDPA_KERNELS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION",
                 "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-math": "MATH"}
-
-
-def _timer(device):
-    if device.type == "cuda":
-        def run(fn, iters):
-            fn()
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(iters):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b))
-            return statistics.median(times)
-    else:
-        def run(fn, iters):
-            fn()
-            times = []
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1000)
-            return statistics.median(times)
-    return run
 
 
 def kernels_for(device: torch.device) -> list[str]:
@@ -83,7 +57,6 @@ def measure(cfg: WanConfig, device: torch.device, dtype: torch.dtype, batch: int
     q_len = cfg.chunk_frames * cfg.frame_tokens
     n = cfg.max_frames // cfg.chunk_frames
     kv_chunks = kv_chunks or sorted({1, (n + 1) // 2, n})
-    timer = _timer(device)
     out = {"kv_tokens": [], "kernels": {}, "kv_gather_ms": []}
     g = torch.Generator(device="cpu").manual_seed(0)
     for c in kv_chunks:
@@ -97,13 +70,13 @@ def measure(cfg: WanConfig, device: torch.device, dtype: torch.dtype, batch: int
                 fn = _call(name, q, k, v)
                 got = fn()
                 err = ((got.float() - want).abs().max() / want.abs().max()).item()
-                row.append({"ms": timer(fn, iters), "max_rel_err": err})
+                row.append({"ms": time_fn(fn, iters, device), "max_rel_err": err})
             except Exception as e:  # a kernel that cannot take this shape/dtype/device says why
                 row.append({"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
         # the static cache gathers each layer's K and V for the bucket's KV length
         pool = torch.randn(kv_len + q_len, heads, hd, generator=g).to(device, dtype)
         idx = torch.arange(kv_len, device=device)
-        out["kv_gather_ms"].append(timer(lambda: (pool.index_select(0, idx), pool.index_select(0, idx)), iters))
+        out["kv_gather_ms"].append(time_fn(lambda: (pool.index_select(0, idx), pool.index_select(0, idx)), iters, device))
     return out
 
 
@@ -120,7 +93,6 @@ def kv_cache_costs(cfg: WanConfig, device: torch.device, dtype: torch.dtype, kv_
     """
     n = cfg.max_frames // cfg.chunk_frames
     kv_chunks = kv_chunks or list(range(1, n + 1))
-    timer = _timer(device)
     one = cfg.replace(num_layers=1)
     tokens = cfg.chunk_frames * cfg.frame_tokens
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -134,9 +106,9 @@ def kv_cache_costs(cfg: WanConfig, device: torch.device, dtype: torch.dtype, kv_
         writes, reads = [], []
         for c in kv_chunks:
             cache.frames[:batch].fill_((c - 1) * cfg.chunk_frames)
-            step = cache.step(batch, cfg.chunk_frames, cfg.frame_tokens, kv_frames=c * cfg.chunk_frames, exact=True)
-            writes.append(timer(lambda: cache.write(0, step, k, v), iters))
-            reads.append(timer(lambda: cache.read(0, step), iters))
+            step = cache.step(batch, cfg.chunk_frames, cfg.frame_tokens, kv_frames=c * cfg.chunk_frames, kv_exact=True)
+            writes.append(time_fn(lambda: cache.write(0, step, k, v), iters, device))
+            reads.append(time_fn(lambda: cache.read(0, step), iters, device))
         out[name] = {"write_ms": writes, "read_ms": reads}
     base, quant = out[str(dtype).removeprefix("torch.")], out[kv_dtype]
     extra = [qw + qr - bw - br for qw, qr, bw, br in zip(quant["write_ms"], quant["read_ms"],

@@ -25,7 +25,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -33,8 +32,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from graphrt.bench.timing import process_cpu, sync, wall
+from graphrt.capture import check as check_host_reads
 from graphrt.errors import ConfigError, GraphrtError
+from graphrt.pipeline.engine import Engine
+from graphrt.pipeline.text import TextEncoder
 from graphrt.pipeline.tiny import RandomSpec, tiny_wan
+from graphrt.pipeline.vae import WanVAEDecoder
+from graphrt.pipeline.video_pipeline import VideoPipeline
 from graphrt.pipeline.weights import VideoShape
 
 
@@ -51,7 +56,7 @@ PRESETS = {
     # 64x64 frames: a tiny DiT and VAE, seconds on a CPU
     "tiny": E2EPreset(RandomSpec(), VideoShape(64, 64, 3, 4, 16)),
     # 128x128 frames: an 8-layer 512-dim DiT, Wan's VAE layout at 1/12 of its width, the decode about
-    # as long as the DiT's chunk on a CPU core (on a GPU at 480p it is 40-90% of it)
+    # as long as the DiT's chunk on a CPU core (on a GPU at 480p, a share of it: bench/results/design-numbers.md)
     "cpu-small": E2EPreset(RandomSpec("tiny", (("dim", 512), ("ffn_dim", 2048), ("num_heads", 8), ("num_layers", 8),
                                                ("text_dim", 64)), 8, (1, 2, 4, 4)),
                            VideoShape(128, 128, 3, 4, 16), repeats=2),
@@ -90,11 +95,6 @@ def _components(preset: E2EPreset, chunks: int, device, dtype, seed: int):
     return tiny_wan(shape, preset.spec, seed=seed, dtype=dtype, device=device)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _median_steady(rows: list[list[float]]) -> float:
     """Median over every chunk but each video's first (which also opens the session)."""
     return statistics.median(x for video in rows for x in video[1:])
@@ -103,11 +103,11 @@ def _median_steady(rows: list[list[float]]) -> float:
 @torch.no_grad()
 def _time_dit(engine, ctx, chunks, seed, device) -> list[float]:
     row = []
-    _sync(device)
-    t0 = time.perf_counter()
+    sync(device)
+    t0 = wall()
     for _ in engine.stream(ctx, chunks, seed=seed):
-        _sync(device)
-        now = time.perf_counter()
+        sync(device)
+        now = wall()
         row.append((now - t0) * 1e3)
         t0 = now
     return row
@@ -117,11 +117,11 @@ def _time_dit(engine, ctx, chunks, seed, device) -> list[float]:
 def _time_decode(decoder, latents, device) -> list[float]:
     state, row = decoder.new_state(), []
     for z in latents:
-        _sync(device)
-        t0 = time.perf_counter()
+        sync(device)
+        t0 = wall()
         decoder.decode(z, state).cpu()
-        _sync(device)
-        row.append((time.perf_counter() - t0) * 1e3)
+        sync(device)
+        row.append((wall() - t0) * 1e3)
     decoder.release(state)
     return row
 
@@ -131,33 +131,27 @@ def _time_pipe(pipe, chunks, repeats, seed) -> tuple[dict, list]:
     rows, walls, cpus = [], [], []
     for _ in range(repeats):
         row, out = [], []
-        c0, t0 = time.process_time(), time.perf_counter()
+        c0, t0 = process_cpu(), wall()
         last = t0
         for f in pipe.stream(PROMPT, chunks, seed=seed):
-            now = time.perf_counter()
+            now = wall()
             row.append((now - last) * 1e3)
             last = now
             out.append(f)
         walls.append(last - t0)
-        cpus.append(time.process_time() - c0)
+        cpus.append(process_cpu() - c0)
         rows.append(row)
-    frames, wall = sum(len(f) for f in out), statistics.median(walls)
+    frames, video_s = sum(len(f) for f in out), statistics.median(walls)
     # the mean of the steady intervals: with overlap, frames may reach the host in bursts
     steady = statistics.median(sum(r[1:]) / (len(r) - 1) for r in rows)
     return {"chunk_ms_steady": steady, "first_chunk_ms": statistics.median(r[0] for r in rows),
-            "video_ms": wall * 1e3, "frames": frames, "fps": frames / wall,
+            "video_ms": video_s * 1e3, "frames": frames, "fps": frames / video_s,
             "cpu_s_per_video": statistics.median(cpus)}, out
 
 
 @torch.no_grad()
 def run(cfg: E2EConfig, log=lambda msg: None) -> dict:
     """Measure every path on one model and return the JSON summary."""
-    from graphrt.capture import check as check_host_reads
-    from graphrt.pipeline.decode import WanVAEDecoder
-    from graphrt.pipeline.engine import Engine
-    from graphrt.pipeline.text import TextEncoder
-    from graphrt.pipeline.video_pipeline import VideoPipeline
-
     name, preset, device = cfg.resolve()
     chunks = cfg.chunks or preset.shape.chunks
     repeats = cfg.repeats or preset.repeats
@@ -190,9 +184,9 @@ def run(cfg: E2EConfig, log=lambda msg: None) -> dict:
     reads = check_host_reads(decoder.decode, latents[1], state)
     # the decoder captured: one graph per steady latent frame over static feature caches
     log("capturing the decoder")
-    t0 = time.perf_counter()
+    t0 = wall()
     decoder.capture(wcfg.height, wcfg.width)
-    capture_s = time.perf_counter() - t0
+    capture_s = wall() - t0
     _time_decode(decoder, latents, device)
     graph_rows = [_time_decode(decoder, latents, device) for _ in range(repeats)]
     log("timing overlapped with the captured decoder")

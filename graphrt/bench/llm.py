@@ -3,7 +3,7 @@
 A transformers ``LlamaForCausalLM`` with random weights and a ``StaticCache``; the prompt is
 prefilled eagerly in every mode, then greedy decode is timed token by token:
 
-- ``eager``: :class:`graphrt.llm.Decoder` without graphs (the same loop, the plain forward);
+- ``eager``: :class:`graphrt.llm.LLMDecoder` without graphs (the same loop, the plain forward);
 - ``graphs``: one graph per batch bucket (CUDA graphs; the CPU emulation on the CPU);
 - ``graphs+inductor``: ``graphs`` with each bucket compiled by inductor before capture;
 - ``compile``: the peer, transformers' recipe: ``torch.compile`` of the decode step over a
@@ -23,7 +23,6 @@ import json
 import os
 import statistics
 import sys
-import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -31,9 +30,11 @@ from typing import Callable
 
 import torch
 
-from graphrt.bench.core import BUSY_WALL_OVER_CPU, NOISY_P90, Clock, _load, _percentile, _torch_threads
+from graphrt.bench.timing import Clock, busy_warning, load_average, noisy_warning, percentile, torch_threads, wall
 from graphrt.bench.output import check_output_path, one_line, result_json, save as save_outputs
+from graphrt.capture import HostReadRecorder
 from graphrt.errors import ConfigError, GraphrtError
+from graphrt.llm import LLMDecoder
 
 MODES = ("eager", "graphs", "graphs+inductor", "compile")
 
@@ -159,11 +160,9 @@ class _Peer:
 
 
 def _driver(mode: str, model, max_cache_len: int, batch: int, device: torch.device):
-    from graphrt.llm import Decoder
-
     if mode == "compile":
         return _Peer(model, max_cache_len, device.type == "cuda")
-    return Decoder(model, max_cache_len=max_cache_len, batch_sizes=(batch,),
+    return LLMDecoder(model, max_cache_len=max_cache_len, batch_sizes=(batch,),
                    mode="eager" if mode == "eager" else "graphs", inductor=mode == "graphs+inductor",
                    progress=False)
 
@@ -187,8 +186,6 @@ def _sequence(driver, ids, new_tokens: int, clock: Clock):
 
 
 def _host_reads_per_token(driver, mode: str, ids, notes: list[str]) -> float | None:
-    from graphrt.capture import HostReadRecorder
-
     if mode == "compile":
         notes.append("host reads not counted: the checker's hooks change what torch.compile traces")
         return None
@@ -213,7 +210,7 @@ def measure(mode: str, model, ids, cfg: LlmBenchConfig, preset: LlmPreset, devic
     clock = Clock(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
+    t0 = wall()
     driver = _driver(mode, model, ids.shape[1] + new_tokens, ids.shape[0], device)
     if mode == "compile":
         res.notes.append(("torch.compile(mode='reduce-overhead')" if device.type == "cuda" else
@@ -222,22 +219,21 @@ def measure(mode: str, model, ids, cfg: LlmBenchConfig, preset: LlmPreset, devic
     elif driver.graphs is not None:
         driver.prewarm()
     clock.sync()
-    res.capture_s = round(time.perf_counter() - t0, 3)
+    res.capture_s = round(wall() - t0, 3)
     runs = [_sequence(driver, ids, new_tokens, clock) for _ in range(1 + repeats)]
     tokens = runs[0][0]
     res.first_token_ms = statistics.median(run[1] for run in runs)
     steps = [ms for run in runs for ms in run[2]]
     res.token_ms_median = statistics.median(steps)
-    res.token_ms_p90 = _percentile(steps, 0.9)
-    if res.token_ms_p90 / res.token_ms_median > NOISY_P90:
-        res.warnings.append(f"p90 is {res.token_ms_p90 / res.token_ms_median:.1f}x the median over {len(steps)} "
-                            "tokens: noisy timings (another process, or more threads than free cores?)")
+    res.token_ms_p90 = percentile(steps, 0.9)
+    noisy = noisy_warning(res.token_ms_p90, res.token_ms_median, len(steps), "tokens")
+    if noisy:
+        res.warnings.append(noisy)
     if not clock.cuda:
         res.token_cpu_ms_median = statistics.median(ms for run in runs for ms in run[3])
-        busy = res.token_ms_median / max(res.token_cpu_ms_median, 1e-9)
-        if torch.get_num_threads() == 1 and busy > BUSY_WALL_OVER_CPU:
-            res.warnings.append(f"wall time is {busy:.1f}x the CPU time: the process waited for a core "
-                                "(the machine is busy); compare modes by cpu ms")
+        busy = busy_warning(res.token_ms_median, res.token_cpu_ms_median, "; compare modes by cpu ms")
+        if busy:
+            res.warnings.append(busy)
     res.tokens_per_s = ids.shape[0] * 1000.0 / res.token_ms_median
     g = getattr(driver, "graphs", None)
     res.graphs = g.stats.captures if g is not None else (0 if mode == "eager" else None)
@@ -253,7 +249,7 @@ def run(cfg: LlmBenchConfig, on_mode: Callable[[str, LlmModeResult, dict], None]
     """Run the selected modes and return the JSON summary (``on_mode`` after each, for partial saves)."""
     preset, device, dtype = cfg.resolve()
     threads = cfg.threads if cfg.threads is not None else (1 if device.type == "cpu" else None)
-    with _torch_threads(threads):
+    with torch_threads(threads):
         return _run(cfg, preset, device, dtype, on_mode)
 
 
@@ -273,7 +269,7 @@ def _run(cfg: LlmBenchConfig, preset: LlmPreset, device: torch.device, dtype: to
         "cuda": torch.version.cuda,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "threads": torch.get_num_threads(),
-        "load_avg": {"cpus": os.cpu_count(), "start": _load(), "end": None},   # 1, 5, 15 minutes
+        "load_avg": {"cpus": os.cpu_count(), "start": load_average(), "end": None},   # 1, 5, 15 minutes
         "preset": cfg.preset,
         "clocks": clocks(device),
         "config": {"model": "LlamaForCausalLM", "params": params, "hidden": preset.hidden, "num_layers": preset.layers,
@@ -297,7 +293,7 @@ def _run(cfg: LlmBenchConfig, preset: LlmPreset, device: torch.device, dtype: to
         if device.type == "cuda":
             torch.cuda.empty_cache()
         summary["modes"] = _compare(results, tokens)
-        summary["load_avg"]["end"] = _load()
+        summary["load_avg"]["end"] = load_average()
         if on_mode is not None:
             on_mode(mode, results[mode], summary)
     return summary

@@ -18,9 +18,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from graphrt.bench.core import PRESETS
+from graphrt.bench.presets import PRESETS
 from graphrt.kv import StaticKVCache
 from graphrt.models.wan import CausalWan
+from graphrt.pipeline import Engine, FlowMatchSchedule
 
 GIB = 2 ** 30
 KV_CHOICES = (None, "int8", "float8_e4m3fn")
@@ -54,8 +55,6 @@ def cache_bytes(preset: str, dtype: torch.dtype, kv_dtype: str | None):
 
 def measure_working_set(preset: str, dtype: torch.dtype, kv_dtype: str | None, steps: int = 4) -> int:
     """Peak CUDA bytes of one eager video at batch 1 above the weights and the cache (random weights)."""
-    from graphrt.pipeline import Engine, FlowMatchSchedule
-
     cfg = PRESETS[preset].config()
     model = meta_model(preset, dtype).to_empty(device="cuda").eval()   # no CPU init of billions of weights
     with torch.no_grad():

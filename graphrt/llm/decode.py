@@ -36,7 +36,7 @@ MODES = ("eager", "graphs")
 
 @dataclass
 class DecodeStats:
-    """What the last :meth:`Decoder.generate` did."""
+    """What the last :meth:`LLMDecoder.generate` did."""
 
     batch: int = 0
     bucket: int | None = None        # the graph's batch (None in eager mode)
@@ -53,14 +53,14 @@ def _new_cache(model, max_cache_len: int):
     return StaticCache(config=model.config, max_cache_len=max_cache_len)
 
 
-class Decoder:
+class LLMDecoder:
     """Greedy decoding with one captured graph per batch bucket.
 
     ``model`` is a transformers causal LM that accepts ``past_key_values`` (a ``StaticCache``);
     ``max_cache_len`` bounds prompt + new tokens. ``mode="eager"`` runs the same loop without
     graphs (the control). ``backend``, ``inductor`` and ``verify`` go to :func:`graphrt.compile`.
 
-    >>> dec = Decoder(model, max_cache_len=256, batch_sizes=(1, 2, 4), stop_tokens=[eos]).prewarm()
+    >>> dec = LLMDecoder(model, max_cache_len=256, batch_sizes=(1, 2, 4), stop_tokens=[eos]).prewarm()
     >>> tokens = dec.generate(input_ids, max_new_tokens=64)      # [B, <=64] on the model's device
     """
 
@@ -116,7 +116,7 @@ class Decoder:
         done.logical_or_(torch.isin(nxt, self.stop))
         return nxt
 
-    def prewarm(self) -> "Decoder":
+    def prewarm(self) -> "LLMDecoder":
         """Capture every batch bucket now (largest first) and seal the set of graphs."""
         if self.graphs is not None:
             self.cache.reset()
@@ -142,7 +142,7 @@ class Decoder:
         if prompt < 1 or last > self.max_cache_len:
             raise CacheError(f"the request runs past the cache: prompt {prompt} + {max_new_tokens} new tokens needs "
                              f"{last} positions", expected=f"<= max_cache_len = {self.max_cache_len}", got=last,
-                             fix="build the Decoder with a larger max_cache_len, or ask for fewer tokens")
+                             fix="build the LLMDecoder with a larger max_cache_len, or ask for fewer tokens")
         bucket = None if self.graphs is None else next(b for b in self.batch_sizes if b >= batch)
         self.stats = DecodeStats(batch=batch, bucket=bucket, prompt_tokens=prompt)
         self._budget = max_new_tokens - 1
@@ -195,7 +195,7 @@ def greedy_eager(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens
     """The plain eager loop (a fresh ``StaticCache`` at the batch's size, no graphrt): the reference
     a graph decode must equal. Returns tokens [B, max_new_tokens] (and each step's logits).
 
-    Pass the Decoder's ``max_cache_len`` for a bit-exact reference: attention reads the whole static
+    Pass the LLMDecoder's ``max_cache_len`` for a bit-exact reference: attention reads the whole static
     length, and another length sums in another order (bf16 greedy tokens can then diverge)."""
     batch, prompt = input_ids.shape
     cache = _new_cache(model, max_cache_len or prompt + max_new_tokens)

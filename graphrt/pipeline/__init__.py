@@ -1,11 +1,13 @@
 """Chunked video generation for causal DiTs, from latents up to prompt-to-mp4.
 
 - ``schedule``: :class:`FlowMatchSchedule` and :func:`denoise_chunk` (the scheduler arithmetic);
-- ``engine``: :class:`Engine`, :class:`Session` (one graph per forward or per whole chunk),
-  :class:`EngineMemory` (what :meth:`Engine.memory` reports);
+- ``engine``: :class:`Engine`, :class:`Session` (sessions and stepping: one graph per forward or per
+  whole chunk); ``slabs``: slab counts from a memory budget, suspended sessions' host copies,
+  :class:`EngineMemory` (what :meth:`Engine.memory` reports); ``checks``: the Engine's argument checks;
 - ``reference``: :func:`reference_stream` (``ReferenceWan``, host reads and all);
 - ``text``: :class:`TextEncoder` (umT5 + tokenizer, prompt cache keyed by text);
-- ``decode``: :class:`WanVAEDecoder` (streaming VAE decode with its causal feature cache) and
+- ``vae``: :class:`WanVAEDecoder` (streaming VAE decode with its causal feature cache; any
+  :class:`VAEDecoder` will do) and
   :class:`DecodeQueue` (decode overlapped with the DiT on a worker thread / second stream);
 - ``video``: :func:`save_video`, :class:`VideoWriter` (frames -> mp4 with PyAV);
 - ``weights``: :func:`load_wan`/:func:`save_wan` (a diffusers-format Wan folder + causal DiT checkpoint);
@@ -14,7 +16,7 @@
 
 transformers, diffusers and PyAV are imported only when those parts are used.
 """
-from graphrt.pipeline.decode import DecodeQueue, DecoderState, WanVAEDecoder
+from graphrt.pipeline.vae import DecodeQueue, DecoderState, VAEDecoder, WanVAEDecoder
 from graphrt.pipeline.engine import MODES, Engine, EngineMemory, EngineStats, Session
 from graphrt.pipeline.reference import reference_stream
 from graphrt.pipeline.schedule import FlowMatchSchedule, denoise_chunk
@@ -25,5 +27,6 @@ from graphrt.pipeline.video_pipeline import VideoPipeline
 from graphrt.pipeline.weights import VideoShape, WanComponents, load_wan, save_wan
 
 __all__ = ["MODES", "DecodeQueue", "DecoderState", "Engine", "EngineMemory", "EngineStats", "FlowMatchSchedule",
-           "Session", "TextEncoder", "VideoPipeline", "VideoShape", "VideoWriter", "WanComponents", "WanVAEDecoder",
+           "Session", "TextEncoder", "VideoPipeline", "VideoShape", "VAEDecoder", "VideoWriter", "WanComponents",
+           "WanVAEDecoder",
            "denoise_chunk", "load_wan", "reference_stream", "save_video", "save_wan", "tiny_wan"]

@@ -26,7 +26,6 @@ open than there are slabs, and :meth:`Engine.resume` brings it back into any fre
 from __future__ import annotations
 
 import itertools
-import os
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -36,10 +35,11 @@ import torch
 
 from graphrt.replay import Buckets
 from graphrt.replay import compile as compile_graphs
-from graphrt.errors import CacheError, InputError
-from graphrt.kv import KVMemory, RollingKVCache, StaticKVCache
-from graphrt.offload import HostCopy
+from graphrt.errors import CacheError, ConfigError, InputError
+from graphrt.kv import RollingKVCache, StaticKVCache
+from graphrt.pipeline import checks
 from graphrt.pipeline.schedule import FlowMatchSchedule, denoise_chunk
+from graphrt.pipeline.slabs import EngineMemory, HostSlabs, num_slabs, powers_of_two, weight_bytes
 
 MODES = ("eager", "forward", "chunk")
 KV_BUCKETS = ("auto", "per-length", "max")
@@ -69,33 +69,6 @@ class Session:
         return self.slab is None
 
 
-@dataclass(frozen=True)
-class EngineMemory:
-    """Where an engine's bytes are: weights, the K/V cache (see :class:`~graphrt.kv.KVMemory`),
-    the graph pool (CUDA graphs only; None elsewhere) and the suspended sessions' host copies."""
-
-    weights: int
-    kv: KVMemory
-    graph_pool: int | None
-    host_suspended: int
-    suspended_sessions: int
-    prompts: int = 0                     # prompts in the prompt cache (cross-attention K/V kept on the device)
-    prompt_bytes: int = 0
-
-    @property
-    def device_total(self) -> int:
-        return self.weights + self.kv.total + (self.graph_pool or 0) + self.prompt_bytes
-
-    def __str__(self) -> str:
-        mib = 2 ** 20
-        pool = "-" if self.graph_pool is None else f"{self.graph_pool / mib:,.1f} MiB"
-        return (f"weights {self.weights / mib:,.1f} MiB | K/V ({self.kv.kv_dtype}) {self.kv.slabs} slabs x "
-                f"{self.kv.per_session / mib:,.1f} MiB per session + scratch {self.kv.scratch / mib:,.1f} MiB | "
-                f"graph pool {pool} | prompt cache {self.prompts} x "
-                f"{self.prompt_bytes / max(self.prompts, 1) / mib:,.1f} MiB | host: {self.suspended_sessions} suspended, "
-                f"{self.host_suspended / mib:,.1f} MiB")
-
-
 @dataclass
 class EngineStats:
     chunks: int = 0                      # session-chunks produced
@@ -123,8 +96,7 @@ class Engine:
     ``len(batch_sizes)`` x ``cfg.num_chunks`` KV lengths (the window's, with ``window``) x 2
     (1 when the largest batch is 1). Each costs a warm-up and a capture of one DiT forward
     (``"forward"``) or of a whole chunk, ``len(schedule.steps) + 1`` forwards (``"chunk"``); on
-    the CPU emulation the trace dominates (about 0.4 s and 2.3 s of CPU per graph on the tiny
-    model: ``time.thread_time`` of :meth:`prewarm` over its graphs, batch 1, one torch thread).
+    the CPU emulation the trace dominates (measured costs per graph: ``bench/results/design-numbers.md``).
     A bucket is captured on its first use; :meth:`prewarm` captures every one up front (with a
     progress bar), so no request waits for a capture. Fewer batch sizes, fewer graphs.
 
@@ -182,7 +154,7 @@ class Engine:
         self.schedule = schedule or FlowMatchSchedule()
         if max_sessions is not None and (not isinstance(max_sessions, int) or max_sessions < 1):
             raise InputError("max_sessions must be an int >= 1", got=max_sessions)
-        if not _is_int(prompt_cache) or prompt_cache < 0:
+        if not checks.is_int(prompt_cache) or prompt_cache < 0:
             raise InputError("prompt_cache must be an int >= 0 (prompts kept; 0 keeps none)", got=prompt_cache)
         self.prompt_cache = prompt_cache
         p = next(model.parameters())
@@ -195,12 +167,11 @@ class Engine:
         else:
             self._new_cache = lambda **kw: RollingKVCache.for_model(model, window_frames=window[0],
                                                                     sink_frames=window[1], kv_dtype=kv_dtype, **kw)
-        batch_sizes = _batch_sizes(batch_sizes)
-        max_sessions = self._num_slabs(max_sessions, memory_budget, batch_sizes)
-        self.batch_sizes = batch_sizes or _powers_of_two(max_sessions)
+        batch_sizes = checks.batch_sizes(batch_sizes)
+        max_sessions = num_slabs(self._new_cache, self.device, max_sessions, memory_budget, batch_sizes)
+        self.batch_sizes = batch_sizes or powers_of_two(max_sessions)
         self.cache = self._new_cache(num_slabs=max_sessions, max_batch=self.batch_sizes[-1])
-        self._suspended: dict[int, HostCopy] = {}
-        self._copy_stream = None
+        self._suspended = HostSlabs(self.device)
         self.shape = (cfg.out_dim, cfg.chunk_frames, cfg.height, cfg.width)
         n, slabs = len(self.schedule.steps), max_sessions + 1
         self.seeds = torch.zeros(slabs, dtype=torch.long, device=self.device)
@@ -215,21 +186,21 @@ class Engine:
         frames, limit = cfg.chunk_frames, self.cache.slab_frames
         self.kv_buckets = kv_buckets if kv_buckets != "auto" else auto_kv_buckets(model, self.cache.quantized)
         if self.kv_buckets == "max":     # one graph per batch size: the whole slab, masked by device seqlens
-            self.kv_choices, exact = (limit,), (False,)
+            self.kv_choices, kv_exact = (limit,), (False,)
         else:
             self.kv_choices = tuple(sorted({min(c * frames, limit) for c in range(1, -(-limit // frames) + 1)}))
-            exact = (True, False) if self.batch_sizes[-1] > 1 else (True,)
-        self.exact_choices = exact
+            kv_exact = (True, False) if self.batch_sizes[-1] > 1 else (True,)
+        self.kv_exact_choices = kv_exact
         opts = dict(backend=backend, inductor=inductor, verify=verify, progress=progress, cache_dir=cache_dir)
         self._forward = model
         self._chunk_fn = self._chunk
         if mode == "forward":
             self._forward = compile_graphs(model, buckets=Buckets(
                 self.batch_sizes, batch_args=("x", "t", "cond"),
-                static_args={"kv_frames": self.kv_choices, "kv_exact": exact}), **opts)
+                static_args={"kv_frames": self.kv_choices, "kv_exact": kv_exact}), **opts)
         elif mode == "chunk":
             self._chunk_fn = compile_graphs(self._chunk, states=[self.cache], buckets=Buckets(
-                static_args={"batch": self.batch_sizes, "kv_frames": self.kv_choices, "exact": exact}), **opts)
+                static_args={"batch": self.batch_sizes, "kv_frames": self.kv_choices, "kv_exact": kv_exact}), **opts)
         self._ranks = getattr(model, "parallel", None)     # sequence-parallel: every rank must run the same engine
         if self._ranks is not None:
             self._ranks.check_engine(self, window=window, inductor=inductor, backend=backend, verify=verify)
@@ -240,15 +211,37 @@ class Engine:
     (batch sizes alone with ``kv_buckets="max"``)."""
         if self.mode == "eager":
             return 0
-        return len(self.batch_sizes) * len(self.kv_choices) * len(self.exact_choices)
+        return len(self.batch_sizes) * len(self.kv_choices) * len(self.kv_exact_choices)
 
     # -- the chunk function (graph-safe) --------------------------------------------------------
-    def _chunk(self, cond=None, *, batch: int, kv_frames: int, exact: bool) -> torch.Tensor:
+    @property
+    def chunk_function(self) -> Callable[..., torch.Tensor]:
+        """The graph-safe chunk function, ``fn(cond, *, batch, kv_frames, kv_exact) -> latents``: one
+        chunk for rows ``0..batch`` of the bound block table (denoise, cache pass, advance). This
+        is what ``mode="chunk"`` captures and ``mode="eager"`` calls; hand it to another compiler
+        and give the result back with :meth:`use_chunk_function`."""
+        return self._chunk
+
+    def use_chunk_function(self, fn: Callable[..., torch.Tensor]) -> None:
+        """Let :meth:`step` call ``fn`` in place of :attr:`chunk_function`: a wrapper of it with the
+        same signature and results, e.g. ``torch.compile(engine.chunk_function, fullgraph=True)``
+        (the bench's ``compile-chunk`` peer). Only in ``mode="eager"``: the graph modes own the
+        chunk function (they capture it, or each forward inside it)."""
+        if self.mode != "eager":
+            raise ConfigError(f"use_chunk_function() needs an Engine in mode='eager'; this one is mode={self.mode!r}",
+                              expected="eager", got=self.mode,
+                              fix="build the Engine with mode='eager' to run your own compiled chunk function")
+        if not callable(fn):
+            raise InputError("use_chunk_function() takes a callable", expected="fn(cond, *, batch, kv_frames, "
+                             "kv_exact) -> latents", got=type(fn).__name__)
+        self._chunk_fn = fn
+
+    def _chunk(self, cond=None, *, batch: int, kv_frames: int, kv_exact: bool) -> torch.Tensor:
         """One chunk for rows ``0..batch`` of the block table: denoise, cache pass, advance."""
         cache = self.cache
         bt = cache.block_table[:batch]
         pos = cache.frames.index_select(0, bt)
-        kw = dict(cache=cache, kv_frames=kv_frames, kv_exact=exact, cond=None if cond is None else cond[:batch])
+        kw = dict(cache=cache, kv_frames=kv_frames, kv_exact=kv_exact, cond=None if cond is None else cond[:batch])
 
         def forward(x, t):
             return self._forward(x.to(self.dtype), t, **kw)
@@ -263,20 +256,7 @@ class Engine:
 
     # -- sessions -----------------------------------------------------------------------------
     def _context(self, context, where: str) -> torch.Tensor:
-        """A text context as [B, L, text_dim] (a 2-D one gains the batch dim), or a clear error."""
-        cfg = self.cfg
-        want = f"a float tensor [B, <= {cfg.text_len}, {cfg.text_dim}] (text-encoder embeddings)"
-        if not isinstance(context, torch.Tensor):
-            raise InputError(f"{where}: the text context must be a torch.Tensor", expected=want,
-                             got=type(context).__name__, fix="torch.as_tensor(context)")
-        if context.device.type == "meta" or not context.is_floating_point():
-            raise InputError(f"{where}: the text context holds no float data", expected=want,
-                             got=f"{context.dtype} on {context.device}")
-        if context.dim() == 2:
-            context = context[None]
-        if context.dim() != 3 or context.shape[2] != cfg.text_dim or not 1 <= context.shape[1] <= cfg.text_len:
-            raise InputError(f"{where}: the text context has the wrong shape", expected=want, got=list(context.shape))
-        return context
+        return checks.text_context(self.cfg, context, where)
 
     def _prompt_kv(self, context: torch.Tensor | None, prompt: str | None):
         """Cross-attention K/V [layers, text_len, H, D] for a context, and what to store under
@@ -319,7 +299,7 @@ class Engine:
             if context.shape[0] != 1:
                 raise InputError("open() starts one video: one context row", expected="[1, L, text_dim]",
                                  got=list(context.shape), fix="open one session per row (or use stream())")
-        if num_chunks is not None and (not _is_int(num_chunks) or num_chunks < 1):
+        if num_chunks is not None and (not checks.is_int(num_chunks) or num_chunks < 1):
             raise InputError("num_chunks must be an int >= 1 (or None for an open-ended video)", got=num_chunks)
         self._check_video(num_chunks, [seed])
         schedule = schedule or self.schedule
@@ -353,37 +333,17 @@ class Engine:
         return s
 
     def _check_video(self, num_chunks: int | None, seeds: list) -> None:
-        """A video of ``num_chunks`` fits the static cache, and each row's seed is an int in
-        [0, 2**63) (row i of a batched context gets seed + i): what :meth:`open` and
-        :meth:`stream` check before any work."""
-        limit = None if isinstance(self.cache, RollingKVCache) else self.cfg.num_chunks
-        if num_chunks is not None and limit is not None and num_chunks > limit:
-            raise CacheError(f"a video of {num_chunks} chunks does not fit max_frames={self.cfg.max_frames} "
-                             f"({limit} chunks of {self.cfg.chunk_frames} frames)",
-                             fix="build the Engine with window=(frames, sink_frames) for longer videos")
-        bad = [x for x in seeds if not _is_int(x) or not 0 <= x < 2 ** 63]
-        if bad:
-            raise InputError("seed must be an int in [0, 2**63) (row i of a batch gets seed + i)",
-                             got=bad[0] if len(seeds) == 1 else bad)
+        checks.video(self.cfg, isinstance(self.cache, RollingKVCache), num_chunks, seeds)
 
     def _check_open(self, sessions, where: str) -> None:
-        """Each one a Session open in this engine (by identity), each at most once."""
-        seen = set()
-        for s in sessions:
-            if not isinstance(s, Session) or self.sessions.get(s.id) is not s:
-                raise InputError(f"{where}: {s!r} is not a session open in this engine",
-                                 fix="pass sessions this engine's open() returned and that are not closed")
-            if id(s) in seen:
-                raise InputError(f"{where}: session {s.id} is listed twice", got=[x.id for x in sessions],
-                                 fix="list each session once: one step() makes one chunk per session")
-            seen.add(id(s))
+        checks.open_sessions(sessions, Session, self.sessions, where)
 
     def close(self, session: Session) -> None:
         """End a video and free its slab (or its host copy, when suspended) for the next one."""
         self._check_open([session], "close()")
         del self.sessions[session.id]
         if session.suspended:
-            del self._suspended[session.id]
+            self._suspended.drop(session.id)
         else:
             self.cache.release(session.slab)
 
@@ -431,7 +391,7 @@ class Engine:
             active = [s for s in active if not self.at_end(s)]
         if not active:
             return {}
-        groups = _chunks(active, self.batch_sizes[-1])
+        groups = _session_groups(active, self.batch_sizes[-1])
         inputs = [self._cond(g, cond) for g in groups]
         out: dict[Session, torch.Tensor] = {}
         for group, cond_t in zip(groups, inputs):
@@ -443,12 +403,12 @@ class Engine:
         frames = self.cfg.chunk_frames
         batch = next(b for b in self.batch_sizes if b >= len(group))
         kv = [min((s.chunk + 1) * frames, self.cache.slab_frames) for s in group]
-        # exact: every real row attends exactly kv_frames frames (padded rows read scratch; discarded)
-        kv_frames, exact = max(kv), len(set(kv)) == 1
+        # kv_exact: every real row attends exactly kv_frames frames (padded rows read scratch; discarded)
+        kv_frames, kv_exact = max(kv), len(set(kv)) == 1
         if self.kv_buckets == "max":
-            kv_frames, exact = self.kv_choices[0], False
+            kv_frames, kv_exact = self.kv_choices[0], False
         self.cache.bind([s.slab for s in group])
-        x0 = self._chunk_fn(cond_t, batch=batch, kv_frames=kv_frames, exact=exact)
+        x0 = self._chunk_fn(cond_t, batch=batch, kv_frames=kv_frames, kv_exact=kv_exact)
         self.stats.dispatches += 1 if self.mode == "chunk" else len(self.schedule.steps) + 1
         self.stats.chunks += len(group)
         self.stats.rows_padded += batch - len(group)
@@ -489,10 +449,10 @@ class Engine:
             raise InputError("context must be [B, L, text_dim]", got=list(context.shape),
                              fix="add the batch dimension: context[None]")
         context = self._context(context, "stream()")
-        if not _is_int(num_chunks) or num_chunks < 1:
+        if not checks.is_int(num_chunks) or num_chunks < 1:
             raise InputError("num_chunks must be an int >= 1", got=num_chunks)
         rows = context.shape[0]
-        seeds = [seed + i for i in range(rows)] if _is_int(seed) else list(seed)
+        seeds = [seed + i for i in range(rows)] if checks.is_int(seed) else list(seed)
         if isinstance(prompt, str) and rows > 1:
             raise InputError("one prompt key per context row", expected=f"a list of {rows} keys", got=prompt)
         prompts = [prompt] * rows if prompt is None or isinstance(prompt, str) else list(prompt)
@@ -534,11 +494,11 @@ class Engine:
         cond = None if self.cfg.cond_dim == 0 else torch.zeros(b, self.cfg.chunk_frames, self.cfg.cond_dim,
                                                                 device=self.device, dtype=self.dtype)
         if self.mode == "chunk":
-            self._chunk_fn.prewarm(cond, batch=b, kv_frames=self.kv_choices[0], exact=self.exact_choices[0])
+            self._chunk_fn.prewarm(cond, batch=b, kv_frames=self.kv_choices[0], kv_exact=self.kv_exact_choices[0])
         else:
             x = torch.zeros(b, *self.shape, device=self.device, dtype=self.dtype)
             self._forward.prewarm(x, self.context_t[:b], cache=self.cache, kv_frames=self.kv_choices[0],
-                                  kv_exact=self.exact_choices[0], cond=cond)
+                                  kv_exact=self.kv_exact_choices[0], cond=cond)
         return self
 
     def reset(self) -> None:
@@ -546,37 +506,7 @@ class Engine:
         for s in list(self.sessions.values()):
             self.close(s)
 
-    # -- memory: slabs from a budget, suspend and resume, the report ---------------------------------
-    def _num_slabs(self, max_sessions: int | None, budget: int | float | None, batch_sizes) -> int:
-        """Slabs to allocate: ``max_sessions``, or as many as the K/V cache fits in ``budget``."""
-        if budget is None:
-            return 1 if max_sessions is None else max_sessions
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0 or \
-                (isinstance(budget, float) and budget > 1):
-            raise InputError("memory_budget must be bytes (an int > 0) or a fraction of free memory in (0, 1]",
-                             got=budget)
-        nbytes = int(budget * free_memory(self.device)) if isinstance(budget, float) else budget
-        max_batch = max(batch_sizes) if batch_sizes else 1
-        probe = self._new_cache(num_slabs=1, max_batch=max_batch, device="meta").memory()
-        fit = probe.slabs_within(nbytes)
-        slabs = fit if max_sessions is None else min(fit, max_sessions)
-        if batch_sizes is None:       # the default buckets grow with the slabs: so does the block table
-            while slabs > 1 and self._new_cache(num_slabs=slabs, max_batch=slabs, device="meta").memory().total > nbytes:
-                slabs -= 1
-        if slabs < 1:
-            raise CacheError(f"memory_budget={nbytes:,} bytes holds no session",
-                             expected=f">= {probe.total:,} bytes: {probe.per_session:,} per session "
-                                      f"({probe.kv_dtype} K/V) + {probe.scratch + probe.state:,} scratch and state",
-                             fix="raise the budget, use kv_dtype='int8' or 'float8_e4m3fn', or a smaller window")
-        return slabs
-
-    def _copy_stream_for(self):
-        if self.device.type != "cuda":
-            return None
-        if self._copy_stream is None:
-            self._copy_stream = torch.cuda.Stream(self.device)
-        return self._copy_stream
-
+    # -- memory: suspend and resume, the report (slabs and bytes: graphrt.pipeline.slabs) ---------------------------------
     def _slab_state(self, slab: int) -> dict[str, torch.Tensor]:
         """Everything one session keeps on the device: its cache slab and its engine table rows."""
         views = self.cache.slab_tensors(slab)
@@ -594,8 +524,7 @@ class Engine:
         self._check_open([session], "suspend()")
         if session.suspended:
             raise CacheError(f"session {session.id} is already suspended")
-        stream = self._copy_stream_for()
-        self._suspended[session.id] = HostCopy.save(self._slab_state(session.slab), stream)
+        stream = self._suspended.save(session.id, self._slab_state(session.slab))
         self.cache.release(session.slab, stream=stream)
         session.slab = None
 
@@ -608,23 +537,16 @@ class Engine:
             raise CacheError(f"no free slab to resume session {session.id} into: all {self.cache.num_slabs} "
                              "are in use", fix="suspend or close another session first")
         slab = self.cache.acquire()
-        self._suspended.pop(session.id).load(self._slab_state(slab), self._copy_stream_for())
+        self._suspended.load(session.id, self._slab_state(slab))
         session.slab = slab
 
     def memory(self) -> EngineMemory:
         """Bytes of weights, K/V cache (per slab, scratch), graph pool and suspended host copies."""
-        seen, weights = set(), 0
-        for t in itertools.chain(self.model.parameters(), self.model.buffers()):
-            key = (t.untyped_storage().data_ptr(), t.device)
-            if key not in seen:
-                seen.add(key)
-                weights += t.untyped_storage().nbytes()
         g = self.graphs
         pool = g.stats.pool_bytes if g is not None and self.device.type == "cuda" else None
-        host = sum(c.nbytes for c in self._suspended.values())
         prompt_bytes = sum(t.nbytes for entry in self._prompts.values() for t in entry)
-        return EngineMemory(weights, self.cache.memory(), pool, host, len(self._suspended),
-                            len(self._prompts), prompt_bytes)
+        return EngineMemory(weight_bytes(self.model), self.cache.memory(), pool, self._suspended.nbytes,
+                            len(self._suspended), len(self._prompts), prompt_bytes)
 
     @property
     def graphs(self):
@@ -632,56 +554,17 @@ class Engine:
         return self._chunk_fn if self.mode == "chunk" else self._forward if self.mode == "forward" else None
 
 
-def free_memory(device: torch.device) -> int:
-    """Free bytes on ``device``: the CUDA driver's count, or the host's available memory."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def _powers_of_two(n: int) -> tuple[int, ...]:
-    sizes = [1]
-    while sizes[-1] < n:
-        sizes.append(min(sizes[-1] * 2, n))
-    return tuple(sizes)
-
-
-def _batch_sizes(sizes) -> tuple[int, ...] | None:
-    """Batch buckets as sorted distinct ints >= 1 (a repeat would capture its graphs twice), or None."""
-    if sizes is None:
-        return None
-    want = "a non-empty sequence of ints >= 1, e.g. (1, 2, 4)"
-    if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__iter__"):
-        raise InputError("batch_sizes must be a sequence of ints", expected=want, got=sizes)
-    sizes = tuple(sizes)
-    if not sizes:
-        raise InputError("batch_sizes is empty", expected=want, got=sizes)
-    bad = [b for b in sizes if not _is_int(b) or b < 1]
-    if bad:
-        raise InputError(f"batch sizes must be ints >= 1; got {bad}", expected=want, got=tuple(sizes))
-    return tuple(sorted(set(sizes)))
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _chunks(items, size):
-    return [items[i:i + size] for i in range(0, len(items), size)]
+def _session_groups(sessions, size):
+    """Sessions in groups of at most ``size`` (the largest batch bucket): one batched chunk each."""
+    return [sessions[i:i + size] for i in range(0, len(sessions), size)]
 
 
 def auto_kv_buckets(model, quantized: bool = False) -> str:
     """``"max"`` (one graph per batch size) where attention skips the keys past each row's
     device length, so the longest graph costs nothing extra (flash-attn's ``cache_seqlens``);
-    else ``"per-length"``: SDPA and flex compute every key of the graph's length, and on an
-    H200 (1.3B, 480p, bf16) attention over 7 chunks of keys took 6x (cuDNN) and 5.7x (flex)
-    that over the first chunk's, every chunk, where a capture is paid once (and kept on disk).
+    else ``"per-length"``: SDPA and flex compute every key of the graph's length, so the longest
+    graph's attention costs several times the first chunk's, every chunk (measured:
+    ``bench/results/design-numbers.md``), where a capture is paid once (and kept on disk).
     A ``quantized`` cache (int8/float8 K/V) is never read in place by flash-attn: each forward
     gathers and dequantizes ``kv_frames`` frames, the whole slab under ``"max"``, so it is
     ``"per-length"`` whatever the backend."""

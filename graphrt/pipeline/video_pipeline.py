@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 import torch
 
 from graphrt.errors import ConfigError, InputError
-from graphrt.pipeline.decode import DecodeQueue, Decoder, DecoderState, WanVAEDecoder
+from graphrt.pipeline.vae import DecodeQueue, DecoderState, VAEDecoder, WanVAEDecoder
 from graphrt.pipeline.engine import Engine, Session
 from graphrt.pipeline.text import TextEncoder, clean_prompt
 from graphrt.pipeline.weights import VideoShape, WanComponents, load_wan
@@ -51,7 +51,7 @@ class VideoPipeline:
     the last call: it closes every session and stops the decode worker.
     """
 
-    def __init__(self, engine: Engine, text: TextEncoder, decoder: Decoder, *, overlap: bool = True):
+    def __init__(self, engine: Engine, text: TextEncoder, decoder: VAEDecoder, *, overlap: bool = True):
         cfg = engine.cfg
         if text.dim != cfg.text_dim:
             raise ConfigError(f"the text encoder gives {text.dim}-dim states but the DiT reads {cfg.text_dim}")

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from graphrt.errors import InputError
+from graphrt.replay import Buckets, compile as compile_graphs
 
 
 def to_uint8(video: torch.Tensor) -> torch.Tensor:
@@ -79,7 +80,7 @@ class StaticFeatureCache:
                 b.zero_()
 
 
-class Decoder(Protocol):
+class VAEDecoder(Protocol):
     """What the pipeline needs of a decoder (the Wan VAE, or any causal video decoder)."""
 
     def new_state(self) -> DecoderState: ...
@@ -173,8 +174,6 @@ class WanVAEDecoder:
         then replay it from their third latent frame on (the first two run eagerly: the cache has
         not yet reached its fixed shape); more run eagerly, counted in ``eager_frames``. Frames
         equal the eager decode's bit for bit (the same kernels)."""
-        from graphrt.replay import Buckets, compile as compile_graphs
-
         if videos < 1:
             raise InputError("videos must be >= 1", got=videos)
         if self.graphs is not None:
@@ -226,7 +225,7 @@ class DecodeQueue:
     After :meth:`close`, ``submit`` raises.
     """
 
-    def __init__(self, decoder: Decoder, *, overlap: bool = True):
+    def __init__(self, decoder: VAEDecoder, *, overlap: bool = True):
         self.decoder, self.overlap = decoder, overlap
         self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix="graphrt-decode") if overlap else None
         self._streams: dict[torch.device, torch.cuda.Stream] = {}

@@ -1,0 +1,126 @@
+"""What ``python -m graphrt.bench`` runs: its modes, the model presets and :class:`BenchConfig`
+(every setting, checked up front by :meth:`BenchConfig.resolve`)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from graphrt.errors import ConfigError
+from graphrt.kv import resolve_kv_dtype
+from graphrt.models.wan import WanConfig
+from graphrt.pipeline.engine import KV_BUCKETS
+
+MODES = ("reference", "eager", "graphs", "chunk-graph", "graphs+inductor", "chunk-graph+inductor", "compile",
+         "compile-chunk")
+GRAPH_MODES = ("graphs", "chunk-graph", "graphs+inductor", "chunk-graph+inductor")
+PEERS = ("compile", "compile-chunk")
+INDUCTOR_MODES = ("graphs+inductor", "chunk-graph+inductor")
+VIDEO_FRAMES_PER_LATENT = 4
+
+
+@dataclass(frozen=True)
+class Preset:
+    model: str                 # WanConfig preset
+    height: int                # latent size
+    width: int
+    chunk_frames: int
+    chunks: int
+    steps: int = 4
+    dtype: str = "bfloat16"
+    repeats: int = 1           # extra whole videos timed after the first (steady-state samples)
+    layers: int | None = None  # fewer layers than the model preset (a CPU-sized slice of a wide model)
+
+    def config(self, chunks: int | None = None) -> WanConfig:
+        n = chunks or self.chunks
+        extra = {} if self.layers is None else {"num_layers": self.layers}
+        return WanConfig.preset(self.model, height=self.height, width=self.width, chunk_frames=self.chunk_frames,
+                                max_frames=n * self.chunk_frames, **extra)
+
+
+PRESETS = {
+    "tiny": Preset("tiny", 8, 8, 3, 2, dtype="float32", repeats=3),
+    "wan-1.3b-480p": Preset("wan-1.3b", 60, 104, 3, 7),       # 480x832 video: 1560 tokens per latent frame
+    "wan-1.3b-240p-f1": Preset("wan-1.3b", 30, 52, 1, 7),     # 240x416, one latent frame per chunk
+    # Wan 1.3B width (dim 1536, 12 heads, ffn 8960, text 512 x 4096) at 64x64 video, one latent
+    # frame per chunk, 2 of its 30 layers: CPU-sized, so every mode compiles in minutes
+    "wan-1.3b-width-cpu": Preset("wan-1.3b", 8, 8, 1, 3, dtype="float32", repeats=4, layers=2),
+    "wan-14b-480p": Preset("wan-14b", 60, 104, 3, 7),
+}
+
+
+@dataclass
+class BenchConfig:
+    preset: str = "auto"
+    device: str | None = None
+    batch: int = 1
+    chunks: int | None = None
+    steps: int | None = None
+    layers: int | None = None      # fewer transformer layers than the preset (a slice of the model)
+    dtype: str | None = None
+    attention: str = "auto"
+    modes: tuple[str, ...] = MODES
+    checkpoint: str | None = None
+    repeats: int | None = None
+    seed: int = 0
+    threads: int | None = None     # torch threads; None: 1 on the CPU (stable timings), torch's own on CUDA
+    cache_dir: str | None = None   # compiled graphs on disk; None: a fresh folder for this run (cold means cold)
+    kv_buckets: str = "auto"       # Engine(kv_buckets=...): "per-length", "max" (one graph per batch size), "auto"
+    head_to_head: bool = True      # CPU: rerun the goal's two modes in turn (the same load for both)
+    progress: bool = True
+    kv_dtype: str | None = None           # None: the model dtype
+    sp: int = 1                # sequence-parallel ranks (under torchrun); every rank runs, rank 0 reports
+
+    def resolve(self) -> tuple[str, Preset, torch.device, torch.dtype]:
+        """Check every setting up front; raise :class:`ConfigError` naming the first bad one."""
+        device = _device(self.device)
+        name = self.preset if self.preset != "auto" else ("wan-1.3b-480p" if device.type == "cuda" else "tiny")
+        if name not in PRESETS:
+            raise ConfigError(f"unknown bench preset {name!r}", expected=sorted(PRESETS) + ["auto"], got=name)
+        if not self.modes:
+            raise ConfigError("no mode to run", expected=f"a comma-separated subset of {','.join(MODES)}")
+        if not isinstance(self.sp, int) or self.sp < 1:
+            raise ConfigError("--sp must be an int >= 1", got=self.sp)
+        unknown = set(self.modes) - set(MODES)
+        if unknown:
+            raise ConfigError(f"unknown mode(s) {sorted(unknown)}", expected=MODES)
+        if len(set(self.modes)) != len(self.modes):
+            raise ConfigError("a mode is listed twice", got=",".join(self.modes))
+        for what, value, least in (("batch", self.batch, 1), ("chunks", self.chunks, 1), ("steps", self.steps, 1),
+                                   ("layers", self.layers, 1),
+                                   ("repeats", self.repeats, 0), ("threads", self.threads, 1)):
+            if value is not None and (not isinstance(value, int) or value < least):
+                raise ConfigError(f"--{what} must be an int >= {least}", got=value)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= 2 ** 63 - self.batch:
+            raise ConfigError("--seed must be an int in [0, 2**63 - batch] (row i of the batch gets seed + i)",
+                              got=self.seed)
+        if self.kv_buckets not in KV_BUCKETS:
+            raise ConfigError(f"unknown --kv-buckets {self.kv_buckets!r}", expected=KV_BUCKETS)
+        if self.cache_dir is not None and not os.path.isdir(self.cache_dir):
+            raise ConfigError("--cache-dir is not a folder", got=self.cache_dir, fix="create it first")
+        if self.checkpoint is not None and not os.path.exists(self.checkpoint):
+            raise ConfigError("checkpoint not found", got=self.checkpoint,
+                              fix="pass a Wan 2.1 .safetensors file or a folder of shards")
+        p = PRESETS[name]
+        dtype = getattr(torch, self.dtype or p.dtype)
+        resolve_kv_dtype(self.kv_dtype, dtype)
+        return name, p, device, dtype
+
+
+def _device(name: str | None) -> torch.device:
+    """``None`` (CUDA when there is one), ``cpu``, ``cuda`` or ``cuda:N``; anything else is a ConfigError."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {name!r}", expected="cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"the bench runs on cpu or cuda, not {device.type}", got=name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise ConfigError(f"device {name!r} is not available: this machine has {count} CUDA device(s)",
+                              fix="use --device cpu, or run on a machine with a GPU")
+    return device

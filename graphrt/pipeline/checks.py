@@ -1,0 +1,73 @@
+"""The Engine's argument checks: batch buckets, text contexts, video lengths and seeds, session
+lists. Each raises an :class:`~graphrt.errors.InputError` (or :class:`~graphrt.errors.CacheError`)
+that says what, where, expected/got and how to fix, before any work."""
+from __future__ import annotations
+
+import torch
+
+from graphrt.errors import CacheError, InputError
+
+
+def is_int(x) -> bool:
+    """An int that is not a bool."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def batch_sizes(sizes) -> tuple[int, ...] | None:
+    """Batch buckets as sorted distinct ints >= 1 (a repeat would capture its graphs twice), or None."""
+    if sizes is None:
+        return None
+    want = "a non-empty sequence of ints >= 1, e.g. (1, 2, 4)"
+    if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__iter__"):
+        raise InputError("batch_sizes must be a sequence of ints", expected=want, got=sizes)
+    sizes = tuple(sizes)
+    if not sizes:
+        raise InputError("batch_sizes is empty", expected=want, got=sizes)
+    bad = [b for b in sizes if not is_int(b) or b < 1]
+    if bad:
+        raise InputError(f"batch sizes must be ints >= 1; got {bad}", expected=want, got=tuple(sizes))
+    return tuple(sorted(set(sizes)))
+
+
+def text_context(cfg, context, where: str) -> torch.Tensor:
+    """A text context as [B, L, text_dim] (a 2-D one gains the batch dim), or a clear error."""
+    want = f"a float tensor [B, <= {cfg.text_len}, {cfg.text_dim}] (text-encoder embeddings)"
+    if not isinstance(context, torch.Tensor):
+        raise InputError(f"{where}: the text context must be a torch.Tensor", expected=want,
+                         got=type(context).__name__, fix="torch.as_tensor(context)")
+    if context.device.type == "meta" or not context.is_floating_point():
+        raise InputError(f"{where}: the text context holds no float data", expected=want,
+                         got=f"{context.dtype} on {context.device}")
+    if context.dim() == 2:
+        context = context[None]
+    if context.dim() != 3 or context.shape[2] != cfg.text_dim or not 1 <= context.shape[1] <= cfg.text_len:
+        raise InputError(f"{where}: the text context has the wrong shape", expected=want, got=list(context.shape))
+    return context
+
+
+def video(cfg, rolling: bool, num_chunks: int | None, seeds: list) -> None:
+    """A video of ``num_chunks`` fits the static cache (any length fits a ``rolling`` one), and each
+    row's seed is an int in [0, 2**63) (row i of a batched context gets seed + i)."""
+    limit = None if rolling else cfg.num_chunks
+    if num_chunks is not None and limit is not None and num_chunks > limit:
+        raise CacheError(f"a video of {num_chunks} chunks does not fit max_frames={cfg.max_frames} "
+                         f"({limit} chunks of {cfg.chunk_frames} frames)",
+                         fix="build the Engine with window=(frames, sink_frames) for longer videos")
+    bad = [x for x in seeds if not is_int(x) or not 0 <= x < 2 ** 63]
+    if bad:
+        raise InputError("seed must be an int in [0, 2**63) (row i of a batch gets seed + i)",
+                         got=bad[0] if len(seeds) == 1 else bad)
+
+
+def open_sessions(sessions, session_type: type, open_ones: dict, where: str) -> None:
+    """Each of ``sessions`` a ``session_type`` open in ``open_ones`` (id -> session, by identity),
+    each at most once."""
+    seen = set()
+    for s in sessions:
+        if not isinstance(s, session_type) or open_ones.get(s.id) is not s:
+            raise InputError(f"{where}: {s!r} is not a session open in this engine",
+                             fix="pass sessions this engine's open() returned and that are not closed")
+        if id(s) in seen:
+            raise InputError(f"{where}: session {s.id} is listed twice", got=[x.id for x in sessions],
+                             fix="list each session once: one step() makes one chunk per session")
+        seen.add(id(s))
