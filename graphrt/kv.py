@@ -151,11 +151,6 @@ class CacheStep:
     seqlens: torch.Tensor            # int32 [B] view of the cache's seqlens
     kv_exact: bool                   # every row has exactly kv_tokens valid: attend unmasked
 
-    @property
-    def exact(self) -> bool:
-        """The old name of :attr:`kv_exact`."""
-        return self.kv_exact
-
 
 class SlabKVCache:
     """Pool of per-session slabs; subclasses decide where token position ``p`` lands in a slab."""

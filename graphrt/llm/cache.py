@@ -91,7 +91,7 @@ def check_batch(cache, batch: int, where: str) -> None:
         raise InputError(f"{where} holds {rows} row(s), but this call runs {batch}",
                          where=where, expected=f"a cache allocated for batch {batch}", got=f"batch {rows}",
                          fix="build the cache for the batch the graph runs (with batch buckets, the bucket's size: "
-                             "padded rows need cache rows too), or use graphrt.llm.Decoder, which keeps one cache "
+                             "padded rows need cache rows too), or use graphrt.llm.LLMDecoder, which keeps one cache "
                              "view per bucket")
 
 

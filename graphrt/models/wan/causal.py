@@ -96,7 +96,7 @@ class CausalWan(WanModelBase):
                 out = attn_mod.attend_paged(q, *cache.paged(layer), step.block_table, step.seqlens)
             else:
                 ks, vs = cache.read(layer, step)
-                out = attn_mod.attend(q, ks, vs, seqlens=None if step.exact else step.seqlens, backend=backend)
+                out = attn_mod.attend(q, ks, vs, seqlens=None if step.kv_exact else step.seqlens, backend=backend)
             out = out.type_as(v)
         return attn.out(out if sp is None else sp.to_tokens(out))
 
