@@ -140,7 +140,10 @@ class VideoPipeline:
         gets seed + i) or one per prompt. The stream owns the engine while it runs."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
-        if not prompts or len(seeds) != len(prompts):
+        if not prompts:
+            raise InputError("stream() needs at least one prompt", got="an empty list",
+                             fix="pass a prompt string, or a list of one or more prompts")
+        if len(seeds) != len(prompts):
             raise InputError("one seed per prompt", expected=len(prompts), got=len(seeds))
         if not isinstance(num_chunks, int) or num_chunks < 1:
             raise InputError("num_chunks must be an int >= 1", got=num_chunks)
