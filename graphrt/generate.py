@@ -7,7 +7,12 @@
 (Wan/diffusers safetensors, or a causal project's .pt with generator/generator_ema). Without
 ``--model`` a tiny random model is built in memory, so the command runs on any machine (its video
 is noise of the right shape). Frames are written as each chunk is decoded; the decode of chunk n
-overlaps the DiT's chunk n+1 unless ``--no-overlap``. Exits non-zero when no video was written.
+overlaps the DiT's chunk n+1 unless ``--no-overlap``.
+
+Every option is checked before a model is built (a bad one: one line, exit 2). Ctrl-C or SIGTERM
+stop within seconds: queued decodes are dropped and the frames written so far are finished into
+a playable file (exit 130 or 143; none written: no file, said in one line). Exits non-zero when
+the whole video was not written.
 """
 from __future__ import annotations
 
@@ -15,10 +20,14 @@ import argparse
 import contextlib
 import importlib.util
 import os
+import signal
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from graphrt.errors import GraphrtError
@@ -57,6 +66,45 @@ def _args(argv):
     return p.parse_args(argv)
 
 
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv")
+
+
+class Interrupted(BaseException):
+    """SIGTERM, raised in the main thread so the video written so far is finished, not cut."""
+
+
+def check_options(opts) -> str | None:
+    """The first problem with the options, as one line, or None. Runs before any model is built."""
+    if opts.chunks < 1 or opts.chunk_frames < 1 or opts.fps <= 0:
+        return "--chunks and --chunk-frames must be >= 1 and --fps > 0"
+    if opts.threads is not None and opts.threads < 1:
+        return f"--threads must be >= 1 (got {opts.threads})"
+    if opts.device is not None:
+        try:
+            device = torch.device(opts.device)
+        except RuntimeError:
+            return f"--device {opts.device!r} is not a device: use cpu or cuda"
+        if device.type not in ("cpu", "cuda"):
+            return f"--device {opts.device!r}: graphrt.generate runs on cpu or cuda"
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return "--device cuda: this machine has no CUDA device (torch.cuda.is_available() is False)"
+    if opts.model is not None and not Path(opts.model).is_dir():
+        return f"--model {opts.model}: no such folder (a local diffusers-format Wan 2.1 folder)"
+    out = Path(opts.out)
+    if out.is_dir():
+        return f"--out {opts.out} is a folder: name the video file, e.g. {out / 'video.mp4'}"
+    if out.suffix.lower() not in VIDEO_SUFFIXES:
+        return f"--out {opts.out}: the file name must end in {', '.join(VIDEO_SUFFIXES)}"
+    folder = out.parent
+    if not folder.is_dir():
+        return f"--out {opts.out}: the folder {folder} does not exist"
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        return f"--out {opts.out}: cannot write in {folder} ({e.strerror})"
+    return None
+
+
 def build(opts):
     """The pipeline the options ask for (loading the folder, or building the tiny model)."""
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -81,17 +129,19 @@ def build(opts):
 def main(argv=None) -> int:
     opts = _args(argv)
     console = Console(stderr=True, highlight=False)
+    problem = check_options(opts)
+    if problem is None:
+        missing = [m for m in ("transformers", "diffusers", "av") if importlib.util.find_spec(m) is None]
+        if missing:
+            problem = (f"python -m graphrt.generate needs {', '.join(missing)}: "
+                       "pip install -e '.[video]' (or pip install 'graphrt[video]')")
+    if problem is not None:
+        console.print(f"[red]error:[/] {escape(problem)}")
+        return 2
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    if opts.chunks < 1 or opts.chunk_frames < 1 or opts.fps <= 0:
-        console.print("[red]error:[/] --chunks and --chunk-frames must be >= 1 and --fps > 0")
-        return 2
-    missing = [m for m in ("transformers", "diffusers", "av") if importlib.util.find_spec(m) is None]
-    if missing:
-        console.print(f"[red]error:[/] python -m graphrt.generate needs {', '.join(missing)}: "
-                      "pip install -e '.[video]' (or pip install 'graphrt[video]')")
-        return 2
-    written = 0
+    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
+    written, out, pipe = 0, None, None
     try:
         t0 = time.perf_counter()
         with console.status("loading the model") if not opts.no_progress else contextlib.nullcontext():
@@ -103,24 +153,58 @@ def main(argv=None) -> int:
         with Progress(*columns, console=console, disable=opts.no_progress) as bar, \
                 VideoWriter(opts.out, fps=opts.fps) as out:
             task = bar.add_task("chunks", total=opts.chunks, frames=0)
-            for frames in pipe.stream(opts.prompt, num_chunks=opts.chunks, seed=opts.seed):
-                out.write(frames)
-                written += len(frames)
-                bar.update(task, advance=1, frames=written)
+            with contextlib.closing(pipe.stream(opts.prompt, num_chunks=opts.chunks, seed=opts.seed)) as chunks:
+                for frames in chunks:
+                    out.write(frames)
+                    written += len(frames)
+                    bar.update(task, advance=1, frames=written)
         seconds = time.perf_counter() - t0
-        pipe.shutdown()
-    except BaseException as e:
-        if written:                                # no half-written video left behind as if it were done
-            os.remove(opts.out)
-        if not isinstance(e, (GraphrtError, OSError)):
-            raise
-        console.print(f"[red]error:[/] {e}")
+    except (KeyboardInterrupt, Interrupted) as e:
+        code = 143 if isinstance(e, Interrupted) else 130
+        why = "terminated" if isinstance(e, Interrupted) else "interrupted"
+        if written and out is not None and out.finished:
+            console.print(f"{why}: wrote {opts.out} with the {written} frames made so far ({written / opts.fps:.2f} s "
+                          f"of video; it plays)")
+        else:
+            _remove_started(out)
+            console.print(f"{why}: no frame was written; no video at {opts.out}")
+        return code
+    except (GraphrtError, OSError) as e:
+        _remove_started(out)                      # no half-written video left behind as if it were done
+        console.print(f"[red]error:[/] {escape(str(e))}")
         return 2
+    except BaseException:
+        _remove_started(out)
+        raise
+    finally:
+        if pipe is not None:
+            pipe.shutdown(cancel=True)            # queued decodes of a stopped video are dropped
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     h, w = out.size
     console.print(f"wrote {opts.out}: {written} frames of {w}x{h} at {opts.fps:g} fps "
                   f"({written / opts.fps:.2f} s of video) in {seconds:.2f} s ({written / seconds:.1f} frames/s "
                   f"end to end; loading {load_s:.1f} s)")
     return 0
+
+
+def _terminate(signum, frame):
+    raise Interrupted()
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _remove_started(out) -> None:
+    """Remove the video this run started writing (never a file it did not open)."""
+    if out is not None and out.size is not None:
+        try:
+            os.remove(out.path)
+        except OSError:
+            pass
 
 
 if __name__ == "__main__":

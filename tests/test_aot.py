@@ -4,6 +4,7 @@ across processes, inductor's freezing, and one graph per batch size (kv_buckets=
 The inductor compiles are the cost of this file: one fp32 package, reused from disk by a second
 process, and one bf16 package.
 """
+import hashlib
 import json
 import os
 import re
@@ -175,7 +176,8 @@ def test_disk_cache_folder(tmp_path, monkeypatch):
 
 
 def test_disk_cache_drops_a_bad_file_and_compiles_again(tmp_path, monkeypatch):
-    """A truncated package is dropped (counted), compiled again and stored; the next start hits."""
+    """A truncated package is dropped (counted), compiled again and stored; the next start hits.
+    A file that passes the digest check but fails to load is dropped the same way."""
     packaged, loaded = [], []
 
     class Runner:
@@ -200,7 +202,12 @@ def test_disk_cache_drops_a_bad_file_and_compiles_again(tmp_path, monkeypatch):
     assert (first.disk_hit, disk.errors, len(packaged), disk.stores) == (False, 1, 1, 1)
     assert torch.equal(first(x)[0], x + 1)
     second = CompiledTrace(gm, [x], "aoti", disk)
-    assert second.disk_hit is True and len(packaged) == 1 and disk.hits == 2    # the bad file was a hit too
+    assert second.disk_hit is True and len(packaged) == 1 and disk.hits == 1    # the bad file had no record: a miss
+    disk.path(key).write_bytes(b"garbage")                                    # recorded, yet not loadable
+    meta = json.loads(disk.path(key).with_suffix(".json").read_text())
+    disk.path(key).with_suffix(".json").write_text(json.dumps(dict(meta, sha256=hashlib.sha256(b"garbage").hexdigest())))
+    third = CompiledTrace(gm, [x], "aoti", disk)
+    assert third.disk_hit is False and disk.errors == 2 and len(packaged) == 2
 
 
 # -- one graph per batch size ------------------------------------------------------------------------
@@ -223,3 +230,38 @@ def test_one_graph_per_batch_size(models, cfg):
     # "auto": one graph per batch size only where attention skips the keys past the device lengths
     assert Engine(causal, mode="eager").kv_buckets == "per-length"             # SDPA computes every key
     assert auto_kv_buckets(SimpleNamespace(attention_backend="flash")) == "max"  # cache_seqlens
+
+
+def test_disk_cache_never_loads_a_file_with_flipped_bytes(tmp_path, monkeypatch):
+    """A stored package whose bytes changed (not only truncated) is dropped before any loader
+    sees it: loading a corrupt compiled package can crash the process."""
+    loaded = []
+    monkeypatch.setattr(aot, "_package", lambda lifted, args, path, where: Path(path).write_bytes(b"package-v1"))
+    monkeypatch.setattr(aot, "_load", lambda path: (loaded.append(Path(path).read_bytes()),
+                                                    type("R", (), {"run": staticmethod(lambda xs: [xs[0] + 1])})())[1])
+    x = torch.zeros(2)
+    gm = make_fx(lambda x: [x + 1])(x)
+    disk = DiskCache(tmp_path)
+    CompiledTrace(gm, [x], "aoti", disk)
+    key, _ = artifact_key(*lift_constants(gm)[:1], [x], "aoti")
+    stored = disk.path(key)
+    assert json.loads(stored.with_suffix(".json").read_text())["sha256"] == hashlib.sha256(b"package-v1").hexdigest()
+    flipped = bytearray(stored.read_bytes())
+    flipped[3] ^= 0x40                                    # same length, one bit changed
+    stored.write_bytes(bytes(flipped))
+    loaded.clear()
+    again = CompiledTrace(gm, [x], "aoti", disk)
+    assert again.disk_hit is False and disk.errors == 1 and disk.stores == 2
+    assert loaded == [b"package-v1"]                     # only the rebuilt file was loaded
+    stored.with_suffix(".json").unlink()                 # no record: not trusted either
+    assert disk.get(key) is None and disk.errors == 2 and not stored.exists()
+
+
+def test_unwritable_cache_folder_is_found_before_compiling(tmp_path, monkeypatch):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    with pytest.raises(ConfigError, match="not writable"):          # named by the caller: refused
+        graphrt.compile(torch.nn.Linear(2, 2), inductor=True, cache_dir=blocked / "sub")
+    monkeypatch.setenv(ENV, str(blocked / "sub"))                     # the default: one warning, no disk cache
+    with pytest.warns(UserWarning, match="not writable"):
+        assert DiskCache.resolve(None) is None

@@ -12,16 +12,25 @@ package takes milliseconds. :class:`DiskCache` keeps one file per artifact under
   thread count inductor builds its loops for. Weights and cache contents are inputs, not part
   of an artifact, so the key names no values.
 - Writes are atomic (a temporary file renamed into place), so concurrent processes that
-  compile the same bucket both end up with one whole file; a file that fails to load is
-  dropped and counted in :attr:`DiskCache.errors`, and the caller compiles again.
+  compile the same bucket both end up with one whole file.
+- Each artifact's SHA-256 is stored in the ``.json`` beside it and checked before the file is
+  handed to a loader: a compiled package with flipped bytes can crash the process inside the
+  loader, so a file whose digest does not match (or has no record) is never loaded. It is
+  dropped, counted in :attr:`DiskCache.errors`, and the caller compiles again; a file that
+  passes the check but fails to load is dropped the same way.
+- A folder that cannot be written is found before anything is compiled: a ``cache_dir=`` the
+  caller named is refused (:class:`~graphrt.errors.ConfigError`); the default folder falls
+  back to no disk cache with one warning.
 
 The directory may be deleted at any time: it only saves compile time.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,7 +67,16 @@ class DiskCache:
         if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
             raise ConfigError("cache_dir must be a path, None (the default directory) or False (no disk cache)",
                               got=type(cache_dir).__name__)
-        return cls(Path(cache_dir).expanduser() if cache_dir is not None else default_dir())
+        cache = cls(Path(cache_dir).expanduser() if cache_dir is not None else default_dir())
+        try:
+            cache._ready()                  # before any compile: its result would be lost
+        except ConfigError:
+            if cache_dir is not None:
+                raise
+            warnings.warn(f"graphrt: the graph cache folder {cache.root} is not writable; compiled graphs are not kept on disk (set ${ENV} or "
+                          f"cache_dir= to a writable folder)", stacklevel=3)
+            return None
+        return cache
 
     def _ready(self) -> None:
         if self._checked:
@@ -79,10 +97,28 @@ class DiskCache:
         """The artifact stored under ``key``, or None (counted as a miss)."""
         p = self.path(key, suffix)
         if p.is_file():
-            self.hits += 1
-            return p
+            if self._intact(p):
+                self.hits += 1
+                return p
+            self.drop(key, suffix)
         self.misses += 1
         return None
+
+    @staticmethod
+    def _digest(path: Path) -> str:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        return h.hexdigest()
+
+    def _intact(self, p: Path) -> bool:
+        """Whether ``p`` has the SHA-256 recorded beside it when it was stored."""
+        try:
+            recorded = json.loads(p.with_suffix(".json").read_text()).get("sha256")
+            return isinstance(recorded, str) and recorded == self._digest(p)
+        except (OSError, ValueError, AttributeError):
+            return False
 
     def put(self, key: str, src: Path, meta: dict, suffix: str = ".pt2") -> Path:
         """Move the file ``src`` into the cache under ``key`` (atomically), with a readable
@@ -91,13 +127,15 @@ class DiskCache:
         dst = self.path(key, suffix)
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+        h = hashlib.sha256()
         with open(src, "rb") as fin, open(tmp, "wb") as fout:
             while block := fin.read(1 << 20):
+                h.update(block)
                 fout.write(block)
-        os.replace(tmp, dst)
         info = dst.with_suffix(".json")
         tmp_info = info.with_name(f".{info.name}.{os.getpid()}.tmp")
-        tmp_info.write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+        tmp_info.write_text(json.dumps(dict(meta, sha256=h.hexdigest()), indent=1, sort_keys=True, default=str))
+        os.replace(tmp, dst)
         os.replace(tmp_info, info)
         self.stores += 1
         return dst

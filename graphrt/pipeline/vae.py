@@ -280,9 +280,10 @@ class DecodeQueue:
         else:
             self._pool.submit(release, state)
 
-    def close(self) -> None:
-        """Finish the queued decodes and stop the worker; later submits raise."""
+    def close(self, cancel: bool = False) -> None:
+        """Finish the queued decodes (``cancel``: drop those not started; their futures are
+        cancelled) and stop the worker; later submits raise."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown(wait=True, cancel_futures=cancel)
             self._pool = None
         self.closed = True

@@ -25,7 +25,9 @@ class VideoWriter:
     """An mp4 written as frames arrive: ``with VideoWriter(path, fps=16) as w: w.write(chunk)``.
 
     H.264 (``libx264``) in yuv420p, which every player opens; width and height must be even.
-    ``crf`` is x264's quality (lower is better; 18 is visually lossless).
+    ``crf`` is x264's quality (lower is better; 18 is visually lossless). Left by an exception
+    (Ctrl-C included) after frames were written, the file is still finished: it plays, with the
+    frames written so far (``finished`` says so).
     """
 
     def __init__(self, path: str | os.PathLike, fps: float = 16, *, codec: str = "libx264", crf: int = 18):
@@ -40,6 +42,7 @@ class VideoWriter:
         self._stream = None
         self.frames = 0
         self.size: tuple[int, int] | None = None
+        self.finished = False
 
     def _open(self, h: int, w: int):
         if h % 2 or w % 2:
@@ -71,6 +74,7 @@ class VideoWriter:
         self._container.mux(self._stream.encode())
         self._container.close()
         self._container = None
+        self.finished = True
 
     def __enter__(self) -> "VideoWriter":
         return self
@@ -79,7 +83,13 @@ class VideoWriter:
         if exc_type is None:
             self.close()
         elif self._container is not None:
-            self._container.close()
+            try:
+                if self.frames:
+                    self.close()            # a playable file of what was written
+            finally:
+                if self._container is not None:
+                    self._container.close()
+                    self._container = None
 
 
 def save_video(frames, path: str | os.PathLike, fps: float = 16, **kwargs) -> str:

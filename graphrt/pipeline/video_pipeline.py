@@ -140,7 +140,10 @@ class VideoPipeline:
         gets seed + i) or one per prompt. The stream owns the engine while it runs."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
-        if not prompts or len(seeds) != len(prompts):
+        if not prompts:
+            raise InputError("stream() needs at least one prompt", got="an empty list",
+                             fix="pass a prompt string, or a list of one or more prompts")
+        if len(seeds) != len(prompts):
             raise InputError("one seed per prompt", expected=len(prompts), got=len(seeds))
         if not isinstance(num_chunks, int) or num_chunks < 1:
             raise InputError("num_chunks must be an int >= 1", got=num_chunks)
@@ -205,17 +208,19 @@ class VideoPipeline:
             self.decoder.capture(cfg.height, cfg.width, videos=self.engine.cache.num_slabs)
         return self
 
-    def shutdown(self) -> None:
+    def shutdown(self, cancel: bool = False) -> None:
         """Close every session, give each decoder state back (after its queued decodes), finish
-        the queued decodes and stop the worker. The last call: open/step/stream/prewarm raise
-        after it. Calling it again does nothing."""
+        the queued decodes and stop the worker. ``cancel``: drop the queued decodes not started
+        (their futures are cancelled) instead of running them, for a stop that must be quick
+        (Ctrl-C). The last call: open/step/stream/prewarm raise after it. Calling it again does
+        nothing."""
         for session in list(self._states):
             if self.engine.sessions.get(session.id) is session:
                 self.close(session)
             else:                         # closed on the engine directly: only its state is left
                 self.queue.release(self._states.pop(session))
         self.engine.reset()               # sessions opened on the engine directly
-        self.queue.close()
+        self.queue.close(cancel=cancel)
 
     def _check_running(self, where: str) -> None:
         if self.queue.closed:
