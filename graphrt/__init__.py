@@ -1,7 +1,7 @@
 """graphrt: a CUDA-graph / torch.compile static-shape runtime for autoregressive video DiTs.
 
 Public API: :func:`compile` (one graph per bucket, replayed), :func:`check` (find every host
-read in a forward), the KV caches, the bucket spec and the errors.
+read in a forward), :func:`quantize` (fp8 linears), the KV caches, the bucket spec and the errors.
 """
 from graphrt.attention import attend
 from graphrt.capture.buckets import BucketKey, Buckets
@@ -10,11 +10,12 @@ from graphrt.errors import (BackendUnavailableError, BucketMissError, CacheError
                             ConfigError, GraphrtError, GraphrtWarning, HostReadError, InputError, ParallelError,
                             RebindError, ReplayMismatchError, SignatureError)
 from graphrt.kv import RollingKVCache, StaticKVCache
+from graphrt.quant import quantize
 from graphrt.replay.graphed import GraphedModule, GraphStats, compile
 
 __version__ = "0.1.0"
 
-__all__ = ["compile", "check", "GraphedModule", "GraphStats", "Buckets", "BucketKey", "StaticKVCache",
+__all__ = ["compile", "check", "quantize", "GraphedModule", "GraphStats", "Buckets", "BucketKey", "StaticKVCache",
            "RollingKVCache", "attend", "HostReadReport", "HostReadSite", "GraphrtError", "ConfigError",
            "InputError", "CheckpointError", "CacheError", "BackendUnavailableError", "HostReadError",
            "CaptureError", "BucketMissError", "SignatureError", "ReplayMismatchError", "GraphrtWarning",
