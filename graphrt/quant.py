@@ -107,10 +107,11 @@ class QuantizeReport:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the model's state (parameters and persistent buffers; shared tensors counted once)."""
+    """Bytes of the model's state (parameters and persistent buffers; shared tensors counted once;
+    on the meta device, where nothing has an address, every tensor once)."""
     seen, total = set(), 0
     for t in model.state_dict(keep_vars=True).values():
-        key = (t.device, t.untyped_storage().data_ptr(), t.data_ptr(), t.numel())
+        key = id(t) if t.device.type == "meta" else (t.device, t.data_ptr(), t.dtype, t.shape)
         if key not in seen:
             seen.add(key)
             total += t.numel() * t.element_size()

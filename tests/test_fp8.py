@@ -150,3 +150,18 @@ def test_fp8_on_cuda_is_close_and_its_cuda_graph_replays_bit_for_bit(cfg, dtype)
         g = graphrt.compile(model, backend="cuda-graph", verify=2, progress=False)
         for _ in range(3):
             assert torch.equal(g(xx, t, ctx), model(xx, t, ctx))
+
+
+def test_weight_bytes_counts_shared_tensors_once_and_sizes_wan_1_3b_on_meta():
+    lin = torch.nn.Linear(16, 16)
+    assert weight_bytes(torch.nn.Sequential(lin, lin)) == weight_bytes(lin) == (16 * 16 + 16) * 4
+    from graphrt.models.wan import WanConfig
+
+    with torch.device("meta"):
+        model = CausalWan(WanConfig.preset("wan-1.3b"), attention="sdpa").to(torch.bfloat16)
+    before = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    report = graphrt.quantize(model, "fp8")
+    assert report.bytes_before == before
+    saved = sum(m.weight.numel() - 4 * m.out_features for m in model.modules() if isinstance(m, Fp8Linear))
+    assert len(report.converted) == 240 and report.bytes_after == report.bytes_before - saved
+    assert 0.55 < report.bytes_after / report.bytes_before < 0.57        # 2.64 GiB -> 1.48 GiB
