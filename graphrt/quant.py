@@ -54,7 +54,8 @@ class Fp8Linear(nn.Module):
     CUDA, where row-wise ``_scaled_mm`` has no other output dtype).
 
     Buffers: ``weight`` (float8_e4m3fn [out, in]), ``weight_scale`` (float32 [out, 1]) and, from
-    the linear, ``bias`` (a parameter). ``model.to(dtype)`` moves them between devices but keeps
+    the linear, ``bias`` (a parameter without grad, sharing the linear's storage). Inference only:
+    no gradient flows through it. ``model.to(dtype)`` moves them between devices but keeps
     their dtypes, so fp8 weights and float32 scales are never rounded.
     """
 
@@ -64,10 +65,13 @@ class Fp8Linear(nn.Module):
         w, scale = _rowwise_fp8(linear.weight)
         self.register_buffer("weight", w)
         self.register_buffer("weight_scale", scale)
-        self.bias = linear.bias
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xq, x_scale = _rowwise_fp8(x.reshape(-1, self.in_features))
+        # inference only: _scaled_mm has no derivative. Inductor in torch 2.13 refuses it in grad
+        # mode even so ("derivative for aten::_scaled_mm is not implemented"): compile it under
+        # torch.no_grad(), as graphrt's capture and the Engine do
+        xq, x_scale = _rowwise_fp8(x.detach().reshape(-1, self.in_features))
         out_dtype = torch.bfloat16 if x.device.type == "cuda" else x.dtype
         bias = self.bias if self.bias is not None and self.bias.dtype == out_dtype else None
         y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale.t(), bias=bias,
