@@ -215,11 +215,9 @@ def _fa3(q, k, v, seqlens):
     if not _has_module(FA3_MODULE):
         raise BackendUnavailableError("attention backend 'fa3' cannot run here",
                                       got="FA3 is not installed", fix=f"install {FA3_INSTALL}, or use attention='auto'")
-    if seqlens is not None:
-        import flash_attn_interface
-
-        return flash_attn_interface.flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens.to(torch.int32),
-                                                           causal=False)
+    if seqlens is not None:     # FA3 has no PyPI package (so no extra): imported by name, built from source
+        fa3 = importlib.import_module(FA3_MODULE)
+        return fa3.flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens.to(torch.int32), causal=False)
     _activate_fa3()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
