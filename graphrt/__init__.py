@@ -1,7 +1,7 @@
 """graphrt: a CUDA-graph / torch.compile static-shape runtime for autoregressive video DiTs.
 
 Public API: :func:`compile` (one graph per bucket, replayed), :func:`check` (find every host
-read in a forward), the KV caches, the bucket spec and the errors.
+read in a forward), :func:`quantize` (fp8 linears), the KV caches, the bucket spec and the errors.
 """
 from graphrt._version import __version__  # noqa: F401
 from graphrt.attention import attend
@@ -11,10 +11,11 @@ from graphrt.errors import (BackendUnavailableError, BucketMissError, CacheError
                             RebindError, ReplayMismatchError, SignatureError)
 from graphrt.kv import RollingKVCache, StaticKVCache
 from graphrt.llm import cache as _llm_cache  # noqa: F401  (registers the transformers-cache check with capture)
+from graphrt.quant import quantize
 from graphrt.replay import BucketKey, Buckets, GraphedModule, GraphStats, compile
 
 
-__all__ = ["compile", "check", "GraphedModule", "GraphStats", "Buckets", "BucketKey", "StaticKVCache",
+__all__ = ["compile", "check", "quantize", "GraphedModule", "GraphStats", "Buckets", "BucketKey", "StaticKVCache",
            "RollingKVCache", "attend", "HostReadReport", "HostReadSite", "GraphrtError", "ConfigError",
            "InputError", "CheckpointError", "CacheError", "BackendUnavailableError", "HostReadError",
            "CaptureError", "BucketMissError", "SignatureError", "ReplayMismatchError", "GraphrtWarning",

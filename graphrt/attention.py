@@ -13,18 +13,31 @@ Backends, all on the ``[B, L, H, D]`` layout Wan uses:
   under a trace).
 - ``"flash"``: flash-attn's ``flash_attn_with_kvcache`` reading the slab pool in place through
   ``block_table`` and ``cache_seqlens`` (one block per batch row), when flash-attn is importable.
+- ``"fa3"``: FlashAttention 3 (Hopper), from the ``flash_attn_interface`` module of
+  flash-attention's ``hopper/`` build: unmasked calls go through SDPA's flash kernel with
+  ``torch.nn.attention.activate_flash_attention_impl("FA3")`` (process-wide: SDPA's flash kernel
+  is FA3 from then on), masked ones through its ``flash_attn_with_kvcache``.
+- ``"sage"``: int8 Q·Kᵀ attention (SageAttention's recipe): the ``sageattention`` package where
+  it is installed (CUDA, unmasked calls), else :mod:`graphrt.kernels.sage` (a Triton kernel on
+  CUDA, its aten reference elsewhere).
 
 ``"auto"`` resolves to the best backend available for the device; :func:`resolve` says which
-and why a backend cannot serve a request. On Hopper (sm_90) without flash-attn that is SDPA with
-cuDNN first, then SDPA's own order: on an H200 (torch 2.11, bf16, 12 heads of 128, one 3-frame
-480p chunk of queries against 1-7 chunks of keys) cuDNN took 0.29-1.77 ms against 0.52-3.06 ms
-for SDPA's default flash kernel, with the same error (``python -m graphrt.bench.attention``).
+and why a backend cannot serve a request, :func:`kernel_name` which kernel a setting runs. Where
+PyTorch itself would put cuDNN first (:func:`cudnn_preferred`: Hopper or Blackwell with cuDNN newer
+than 9.15) ``auto`` is ``"sdpa-auto"``, cuDNN first, even when flash-attn is installed: on an H200
+(torch 2.11, bf16, 12 heads of 128, one 3-frame 480p chunk of queries against 1-7 chunks of keys)
+cuDNN took 0.29-1.77 ms against 0.52-3.06 ms for SDPA's default flash kernel, with the same error,
+and on Hopper flash-attn 2 took 0.141 ms per key frame per layer against cuDNN's 0.082
+(``python -m graphrt.bench.attention``). Below cuDNN 9.15.1 nothing forces cuDNN: older cuDNN reads
+out of bounds when the sequence length is not a multiple of 128 (PyTorch issue 169849), and
+Wan's query lengths (4,680, 390) are not.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import importlib.util
+import os
 import types
 
 import torch
@@ -35,14 +48,46 @@ from graphrt.errors import BackendUnavailableError
 
 SDPA_KERNELS = {"sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-flash": "FLASH_ATTENTION",
                 "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-math": "MATH"}
-BACKENDS = ("sdpa", *SDPA_KERNELS, "flex", "flash")
-# "auto" on Hopper without flash-attn: cuDNN first, then SDPA's own order for what cuDNN refuses
+BACKENDS = ("sdpa", *SDPA_KERNELS, "flex", "flash", "fa3", "sage")
+# "sdpa-auto" where PyTorch prefers cuDNN: cuDNN first, then SDPA's own order for what cuDNN refuses
 _CUDNN_FIRST = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+# PyTorch's gate: cuDNN attention first only with a cuDNN newer than 9.15.0 (9.15.1 fixed the
+# out-of-bounds reads at sequence lengths not a multiple of 128, PyTorch issue 169849)
+CUDNN_MIN_EXCLUSIVE = 91500
+FA3_MODULE = "flash_attn_interface"
+FA3_INSTALL = ("the flash_attn_interface module (flash-attention's Hopper build: pip install "
+               "'git+https://github.com/Dao-AILab/flash-attention.git#subdirectory=hopper')")
 
 
 @functools.cache
 def _has_flash_attn() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
+
+
+@functools.cache
+def _has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def _env_true(name: str) -> bool:
+    """c10::utils::check_env's true: 1, on, yes, true, y (any case)."""
+    return os.environ.get(name, "").strip().lower() in ("1", "on", "yes", "true", "y")
+
+
+def cudnn_preferred(device: torch.device) -> bool:
+    """Whether PyTorch's SDPA puts cuDNN first on ``device``: its own gate, read from
+    ``check_prefer_cudnn_attention`` in ``aten/src/ATen/native/transformers/cuda/sdp_utils.cpp``
+    (torch 2.13): ``TORCH_CUDNN_SDPA_DEPRIORITIZED`` not set, the runtime cuDNN version above
+    91500 (9.15.0), compute capability major 9 or 10, and, in builds for CUDA before 13, minor 0
+    or 3."""
+    device = torch.device(device)
+    if device.type != "cuda" or _env_true("TORCH_CUDNN_SDPA_DEPRIORITIZED"):
+        return False
+    version = torch.backends.cudnn.version() or 0
+    major, minor = torch.cuda.get_device_capability(device)
+    cuda = tuple(int(x) for x in (torch.version.cuda or "0").split(".")[:1])
+    minor_ok = minor in (0, 3) if cuda < (13,) else True
+    return version > CUDNN_MIN_EXCLUSIVE and major in (9, 10) and minor_ok
 
 
 @functools.cache
@@ -75,22 +120,33 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -
         if not _has_flash_attn():
             return "flash-attn is not installed (pip install 'graphrt[cuda]')"
         return None
+    if backend == "fa3":
+        if device.type != "cuda":
+            return f"FA3 runs on CUDA (Hopper) only, the model is on {device}"
+        if dtype not in (torch.float16, torch.bfloat16):
+            return f"FA3 needs float16 or bfloat16, the model is {dtype}"
+        if not _has_module(FA3_MODULE):
+            return f"FA3 is not installed: it needs {FA3_INSTALL}"
+        return None
+    if backend == "sage":
+        return None          # graphrt.kernels.sage: Triton on CUDA, its aten reference elsewhere
     return f"unknown attention backend {backend!r}; known: {BACKENDS + ('auto',)}"
 
 
 def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """Map ``"auto"`` to a concrete backend, or check that the named one can run here.
 
-    ``auto`` is flash-attn where it runs; else, on Hopper in 16-bit, ``"sdpa-auto"`` (SDPA with
-    cuDNN first, falling back in SDPA's order); else ``"sdpa"`` (SDPA's own choice).
+    ``auto`` is ``"sdpa-auto"`` (SDPA with cuDNN first, falling back in SDPA's order) in 16-bit
+    where PyTorch prefers cuDNN (:func:`cudnn_preferred`), whether or not flash-attn is installed;
+    else flash-attn where it runs; else ``"sdpa"`` (SDPA's own choice). FA3 and ``sage`` are never
+    picked by ``auto`` (not measured against cuDNN on this code base yet): name them.
     """
     if backend == "auto":
         device = torch.device(device)
+        if dtype in (torch.float16, torch.bfloat16) and cudnn_preferred(device):
+            return "sdpa-auto"
         if unavailable_reason("flash", device, dtype) is None:
             return "flash"
-        if (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-                and torch.cuda.get_device_capability(device) == (9, 0)):
-            return "sdpa-auto"
         return "sdpa"
     why = unavailable_reason(backend, device, dtype)
     if why:
@@ -113,10 +169,14 @@ def attend(q, k, v, seqlens: torch.Tensor | None = None, backend: str = "sdpa"):
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if backend == "sdpa" or backend == "sdpa-auto" or backend in SDPA_KERNELS:
         mask = None if seqlens is None else valid_key_mask(seqlens, k.shape[1])
-        with _sdpa_kernels(backend):
+        with _sdpa_kernels(backend, q.device):
             return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask).transpose(1, 2)
     if backend == "flex":
         return _flex(qt, kt, vt, seqlens).transpose(1, 2)
+    if backend == "fa3":
+        return _fa3(q, k, v, seqlens)
+    if backend == "sage":
+        return _sage(qt, kt, vt, seqlens).transpose(1, 2)
     if backend == "flash":
         if seqlens is not None:     # dense K/V as a cache without a block table: one row per batch row
             from flash_attn import flash_attn_with_kvcache
@@ -128,15 +188,87 @@ def attend(q, k, v, seqlens: torch.Tensor | None = None, backend: str = "sdpa"):
     raise BackendUnavailableError(f"unknown attention backend {backend!r}", expected=BACKENDS, got=backend)
 
 
-def _sdpa_kernels(backend: str):
-    """The SDPA kernel choice for ``backend``: SDPA's own, one pinned kernel, or cuDNN first."""
+def _sdpa_kernels(backend: str, device: torch.device | None = None):
+    """The SDPA kernel choice for ``backend``: SDPA's own, one pinned kernel, or (``sdpa-auto``,
+    where PyTorch's gate allows it on ``device``) cuDNN first."""
     if backend == "sdpa":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if backend == "sdpa-auto":
+        if device is None or not cudnn_preferred(device):     # never force cuDNN below PyTorch's gate
+            return contextlib.nullcontext()
         return sdpa_kernel([getattr(SDPBackend, n) for n in _CUDNN_FIRST], set_priority=True)
     return sdpa_kernel([getattr(SDPBackend, SDPA_KERNELS[backend])])
+
+
+@functools.cache
+def _activate_fa3() -> None:
+    """Route SDPA's flash kernel to FA3 (once per process; it stays active)."""
+    from torch.nn.attention import activate_flash_attention_impl
+
+    activate_flash_attention_impl("FA3")
+
+
+def _fa3(q, k, v, seqlens):
+    """FA3 on the ``[B, L, H, D]`` layout: SDPA's flash kernel with FA3 active; masked calls
+    through FA3's own ``flash_attn_with_kvcache`` (SDPA's flash kernel takes no mask)."""
+    if not _has_module(FA3_MODULE):
+        raise BackendUnavailableError("attention backend 'fa3' cannot run here",
+                                      got="FA3 is not installed", fix=f"install {FA3_INSTALL}, or use attention='auto'")
+    if seqlens is not None:     # FA3 has no PyPI package (so no extra): imported by name, built from source
+        fa3 = importlib.import_module(FA3_MODULE)
+        return fa3.flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens.to(torch.int32), causal=False)
+    _activate_fa3()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def _sage(q, k, v, seqlens):
+    """int8-QK attention on ``[B, H, L, D]``: the sageattention package (CUDA, unmasked) where it
+    is installed, else graphrt's kernel (which takes the mask on the device)."""
+    if seqlens is None and q.device.type == "cuda" and _has_module("sageattention"):
+        from sageattention import sageattn
+
+        return sageattn(q, k, v, tensor_layout="HND", is_causal=False)
+    from graphrt.kernels.sage import sage_attention
+
+    return sage_attention(q, k, v, seqlens)
+
+
+def kernel_name(backend: str, device, dtype: torch.dtype, q_shape=None, kv_len: int | None = None,
+                masked: bool = False) -> str:
+    """The kernel an ``attention=`` setting runs for one call: ``backend`` as the model was built
+    with (``"auto"`` included), on ``device`` in ``dtype``; ``q_shape`` ``[B, Lq, H, D]`` and
+    ``kv_len`` give SDPA's own choice its shape (default: one 64-token query of 1 head of 64 over
+    itself), ``masked`` a masked (inexact) bucket. E.g. ``"sdpa:CUDNN_ATTENTION"``,
+    ``"flash-attn 2"``, ``"sage:graphrt-triton"``."""
+    device = torch.device(device)
+    backend = resolve(backend, device, dtype)
+    if backend == "flash":
+        return "flash-attn 2"
+    if backend == "fa3":
+        return "fa3:flash_attn_kvcache" if masked else "fa3:sdpa-flash"
+    if backend == "sage":
+        if not masked and device.type == "cuda" and _has_module("sageattention"):
+            return "sage:sageattention"
+        return "sage:graphrt-triton" if device.type == "cuda" else "sage:aten-reference"
+    if backend == "flex":
+        return "flex:compiled" if device.type in _COMPILED_FLEX_DEVICES else "flex:unfused"
+    if backend in SDPA_KERNELS:
+        return f"sdpa:{SDPA_KERNELS[backend]}"
+    b, lq, h, d = q_shape or (1, 64, 1, 64)
+    lk = kv_len or lq
+    q = torch.empty(b, h, lq, d, device=device, dtype=dtype)
+    kv = torch.empty(b, h, lk, d, device=device, dtype=dtype)
+    mask = torch.ones(b, 1, 1, lk, device=device, dtype=torch.bool) if masked else None
+    from torch.nn.attention import SDPBackend
+
+    with _sdpa_kernels(backend, device):
+        choice = torch._fused_sdp_choice(q, kv, kv, mask)
+    return f"sdpa:{SDPBackend(choice).name}"
 
 
 # where attend(backend="flex") runs compiled flex: a constant the CPU tests widen to stand in for CUDA

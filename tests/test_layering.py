@@ -17,14 +17,14 @@ FACADE = "graphrt"
 FLOORS = [
     {"errors", "_version", "tolerance", "noise", "kv", "offload"},   # leaves used by all
     {"capture"},                                                     # the ground of the graph runtime
-    {"kernels", "attention", "parallel"},
+    {"kernels", "attention", "parallel", "quant"},
     {"replay"},
     {"models", "llm"},
     {"pipeline"},
     {"bench", "serve", "generate", "check"},                         # command lines and servers
 ]
 # what nothing under capture/ may import
-ABOVE_CAPTURE = {"replay", "pipeline", "models", "llm", "bench", "attention", "serve", "kernels", FACADE}
+ABOVE_CAPTURE = {"replay", "pipeline", "models", "llm", "bench", "attention", "serve", "kernels", "quant", FACADE}
 
 
 def _module_name(path: Path) -> str:

@@ -1,0 +1,1 @@
+"""Hand-written GPU kernels (Triton), each a torch.library custom op with an aten reference."""
