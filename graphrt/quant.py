@@ -123,16 +123,16 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def _default_include(model: nn.Module):
-    from graphrt.models.wan.layers import WanModelBase
-
-    return WAN_FP8_LINEARS if isinstance(model, WanModelBase) else ("*",)
+    """The model's own list (a class attribute ``fp8_linears``, as Wan models declare
+    :data:`WAN_FP8_LINEARS`), else every linear."""
+    return tuple(getattr(model, "fp8_linears", None) or ("*",))
 
 
 def quantize(model: nn.Module, dtype: str = "fp8", *, include=None, exclude=()) -> QuantizeReport:
     """Replace ``model``'s ``nn.Linear`` modules by :class:`Fp8Linear`, in place.
 
     - ``include``: glob patterns on the modules' qualified names (``"blocks.*.ffn.0"``); None
-      means :data:`WAN_FP8_LINEARS` for a Wan model and every linear otherwise.
+      means the model's ``fp8_linears`` (:data:`WAN_FP8_LINEARS` for a Wan model) and every linear otherwise.
     - ``exclude``: patterns left as they are even when included (``"lm_head"``).
 
     Run it once after the weights are loaded (the fp8 weights and their scales are made here;

@@ -17,6 +17,7 @@ from torch import nn
 from graphrt.errors import InputError
 from graphrt.kv import same_device
 from graphrt.models.wan.config import WanConfig
+from graphrt.quant import WAN_FP8_LINEARS
 
 ROPE_MAX_LEN = 1024  # positions per axis in the RoPE tables, as in Wan
 
@@ -138,6 +139,8 @@ class Head(nn.Module):
 
 class WanModelBase(nn.Module):
     """Parameters of the Wan 2.1 DiT and the parts of its forward that hold no cache logic."""
+
+    fp8_linears = WAN_FP8_LINEARS       # what graphrt.quantize(model, "fp8") converts by default
 
     def __init__(self, cfg: WanConfig):
         super().__init__()
