@@ -26,11 +26,12 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from graphrt.errors import GraphrtError
 from graphrt.serve.metrics import Metrics
 from graphrt.serve.page import PAGE
-from graphrt.serve.worker import Full, Service
+from graphrt.serve.worker import Full, Service, log
 
 MAX_PROMPT_CHARS = 2000
 MAX_OPEN_CHUNKS = 1_000_000              # a rolling video's bound on num_chunks
 SEED_LIMIT = 2 ** 63
+END_GRACE_S = 2.0                        # after "end", the server closes a stream the client left open
 
 
 class BadField(Exception):
@@ -153,8 +154,11 @@ def create_app(service: Service, *, model_name: str = "tiny", api_key: str | Non
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     async def stream(ws: WebSocket):
-        if not authorized(ws.headers, ws.query_params):
-            await ws.close(code=4401)
+        if not authorized(ws.headers, ws.query_params):      # refused at the handshake: HTTP 401
+            if "websocket.http.response" in ws.scope.get("extensions", {}):
+                await ws.send_denial_response(denied())
+            else:
+                await ws.close(code=4401)
             return
         s = service.get(ws.path_params["id"])
         await ws.accept()
@@ -167,6 +171,8 @@ def create_app(service: Service, *, model_name: str = "tiny", api_key: str | Non
             return
         send_lock = asyncio.Lock()
         sender = asyncio.create_task(_send(ws, s, wake, send_lock))
+        sender.add_done_callback(lambda t: t.cancelled() or t.exception() is None or
+                                 log.error("stream of a session failed", exc_info=t.exception()))
         streams.add(sender)
         try:
             await _receive(ws, s, send_lock, sender)
@@ -187,11 +193,12 @@ def create_app(service: Service, *, model_name: str = "tiny", api_key: str | Non
                 await wake.wait()
                 continue
             if chunk is None:
-                async with lock:
-                    await ws.send_text(json.dumps({"type": "end", "reason": reason}))
-                if not service.stopping:
+                if not service.stopping:      # the slot is free before the client hears the end
                     with contextlib.suppress(GraphrtError):
                         await asyncio.wrap_future(service.finish(s, reason))
+                async with lock:
+                    await ws.send_text(json.dumps({"type": "end", "reason": reason}))
+                await asyncio.sleep(END_GRACE_S)     # the client closes first: its last ack may be on the way
                 with contextlib.suppress(Exception):
                     await ws.close(1000)
                 return
@@ -219,8 +226,6 @@ def create_app(service: Service, *, model_name: str = "tiny", api_key: str | Non
             except (WebSocketDisconnect, RuntimeError):
                 return
             if msg["type"] == "websocket.disconnect":
-                return
-            if sender.done():
                 return
             text = msg.get("text")
             try:
