@@ -68,13 +68,14 @@ class ServeSession:
     made: int = 0                        # chunks stepped
     acked: int = -1                      # last acknowledged chunk index
     ready: dict = field(default_factory=dict)   # index -> Chunk, kept until acknowledged
-    status: str = "starting"             # starting, streaming, waiting, suspended, ended
+    status: str = "starting"             # starting (no stream yet), streaming, disconnected, suspended, ended
     end_reason: str | None = None
     connected: bool = False
     last_seen: float = 0.0
     pending_prompt: str | None = None
     first_frame: float | None = None
     wake: Callable[[], None] | None = None   # set by the stream handler: wakes its sender
+    decodes: list = field(default_factory=list)   # its queued decode futures (worker thread)
 
     @property
     def finished_making(self) -> bool:
@@ -177,13 +178,15 @@ class Service:
         with self.lock:
             if s.connected:
                 return False
-            s.connected, s.wake = True, wake
+            s.connected, s.wake, s.status = True, wake, "streaming"
         self._wakeup.set()
         return True
 
     def disconnect(self, s: ServeSession) -> None:
         with self.lock:
             s.connected, s.wake, s.last_seen = False, None, time.monotonic()
+            if s.status != "ended":
+                s.status = "disconnected"     # the worker suspends it to host memory ("suspended")
         self._wakeup.set()
 
     def set_prompt(self, s: ServeSession, prompt: str) -> cf.Future:
@@ -271,6 +274,9 @@ class Service:
                 return False
             s.end_reason = s.end_reason or reason
             s.status = "ended"
+        for fut in s.decodes:             # decodes nobody will watch: dropped unless already running
+            fut.cancel()
+        s.decodes.clear()
         if s.engine is not None:
             self.pipe.close(s.engine)
             s.engine = None
@@ -294,7 +300,6 @@ class Service:
                 s.status = "suspended"
             elif s.connected and e.suspended:
                 self.pipe.engine.resume(e)
-                s.status = "streaming"
         if self.metrics is not None:
             self.metrics.observe(self)
 
@@ -324,15 +329,17 @@ class Service:
         for s in run:
             index, prompt = s.made, s.prompt
             s.made += 1
-            if s.status == "starting" and s.connected:
-                s.status = "streaming"
-            futures[s.engine].add_done_callback(
+            fut = futures[s.engine]
+            s.decodes = [f for f in s.decodes if not f.done()] + [fut]
+            fut.add_done_callback(
                 lambda f, s=s, i=index, p=prompt: self._decoded(s, i, p, f, t0, t_dit, len(run)))
         return True
 
     def _decoded(self, s: ServeSession, index: int, prompt: str, fut: cf.Future, t0: float, t_dit: float,
                  batch: int) -> None:
         """On the decode thread: JPEG-encode the chunk and hand it to the stream."""
+        if fut.cancelled():                   # the session ended first
+            return
         try:
             frames = fut.result()
         except BaseException as e:          # noqa: BLE001 - the session ends; the others go on
