@@ -8,7 +8,7 @@ PAGE = """<!doctype html>
  body { font: 15px system-ui, sans-serif; margin: 2em; background: #111; color: #eee; }
  input, button { font: inherit; padding: .3em .6em; margin: .2em; }
  #prompt { width: 32em; }
- canvas { display: block; margin: 1em 0; width: 512px; image-rendering: pixelated; background: #000; }
+ canvas { display: block; margin: 1em 0; width: 320px; image-rendering: pixelated; background: #000; }
  #stats span { font-variant-numeric: tabular-nums; }
 </style></head>
 <body>
