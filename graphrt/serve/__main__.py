@@ -13,6 +13,7 @@ import argparse
 import importlib.util
 import inspect
 import os
+import signal
 import socket
 import sys
 import threading
@@ -66,8 +67,10 @@ def _args(argv):
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA, float32 on the CPU")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--sp", type=int, default=1, help="sequence-parallel ranks: torchrun --nproc-per-node N -m "
+                   "graphrt.serve --sp N (rank 0 serves HTTP; every rank steps; gloo on the CPU, NCCL on GPUs)")
     opts = p.parse_args(argv)
-    for name in ("max_sessions", "ahead", "port"):
+    for name in ("max_sessions", "ahead", "port", "sp"):
         if getattr(opts, name) < (0 if name == "port" else 1):
             p.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(opts, name)}")
     if not 1 <= opts.jpeg_quality <= 95:
@@ -79,17 +82,22 @@ def _args(argv):
     return opts
 
 
-def build_pipeline(opts):
-    """The pipeline the options ask for (loading the folder, or building the tiny model)."""
+def build_pipeline(opts, device=None):
+    """The pipeline the options ask for (loading the folder, or building the tiny model); with
+    ``--sp N`` > 1 its DiT is split over the ranks (``init_distributed()`` first)."""
     from graphrt.pipeline import VideoPipeline, load_wan, tiny_wan
     from graphrt.pipeline.weights import VideoShape
 
-    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = device or torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, opts.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if opts.model is None:
         parts = tiny_wan(VideoShape(height=64, width=64, text_len=16), dtype=dtype, device=device)
     else:
         parts = load_wan(opts.model, opts.checkpoint, device=device, dtype=dtype, checkpoint_key=opts.checkpoint_key)
+    if opts.sp > 1:
+        from graphrt.parallel import sequence_parallel
+
+        sequence_parallel(parts.dit)
     cfg = parts.dit.cfg
     window = opts.window
     if window == "auto":
@@ -114,20 +122,55 @@ def main(argv=None) -> int:
 
     from graphrt.serve import Metrics, Service, create_app
 
-    sock = socket.socket(socket.AF_INET6 if ":" in opts.host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((opts.host, opts.port))
-    except OSError as e:
-        print(f"python -m graphrt.serve: error: cannot listen on {opts.host}:{opts.port}: {e.strerror}", file=sys.stderr)
-        return 2
+    rank, group, device = 0, None, None
+    if opts.sp > 1:
+        import torch.distributed as dist
+
+        from graphrt.parallel import init_distributed
+
+        try:
+            device = init_distributed(opts.device)
+        except GraphrtError as e:
+            print(f"python -m graphrt.serve: error: --sp {opts.sp}: {str(e).splitlines()[0]}", file=sys.stderr)
+            return 2
+        rank, group = dist.get_rank(), dist.new_group(backend="gloo")
+        if dist.get_world_size() != opts.sp:
+            print(f"python -m graphrt.serve: error: --sp {opts.sp} but {dist.get_world_size()} ranks were launched",
+                  file=sys.stderr)
+            return 2
+    sock = None
+    if rank == 0:
+        sock = socket.socket(socket.AF_INET6 if ":" in opts.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((opts.host, opts.port))
+        except OSError as e:
+            print(f"python -m graphrt.serve: error: cannot listen on {opts.host}:{opts.port}: {e.strerror}",
+                  file=sys.stderr)
+            sock = None
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    if group is not None:           # every rank learns whether rank 0 could listen before building anything
+        from graphrt.serve.ranks import _broadcast
+
+        if not _broadcast(sock is not None if rank == 0 else None, group):
+            return 2
+    elif sock is None:
+        return 2
     try:
-        pipe = build_pipeline(opts)
+        pipe = build_pipeline(opts, device)
     except (GraphrtError, OSError) as e:
         print(f"python -m graphrt.serve: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
+    if group is not None:
+        from graphrt.serve.ranks import Leader, follow
+
+        if rank != 0:               # stops when rank 0 says so (SIGTERM drains rank 0 first)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            follow(pipe, group)
+            return 0
+        pipe = Leader(pipe, group)
     service = Service(pipe, ahead=opts.ahead, idle_timeout=opts.idle_timeout, jpeg_quality=opts.jpeg_quality,
                       prewarm=opts.prewarm and pipe.engine.mode != "eager", metrics=Metrics(), fps=opts.fps)
     app = create_app(service, model_name=os.path.basename(os.path.normpath(opts.model)) if opts.model else "tiny",
@@ -135,8 +178,10 @@ def main(argv=None) -> int:
     server = graceful_server(uvicorn.Config(app, log_level="warning", ws="auto", lifespan="on"), service)
     host = f"[{opts.host}]" if ":" in opts.host else opts.host
     print(f"graphrt serve: http://{host}:{sock.getsockname()[1]}/ ({'tiny model' if not opts.model else opts.model}, "
-          f"{pipe.engine.device}, {service.max_sessions} sessions)", flush=True)
+          f"{pipe.engine.device}, {service.max_sessions} sessions{f', {opts.sp} ranks' if group else ''})", flush=True)
     server.run(sockets=[sock])
+    if group is not None:
+        pipe.stop()                 # the followers shut down and return
     return 0 if service.error is None else 1
 
 

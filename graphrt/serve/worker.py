@@ -230,6 +230,9 @@ class Service:
                 self._commands_now()
                 self._housekeeping()
                 if not self._step():
+                    idle = getattr(self.pipe, "idle", None)     # ranks.Leader: a heartbeat to the followers
+                    if idle is not None:
+                        idle()
                     self._wakeup.wait(0.5)
                     self._wakeup.clear()
         except BaseException as e:          # noqa: BLE001 - reported by /healthz and the log
