@@ -194,6 +194,8 @@ class Service:
         def do():
             if not hasattr(self.pipe, "set_prompt"):
                 raise GraphrtError("this pipeline cannot change a session's prompt (VideoPipeline.set_prompt)")
+            if s.engine is None:
+                raise GraphrtError("this session has made all its chunks: no later chunk takes a new prompt")
             self.pipe.set_prompt(s.engine, prompt)
             s.prompt = prompt
         return self.submit(do)
@@ -227,6 +229,7 @@ class Service:
             self._warm_up()
             self.ready = True
             while not self.stopping:
+                self._wakeup.clear()          # before looking: a wake-up set from here on is seen
                 self._commands_now()
                 self._housekeeping()
                 if not self._step():
@@ -234,7 +237,6 @@ class Service:
                     if idle is not None:
                         idle()
                     self._wakeup.wait(0.5)
-                    self._wakeup.clear()
         except BaseException as e:          # noqa: BLE001 - reported by /healthz and the log
             self.error = e
             log.exception("the serve worker stopped")
