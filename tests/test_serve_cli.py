@@ -3,6 +3,7 @@ finishes the chunk in flight, ends every stream with reason "shutdown" and exits
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -146,6 +147,10 @@ def test_two_gloo_ranks_serve_the_single_process_video():
         os.kill(rank0[0], signal.SIGTERM)
         assert proc.wait(60) == 0, proc.stderr.read()[-2000:]
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:             # the ranks first: torchrun puts them in their own process groups
+            ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            for pid in ranks:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
