@@ -45,7 +45,9 @@ def test_dependencies_are_what_the_package_imports():
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
 
     def names(reqs):
-        return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].replace("-", "_").lower() for r in reqs}
+        import_name = {"pillow": "pil"}               # distributions whose module has another name
+        return {import_name.get(n, n) for n in
+                (re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].replace("-", "_").lower() for r in reqs)}
 
     runtime = names(project["dependencies"])
     optional = names(r for extra in project["optional-dependencies"].values() for r in extra)
