@@ -68,7 +68,7 @@ class TGrow(nn.Module):
 
 def _uint8_frames(x: torch.Tensor) -> torch.Tensor:
     """Frames ``[N, T, 3, H, W]`` in [0, 1] -> ``[N, T, H, W, 3]`` uint8."""
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2)
+    return (x.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2)
 
 
 class TinyDecoder(nn.Module):
@@ -217,6 +217,8 @@ class TinyDecoder(nn.Module):
             raise InputError("this DecoderState belongs to another decoder",
                              expected=f"{len(self._memblocks)} memory slots", got=len(state.feat_cache),
                              fix="make states with this decoder's new_state()")
+        p = self.decoder[1].weight
+        latents = latents.to(p.device, p.dtype)
         if state.slot is None and state.frames == 0 and self.graphs is not None:
             self._enter_slot(state, latents)
         if state.slot is None:
