@@ -46,16 +46,33 @@ def _args(argv):
                    help="default: bfloat16 on CUDA, float32 on the CPU")
     p.add_argument("--attention", default="auto")
     p.add_argument("--no-overlap", action="store_true", help="decode after each chunk instead of beside the next")
+    p.add_argument("--decoder", choices=["wan", "tiny"], default="wan",
+                   help="wan: the model's Wan VAE (default); tiny: TAEHV's taew2_1 (needs --decoder-weights)")
+    p.add_argument("--decoder-weights", metavar="PATH",
+                   help="taew2_1.pth or taew2_1.safetensors (github.com/madebyollin/taehv) for --decoder tiny; "
+                        "'random': random weights (tests and benchmarks only)")
     p.add_argument("--decoder-graph", action="store_true",
-                   help="capture the VAE decoder's steady frame as a graph over static feature caches")
+                   help="capture the decoder as a graph over static per-video state (Wan VAE: its steady "
+                        "frame; tiny: a whole chunk)")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
 
+def _decoder_flags_error(opts) -> str | None:
+    w = opts.decoder_weights
+    if opts.decoder == "tiny" and w is None:
+        return "--decoder tiny needs --decoder-weights PATH (taew2_1.pth or .safetensors from github.com/madebyollin/taehv)"
+    if opts.decoder != "tiny" and w is not None:
+        return "--decoder-weights is for --decoder tiny (the Wan VAE comes with --model)"
+    if w is not None and w != "random" and not os.path.isfile(w):
+        return f"--decoder-weights {w}: no such file"
+    return None
+
+
 def build(opts):
     """The pipeline the options ask for (loading the folder, or building the tiny model)."""
-    from graphrt.pipeline.tiny import tiny_wan
+    from graphrt.pipeline.tiny import RandomSpec, tiny_wan
     from graphrt.pipeline.video_pipeline import VideoPipeline
     from graphrt.pipeline.weights import VideoShape, load_wan
 
@@ -68,14 +85,17 @@ def build(opts):
         if opts.height or opts.width:
             raise GraphrtError("--height/--width need --model: the tiny model makes 64x64 frames")
         shape = VideoShape(height=64, width=64, chunk_frames=opts.chunk_frames, chunks=opts.chunks, text_len=16)
-        parts = tiny_wan(shape, dtype=dtype, device=device)
+        # the tiny decoder reads Wan 2.1's 16 latent channels: the tiny DiT then outputs as many
+        spec = RandomSpec(dit_overrides=(("in_dim", 16), ("out_dim", 16))) if opts.decoder == "tiny" else RandomSpec()
+        parts = tiny_wan(shape, spec, dtype=dtype, device=device)
         parts.dit.attention = opts.attention
     else:
         shape = VideoShape(height=opts.height or 480, width=opts.width or 832, chunk_frames=opts.chunk_frames,
                            chunks=opts.chunks)
         parts = load_wan(opts.model, opts.checkpoint, shape=shape, device=device, dtype=dtype,
                          attention=opts.attention, checkpoint_key=opts.checkpoint_key)
-    return VideoPipeline.from_components(parts, overlap=not opts.no_overlap, mode=mode, progress=not opts.no_progress)
+    return VideoPipeline.from_components(parts, overlap=not opts.no_overlap, mode=mode, progress=not opts.no_progress,
+                                         decoder=opts.decoder, decoder_weights=opts.decoder_weights)
 
 
 def main(argv=None) -> int:
@@ -85,6 +105,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(opts.threads)
     if opts.chunks < 1 or opts.chunk_frames < 1 or opts.fps <= 0:
         console.print("[red]error:[/] --chunks and --chunk-frames must be >= 1 and --fps > 0")
+        return 2
+    bad_decoder = _decoder_flags_error(opts)
+    if bad_decoder:
+        console.print(f"[red]error:[/] {bad_decoder}")
         return 2
     missing = [m for m in ("transformers", "diffusers", "av") if importlib.util.find_spec(m) is None]
     if missing:

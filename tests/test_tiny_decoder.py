@@ -226,3 +226,81 @@ def test_captured_decoder_equals_eager(weights, dtype):
     assert sc.slot == 0 and dec.graphs.stats.replays == 4
     with pytest.raises(InputError, match="already captured"):
         dec.capture(4, 4, frames=2)
+
+
+# -- in the video pipeline and the command ---------------------------------------------------------
+PROMPT = "a red fox runs through the snow"
+
+
+@pytest.fixture(scope="module")
+def parts16():
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from graphrt.pipeline import VideoShape, tiny_wan
+    from graphrt.pipeline.tiny import RandomSpec
+
+    return tiny_wan(VideoShape(32, 32, chunk_frames=2, chunks=3, text_len=16),
+                    RandomSpec(dit_overrides=(("in_dim", 16), ("out_dim", 16))))
+
+
+def test_pipeline_with_the_tiny_decoder(parts16, weights):
+    """decoder="tiny": the pipeline's frames are the tiny decoder's one-shot decode of the DiT's
+    latents, bit for bit, sequential or overlapped, eager or captured; a session suspended and
+    resumed mid-video keeps its decoder memory."""
+    from graphrt.pipeline import VideoPipeline
+
+    def pipe(**kw):
+        return VideoPipeline.from_components(parts16, mode="eager", progress=False, decoder="tiny",
+                                             decoder_weights=weights, **kw)
+
+    seq = pipe(overlap=False)
+    assert isinstance(seq.decoder, TinyDecoder)
+    video = seq(PROMPT, num_chunks=3)
+    latents = torch.cat(list(seq.engine.stream(seq.text(PROMPT), 3, seed=0)), dim=2)
+    whole = seq.decoder.decode_video(latents.transpose(1, 2))[0]
+    assert video.shape == (1 + 4 * 5, 32, 32, 3)
+    assert torch.equal(video, (whole * 255).round().to(torch.uint8).permute(0, 2, 3, 1))
+    s = seq.open(PROMPT, seed=0, num_chunks=3)
+    frames = [seq.step([s])[s].result()]
+    seq.engine.suspend(s)
+    seq.engine.resume(s)
+    frames += [seq.step([s])[s].result() for _ in range(2)]
+    seq.close(s)
+    assert torch.equal(torch.cat(frames), video)
+    seq.shutdown()
+    ovl = pipe(overlap=True).prewarm(decoder_graphs=True)
+    assert torch.equal(ovl(PROMPT, num_chunks=3), video)
+    assert ovl.decoder.graphs.stats.replays == 3 and ovl.decoder.eager_chunks == 0
+    ovl.shutdown()
+
+
+def test_pipeline_decoder_errors(parts16, weights):
+    from graphrt.pipeline import VideoPipeline, VideoShape, tiny_wan
+
+    with pytest.raises(ConfigError, match="decoder_weights"):
+        VideoPipeline.from_components(parts16, mode="eager", progress=False, decoder="tiny")
+    with pytest.raises(ConfigError, match="unknown decoder 'vq'"):
+        VideoPipeline.from_components(parts16, mode="eager", progress=False, decoder="vq")
+    with pytest.raises(ConfigError, match="decoder_weights is for decoder='tiny'"):
+        VideoPipeline.from_components(parts16, mode="eager", progress=False, decoder_weights=weights)
+    parts4 = tiny_wan(VideoShape(32, 32, chunk_frames=2, chunks=3, text_len=16))
+    with pytest.raises(ConfigError, match="the DiT outputs 4 latent channels but the decoder \\(TinyDecoder\\) takes 16"):
+        VideoPipeline.from_components(parts4, mode="eager", progress=False, decoder="tiny", decoder_weights=weights)
+
+
+def test_generate_command_with_the_tiny_decoder(tmp_path, weights, capsys):
+    av = pytest.importorskip("av")
+    from graphrt.generate import main
+
+    out = tmp_path / "tiny.mp4"
+    base = ["--chunks", "2", "--no-progress", "--decoder", "tiny"]
+    assert main(base + ["--decoder-weights", str(weights), "--decoder-graph", "--out", str(out)]) == 0
+    with av.open(str(out)) as f:
+        frames = [fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)]
+    assert len(frames) == 21 and frames[0].shape == (64, 64, 3) and frames[-1].std() > 1
+    capsys.readouterr()
+    assert main(base + ["--out", str(tmp_path / "b.mp4")]) == 2
+    assert "--decoder tiny needs --decoder-weights" in capsys.readouterr().err
+    assert main(["--decoder-weights", str(weights), "--out", str(tmp_path / "c.mp4")]) == 2
+    assert main(base + ["--decoder-weights", str(tmp_path / "none.pth"), "--out", str(tmp_path / "d.mp4")]) == 2
+    assert not any((tmp_path / n).exists() for n in ("b.mp4", "c.mp4", "d.mp4"))
