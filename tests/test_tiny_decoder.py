@@ -304,3 +304,19 @@ def test_generate_command_with_the_tiny_decoder(tmp_path, weights, capsys):
     assert main(["--decoder-weights", str(weights), "--out", str(tmp_path / "c.mp4")]) == 2
     assert main(base + ["--decoder-weights", str(tmp_path / "none.pth"), "--out", str(tmp_path / "d.mp4")]) == 2
     assert not any((tmp_path / n).exists() for n in ("b.mp4", "c.mp4", "d.mp4"))
+
+
+def test_bench_e2e_reports_the_tiny_decoder_beside_the_wan_vae():
+    pytest.importorskip("diffusers")
+    from graphrt.bench.e2e import E2EConfig, run, table
+
+    s = run(E2EConfig(preset="tiny", chunks=2, repeats=1))
+    assert s["config"]["dit"]["latent_channels"] == 16 and set(s["decoders"]) == {"wan", "tiny"}
+    assert s["decode_ms"] == s["decoders"]["wan"]["decode_ms"]           # the Wan VAE's rows stay at the top
+    tiny = s["decoders"]["tiny"]
+    assert tiny["decoder"] == "TinyDecoder" and tiny["decoder_host_reads"] == 0 and tiny["overlap_equals_sequential"]
+    assert tiny["frames_per_steady_chunk"] == s["decoders"]["wan"]["frames_per_steady_chunk"] == 12
+    assert 0 < tiny["decode_share"] < 1 and tiny["decode_cpu_ms"] > 0 and tiny["decode_graph_ms"] > 0
+    for path in ("sequential", "overlapped", "overlapped+decoder-graph"):
+        assert tiny[path]["frames"] == 1 + 4 * 5 and tiny[path]["fps"] > 0
+    assert "[tiny] decode only" in str([c._cells for c in table(s).columns])
