@@ -295,15 +295,15 @@ def table(s: dict) -> Table:
     captions = []
     for label, d in s["decoders"].items():
         t.add_section()
-        t.add_row(f"[{label}] decode only", f"{d['decode_ms']:.2f}", f"{d['decode_cpu_ms']:.2f}", "", "", "",
+        t.add_row(f"{label}: decode only", f"{d['decode_ms']:.2f}", f"{d['decode_cpu_ms']:.2f}", "", "", "",
                   f"{fps_of / d['decode_ms']:.1f}", "")
-        t.add_row(f"[{label}] decode only, graph", f"{d['decode_graph_ms']:.2f}", f"{d['decode_graph_cpu_ms']:.2f}",
+        t.add_row(f"{label}: decode only, graph", f"{d['decode_graph_ms']:.2f}", f"{d['decode_graph_cpu_ms']:.2f}",
                   "", "", "", f"{fps_of / d['decode_graph_ms']:.1f}", "")
         for path in ("sequential", "overlapped", "overlapped+decoder-graph"):
             r = d[path]
-            t.add_row(f"[{label}] {path}", f"{r['chunk_ms_steady']:.2f}", "", f"{r['first_chunk_ms']:.2f}",
+            t.add_row(f"{label}: {path}", f"{r['chunk_ms_steady']:.2f}", "", f"{r['first_chunk_ms']:.2f}",
                       f"{r['video_ms']:.1f}", str(r["frames"]), f"{r['fps']:.1f}", f"{r['cpu_s_per_video']:.2f}")
-        t.add_row(f"[{label}] ideal overlap", f"{d['ideal_overlapped_ms']:.2f}", "", "", "", "", "", "")
+        t.add_row(f"{label}: ideal overlap", f"{d['ideal_overlapped_ms']:.2f}", "", "", "", "", "", "")
         captions.append(f"{label} ({d['decoder']}): decode share {100 * d['decode_share']:.0f}% of a sequential chunk, "
                         f"overlap {d['overlap_speedup']:.2f}x end to end, overlapped frames == sequential frames: "
                         f"{d['overlap_equals_sequential']}, host reads per chunk: {d['decoder_host_reads']}")
