@@ -283,6 +283,17 @@ def test_pipeline_decoder_errors(parts16, weights):
         VideoPipeline.from_components(parts16, mode="eager", progress=False, decoder="vq")
     with pytest.raises(ConfigError, match="decoder_weights is for decoder='tiny'"):
         VideoPipeline.from_components(parts16, mode="eager", progress=False, decoder_weights=weights)
+    from graphrt.pipeline import Engine, TextEncoder
+
+    engine = Engine(parts16.dit, mode="eager", progress=False)
+    text = TextEncoder(parts16.text_encoder, parts16.tokenizer, max_length=parts16.dit.cfg.text_len)
+    by_name = VideoPipeline(engine, text, "tiny", decoder_weights=weights)
+    assert isinstance(by_name.decoder, TinyDecoder) and by_name.decoder.decoder[1].weight.dtype == torch.float32
+    by_name.shutdown()
+    with pytest.raises(ConfigError, match="decoder_weights"):
+        VideoPipeline(engine, text, "tiny")
+    with pytest.raises(ConfigError, match="needs the model's parts"):
+        VideoPipeline(engine, text, "wan")
     parts4 = tiny_wan(VideoShape(32, 32, chunk_frames=2, chunks=3, text_len=16))
     with pytest.raises(ConfigError, match="the DiT outputs 4 latent channels but the decoder \\(TinyDecoder\\) takes 16"):
         VideoPipeline.from_components(parts4, mode="eager", progress=False, decoder="tiny", decoder_weights=weights)

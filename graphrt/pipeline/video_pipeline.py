@@ -52,8 +52,20 @@ class VideoPipeline:
     the last call: it closes every session and stops the decode worker.
     """
 
-    def __init__(self, engine: Engine, text: TextEncoder, decoder: Decoder, *, overlap: bool = True):
+    def __init__(self, engine: Engine, text: TextEncoder, decoder: Decoder | str, *, overlap: bool = True,
+                 decoder_weights: str | Path | None = None):
+        """``decoder``: a decoder object (:class:`WanVAEDecoder`, :class:`TinyDecoder`), or
+        ``"tiny"`` with ``decoder_weights`` (a taew2_1 file; ``"random"``: tests and benchmarks only)."""
         cfg = engine.cfg
+        if isinstance(decoder, str):
+            if decoder != "tiny":
+                raise ConfigError(f"decoder={decoder!r} by name needs the model's parts",
+                                  fix="pass WanVAEDecoder(vae), or use VideoPipeline.from_components(parts, "
+                                      f"decoder={decoder!r})")
+            p = next(engine.model.parameters())
+            decoder = load_tiny_decoder(decoder_weights, device=p.device, dtype=p.dtype)
+        elif decoder_weights is not None:
+            raise ConfigError("decoder_weights goes with decoder='tiny'", got=str(decoder_weights))
         if text.dim != cfg.text_dim:
             raise ConfigError(f"the text encoder gives {text.dim}-dim states but the DiT reads {cfg.text_dim}")
         z_dim = getattr(decoder, "z_dim", cfg.out_dim)
