@@ -62,7 +62,8 @@ def _args(argv):
 def _decoder_flags_error(opts) -> str | None:
     w = opts.decoder_weights
     if opts.decoder == "tiny" and w is None:
-        return "--decoder tiny needs --decoder-weights PATH (taew2_1.pth or .safetensors from github.com/madebyollin/taehv)"
+        return ("--decoder tiny needs --decoder-weights PATH (taew2_1.pth or .safetensors from "
+                "github.com/madebyollin/taehv)")
     if opts.decoder != "tiny" and w is not None:
         return "--decoder-weights is for --decoder tiny (the Wan VAE comes with --model)"
     if w is not None and w != "random" and not os.path.isfile(w):

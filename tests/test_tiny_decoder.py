@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from graphrt.capture import check as check_host_reads
 from graphrt.errors import CheckpointError, ConfigError, InputError
 from graphrt.pipeline import TinyDecoder
-from graphrt.pipeline.taehv import MemBlock, TGrow, load_tiny_decoder
+from graphrt.pipeline.taehv import load_tiny_decoder
 from graphrt.tolerance import max_rel_err, tolerance
 from taehv_files import random_taew2_1, taew2_1_shapes, write_taew2_1
 

@@ -208,8 +208,9 @@ class TinyDecoder(nn.Module):
         ``[T, 8h, 8w, 3]`` uint8 on the decoder's device (``T = 4F``, ``4F - 3`` for the first chunk)."""
         self._check_latents(latents, "decode", f"[1, {self.z_dim}, frames, h, w]", latents.shape[1:2])
         if latents.shape[0] != 1:
-            raise InputError("the decoder takes one video's latents at a time", expected=f"[1, {self.z_dim}, frames, h, w]",
-                             got=list(latents.shape), fix="decode each session's chunk with its own DecoderState")
+            raise InputError("the decoder takes one video's latents at a time",
+                             expected=f"[1, {self.z_dim}, frames, h, w]", got=list(latents.shape),
+                             fix="decode each session's chunk with its own DecoderState")
         if state.slot is None and state.feat_cache is None:
             raise InputError("this DecoderState was released: its video is finished",
                              fix="start the next video with new_state()")
