@@ -7,7 +7,9 @@
 (Wan/diffusers safetensors, or a causal project's .pt with generator/generator_ema). Without
 ``--model`` a tiny random model is built in memory, so the command runs on any machine (its video
 is noise of the right shape). Frames are written as each chunk is decoded; the decode of chunk n
-overlaps the DiT's chunk n+1 unless ``--no-overlap``. Exits non-zero when no video was written.
+overlaps the DiT's chunk n+1 unless ``--no-overlap``. ``--decoder tiny --decoder-weights taew2_1.pth``
+decodes with the tiny TAEHV-compatible decoder instead of the Wan VAE. Exits non-zero when no video
+was written.
 """
 from __future__ import annotations
 
