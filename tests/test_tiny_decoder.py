@@ -317,17 +317,19 @@ def test_generate_command_with_the_tiny_decoder(tmp_path, weights, capsys):
     assert not any((tmp_path / n).exists() for n in ("b.mp4", "c.mp4", "d.mp4"))
 
 
-def test_bench_e2e_reports_the_tiny_decoder_beside_the_wan_vae():
+def test_bench_e2e_reports_the_tiny_decoder():
+    """The tiny decoder's rows (the default run puts them beside the Wan VAE's: test_video_pipeline)."""
     pytest.importorskip("diffusers")
     from graphrt.bench.e2e import E2EConfig, run, table
 
-    s = run(E2EConfig(preset="tiny", chunks=2, repeats=1))
-    assert s["config"]["dit"]["latent_channels"] == 16 and set(s["decoders"]) == {"wan", "tiny"}
-    assert s["decode_ms"] == s["decoders"]["wan"]["decode_ms"]           # the Wan VAE's rows stay at the top
+    s = run(E2EConfig(preset="tiny", chunks=2, repeats=1, decoder="tiny"))
+    assert s["config"]["dit"]["latent_channels"] == 16 and set(s["decoders"]) == {"tiny"} and "decode_ms" not in s
     tiny = s["decoders"]["tiny"]
     assert tiny["decoder"] == "TinyDecoder" and tiny["decoder_host_reads"] == 0 and tiny["overlap_equals_sequential"]
-    assert tiny["frames_per_steady_chunk"] == s["decoders"]["wan"]["frames_per_steady_chunk"] == 12
+    assert tiny["frames_per_steady_chunk"] == s["config"]["frames_per_steady_chunk"] == 12
     assert 0 < tiny["decode_share"] < 1 and tiny["decode_cpu_ms"] > 0 and tiny["decode_graph_ms"] > 0
     for path in ("sequential", "overlapped", "overlapped+decoder-graph"):
         assert tiny[path]["frames"] == 1 + 4 * 5 and tiny[path]["fps"] > 0
     assert "tiny: decode only" in table(s).columns[0]._cells
+    with pytest.raises(ConfigError, match="unknown decoder"):
+        run(E2EConfig(preset="tiny", decoder="vq"))
