@@ -118,6 +118,8 @@ def test_decode_video_equals_upstream_algorithm(dec):
     assert not torch.equal(out[0], out[1])
     with pytest.raises(InputError, match="16-channel latents"):
         dec.decode_video(z.transpose(1, 2))
+    with pytest.raises(InputError, match="16-channel latents"):
+        dec.decode([1, 2], dec.new_state())
 
 
 def test_input_path_with_upstream_wan_latents(weights):

@@ -172,15 +172,15 @@ class TinyDecoder(nn.Module):
     def decode_video(self, latents: torch.Tensor) -> torch.Tensor:
         """Upstream's ``decode_video``: latents ``[N, T, 16, h, w]`` -> frames
         ``[N, 4T - 3, 3, 8h, 8w]`` in [0, 1] (the first 3 of the 4T decoded frames trimmed)."""
-        self._check_latents(latents, "decode_video", f"[N, T, {self.z_dim}, h, w]", latents.shape[2:3])
+        self._check_latents(latents, "decode_video", f"[N, T, {self.z_dim}, h, w]", 2)
         frames = self._run(list(latents.to(self._dtype()).unbind(1)), [None] * len(self._memblocks))
         return torch.stack(frames, 1).clamp(0, 1)[:, self.frames_to_trim:]
 
     def _dtype(self) -> torch.dtype:
         return self.decoder[1].weight.dtype
 
-    def _check_latents(self, latents, where: str, expected: str, channels) -> None:
-        if not isinstance(latents, torch.Tensor) or latents.dim() != 5 or tuple(channels) != (self.z_dim,):
+    def _check_latents(self, latents, where: str, expected: str, channel_dim: int) -> None:
+        if not isinstance(latents, torch.Tensor) or latents.dim() != 5 or latents.shape[channel_dim] != self.z_dim:
             raise InputError(f"TinyDecoder.{where} takes {self.z_dim}-channel latents", expected=expected,
                              got=list(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__,
                              fix="taew2_1 decodes Wan 2.1 latents (16 channels)")
@@ -206,7 +206,7 @@ class TinyDecoder(nn.Module):
     def decode(self, latents: torch.Tensor, state: DecoderState) -> torch.Tensor:
         """One chunk of one video: latents ``[1, 16, F, h, w]`` (the DiT's layout) -> frames
         ``[T, 8h, 8w, 3]`` uint8 on the decoder's device (``T = 4F``, ``4F - 3`` for the first chunk)."""
-        self._check_latents(latents, "decode", f"[1, {self.z_dim}, frames, h, w]", latents.shape[1:2])
+        self._check_latents(latents, "decode", f"[1, {self.z_dim}, frames, h, w]", 1)
         if latents.shape[0] != 1:
             raise InputError("the decoder takes one video's latents at a time",
                              expected=f"[1, {self.z_dim}, frames, h, w]", got=list(latents.shape),
