@@ -7,7 +7,8 @@
 (Wan/diffusers safetensors, or a causal project's .pt with generator/generator_ema). Without
 ``--model`` a tiny random model is built in memory, so the command runs on any machine (its video
 is noise of the right shape). Frames are written as each chunk is decoded; the decode of chunk n
-overlaps the DiT's chunk n+1 unless ``--no-overlap``.
+overlaps the DiT's chunk n+1 unless ``--no-overlap``. ``--decoder tiny --decoder-weights taew2_1.pth``
+decodes with the tiny TAEHV-compatible decoder instead of the Wan VAE.
 
 Every option is checked before a model is built (a bad one: one line, exit 2). Ctrl-C or SIGTERM
 stop within seconds: queued decodes are dropped and the frames written so far are finished into
@@ -32,7 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from graphrt.errors import GraphrtError
 from graphrt.pipeline.engine import MODES
-from graphrt.pipeline.tiny import tiny_wan
+from graphrt.pipeline.tiny import RandomSpec, tiny_wan
 from graphrt.pipeline.video import VideoWriter
 from graphrt.pipeline.video_pipeline import VideoPipeline
 from graphrt.pipeline.weights import VideoShape, load_wan
@@ -59,8 +60,14 @@ def _args(argv):
                    help="default: bfloat16 on CUDA, float32 on the CPU")
     p.add_argument("--attention", default="auto")
     p.add_argument("--no-overlap", action="store_true", help="decode after each chunk instead of beside the next")
+    p.add_argument("--decoder", choices=["wan", "tiny"], default="wan",
+                   help="wan: the model's Wan VAE (default); tiny: TAEHV's taew2_1 (needs --decoder-weights)")
+    p.add_argument("--decoder-weights", metavar="PATH",
+                   help="taew2_1.pth or taew2_1.safetensors (github.com/madebyollin/taehv) for --decoder tiny; "
+                        "'random': random weights (tests and benchmarks only)")
     p.add_argument("--decoder-graph", action="store_true",
-                   help="capture the VAE decoder's steady frame as a graph over static feature caches")
+                   help="capture the decoder as a graph over static per-video state (Wan VAE: its steady "
+                        "frame; tiny: a whole chunk)")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -102,6 +109,18 @@ def check_options(opts) -> str | None:
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
         return f"--out {opts.out}: cannot write in {folder} ({e.strerror})"
+    return _decoder_flags_error(opts)
+
+
+def _decoder_flags_error(opts) -> str | None:
+    w = opts.decoder_weights
+    if opts.decoder == "tiny" and w is None:
+        return ("--decoder tiny needs --decoder-weights PATH (taew2_1.pth or .safetensors from "
+                "github.com/madebyollin/taehv)")
+    if opts.decoder != "tiny" and w is not None:
+        return "--decoder-weights is for --decoder tiny (the Wan VAE comes with --model)"
+    if w is not None and w != "random" and not os.path.isfile(w):
+        return f"--decoder-weights {w}: no such file"
     return None
 
 
@@ -116,14 +135,17 @@ def build(opts):
         if opts.height or opts.width:
             raise GraphrtError("--height/--width need --model: the tiny model makes 64x64 frames")
         shape = VideoShape(height=64, width=64, chunk_frames=opts.chunk_frames, chunks=opts.chunks, text_len=16)
-        parts = tiny_wan(shape, dtype=dtype, device=device)
+        # the tiny decoder reads Wan 2.1's 16 latent channels: the tiny DiT then outputs as many
+        spec = RandomSpec(dit_overrides=(("in_dim", 16), ("out_dim", 16))) if opts.decoder == "tiny" else RandomSpec()
+        parts = tiny_wan(shape, spec, dtype=dtype, device=device)
         parts.dit.attention = opts.attention
     else:
         shape = VideoShape(height=opts.height or 480, width=opts.width or 832, chunk_frames=opts.chunk_frames,
                            chunks=opts.chunks)
         parts = load_wan(opts.model, opts.checkpoint, shape=shape, device=device, dtype=dtype,
                          attention=opts.attention, checkpoint_key=opts.checkpoint_key)
-    return VideoPipeline.from_components(parts, overlap=not opts.no_overlap, mode=mode, progress=not opts.no_progress)
+    return VideoPipeline.from_components(parts, overlap=not opts.no_overlap, mode=mode, progress=not opts.no_progress,
+                                         decoder=opts.decoder, decoder_weights=opts.decoder_weights)
 
 
 def main(argv=None) -> int:

@@ -421,6 +421,7 @@ def test_bench_e2e_tiny():
 
     s = run(E2EConfig(preset="tiny", chunks=2, repeats=1))
     assert s["overlap_equals_sequential"] and s["decoder_host_reads"] == 0
+    assert set(s["decoders"]) == {"wan", "tiny"} and s["decode_ms"] == s["decoders"]["wan"]["decode_ms"]
     assert s["dit_ms"] > 0 and s["decode_ms"] > 0 and s["decode_graph_ms"] > 0 and 0 < s["decode_share"] < 1
     for path in ("sequential", "overlapped", "overlapped+decoder-graph"):
         r = s[path]

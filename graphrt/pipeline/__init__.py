@@ -9,6 +9,7 @@
 - ``vae``: :class:`WanVAEDecoder` (streaming VAE decode with its causal feature cache; any
   :class:`VAEDecoder` will do) and
   :class:`DecodeQueue` (decode overlapped with the DiT on a worker thread / second stream);
+- ``taehv``: :class:`TinyDecoder` (TAEHV-compatible ``taew2_1``: the same streaming protocol, milliseconds);
 - ``video``: :func:`save_video`, :class:`VideoWriter` (frames -> mp4 with PyAV);
 - ``weights``: :func:`load_wan`/:func:`save_wan` (a diffusers-format Wan folder + causal DiT checkpoint);
 - ``tiny``: :func:`tiny_wan` (random tiny components: runs anywhere, no downloads);
@@ -20,6 +21,7 @@ from graphrt.pipeline.vae import DecodeQueue, DecoderState, VAEDecoder, WanVAEDe
 from graphrt.pipeline.engine import MODES, Engine, EngineMemory, EngineStats, Session
 from graphrt.pipeline.reference import reference_stream
 from graphrt.pipeline.schedule import FlowMatchSchedule, denoise_chunk
+from graphrt.pipeline.taehv import TinyDecoder
 from graphrt.pipeline.text import TextEncoder
 from graphrt.pipeline.tiny import tiny_wan
 from graphrt.pipeline.video import VideoWriter, save_video
@@ -27,6 +29,6 @@ from graphrt.pipeline.video_pipeline import VideoPipeline
 from graphrt.pipeline.weights import VideoShape, WanComponents, load_wan, save_wan
 
 __all__ = ["MODES", "DecodeQueue", "DecoderState", "Engine", "EngineMemory", "EngineStats", "FlowMatchSchedule",
-           "Session", "TextEncoder", "VideoPipeline", "VideoShape", "VAEDecoder", "VideoWriter", "WanComponents",
-           "WanVAEDecoder",
+           "Session", "TextEncoder", "TinyDecoder", "VideoPipeline", "VideoShape", "VAEDecoder", "VideoWriter",
+           "WanComponents", "WanVAEDecoder",
            "denoise_chunk", "load_wan", "reference_stream", "save_video", "save_wan", "tiny_wan"]

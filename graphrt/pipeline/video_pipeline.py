@@ -29,6 +29,7 @@ import torch
 from graphrt.errors import ConfigError, InputError
 from graphrt.pipeline.vae import DecodeQueue, DecoderState, VAEDecoder, WanVAEDecoder
 from graphrt.pipeline.engine import Engine, Session
+from graphrt.pipeline.taehv import TinyDecoder, load_tiny_decoder
 from graphrt.pipeline.text import TextEncoder, clean_prompt
 from graphrt.pipeline.weights import VideoShape, WanComponents, load_wan
 
@@ -51,13 +52,28 @@ class VideoPipeline:
     the last call: it closes every session and stops the decode worker.
     """
 
-    def __init__(self, engine: Engine, text: TextEncoder, decoder: VAEDecoder, *, overlap: bool = True):
+    def __init__(self, engine: Engine, text: TextEncoder, decoder: VAEDecoder | str, *, overlap: bool = True,
+                 decoder_weights: str | Path | None = None):
+        """``decoder``: a decoder object (:class:`WanVAEDecoder`, :class:`TinyDecoder`), or
+        ``"tiny"`` with ``decoder_weights`` (a taew2_1 file; ``"random"``: tests and benchmarks only)."""
         cfg = engine.cfg
+        if isinstance(decoder, str):
+            if decoder != "tiny":
+                raise ConfigError(f"decoder={decoder!r} by name needs the model's parts",
+                                  fix="pass WanVAEDecoder(vae), or use VideoPipeline.from_components(parts, "
+                                      f"decoder={decoder!r})")
+            p = next(engine.model.parameters())
+            decoder = load_tiny_decoder(decoder_weights, device=p.device, dtype=p.dtype)
+        elif decoder_weights is not None:
+            raise ConfigError("decoder_weights goes with decoder='tiny'", got=str(decoder_weights))
         if text.dim != cfg.text_dim:
             raise ConfigError(f"the text encoder gives {text.dim}-dim states but the DiT reads {cfg.text_dim}")
         z_dim = getattr(decoder, "z_dim", cfg.out_dim)
         if z_dim != cfg.out_dim:
-            raise ConfigError(f"the DiT outputs {cfg.out_dim} latent channels but the decoder takes {z_dim}")
+            raise ConfigError(f"the DiT outputs {cfg.out_dim} latent channels but the decoder "
+                              f"({type(decoder).__name__}) takes {z_dim}", expected=z_dim, got=cfg.out_dim,
+                              fix="pair the decoder with a DiT of its latent space (the tiny decoder, taew2_1: "
+                                  "Wan 2.1's 16 channels)")
         self.engine, self.text, self.decoder = engine, text, decoder
         self.queue = DecodeQueue(decoder, overlap=overlap)
         # kept off the Session: the Engine's captures can reach its sessions, and the decode worker
@@ -66,25 +82,33 @@ class VideoPipeline:
 
     @classmethod
     def from_components(cls, parts: WanComponents, *, overlap: bool = True, text_cache: int = 256,
+                        decoder: str = "wan", decoder_weights: str | Path | None = None,
                         **engine_kwargs) -> "VideoPipeline":
         """A pipeline over loaded parts; ``engine_kwargs`` go to :class:`Engine` (``mode``,
-        ``max_sessions``, ``batch_sizes``, ``window``, ...)."""
+        ``max_sessions``, ``batch_sizes``, ``window``, ...).
+
+        ``decoder``: ``"wan"`` (the Wan VAE of ``parts``, :class:`WanVAEDecoder`) or ``"tiny"``
+        (:class:`TinyDecoder`, TAEHV's ``taew2_1``, from the file ``decoder_weights``;
+        ``decoder_weights="random"`` gives it random weights, for tests and benchmarks only)."""
         engine = Engine(parts.dit, **engine_kwargs)
         text = TextEncoder(parts.text_encoder, parts.tokenizer, max_length=parts.dit.cfg.text_len,
                            cache_size=text_cache)
-        return cls(engine, text, WanVAEDecoder(parts.vae), overlap=overlap)
+        return cls(engine, text, make_decoder(parts, decoder, decoder_weights), overlap=overlap)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, checkpoint: str | Path | None = None, *,
                         shape: VideoShape = VideoShape(), device: str | torch.device | None = None,
                         dtype: torch.dtype = torch.bfloat16, attention: str = "auto",
-                        checkpoint_key: str | None = None, overlap: bool = True, **engine_kwargs) -> "VideoPipeline":
+                        checkpoint_key: str | None = None, overlap: bool = True, decoder: str = "wan",
+                        decoder_weights: str | Path | None = None, **engine_kwargs) -> "VideoPipeline":
         """Load a local diffusers-format Wan folder (and the causal DiT's ``checkpoint``); see
-        :func:`graphrt.pipeline.weights.load_wan`."""
+        :func:`graphrt.pipeline.weights.load_wan`. ``decoder``/``decoder_weights``: as
+        :meth:`from_components`."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         parts = load_wan(folder, checkpoint, shape=shape, device=device, dtype=dtype, attention=attention,
                          checkpoint_key=checkpoint_key)
-        return cls.from_components(parts, overlap=overlap, **engine_kwargs)
+        return cls.from_components(parts, overlap=overlap, decoder=decoder, decoder_weights=decoder_weights,
+                                   **engine_kwargs)
 
     # -- sessions -------------------------------------------------------------------------------
     def open(self, prompt: str, *, seed: int = 0, num_chunks: int | None = None) -> Session:
@@ -197,7 +221,7 @@ class VideoPipeline:
     def prewarm(self, decoder_graphs: bool = False) -> "VideoPipeline":
         """Capture the engine's graphs now (see :meth:`Engine.prewarm`); with ``decoder_graphs``
         also the decoder's steady frame, one static feature cache per engine slab
-        (:meth:`WanVAEDecoder.capture`)."""
+        (:meth:`WanVAEDecoder.capture`; the tiny decoder: a whole chunk, :meth:`TinyDecoder.capture`)."""
         self._check_running("prewarm()")
         self.queue.drain()                # a capture may not run beside a decode
         self.engine.prewarm()
@@ -205,7 +229,8 @@ class VideoPipeline:
             if not hasattr(self.decoder, "capture"):
                 raise ConfigError(f"{type(self.decoder).__name__} cannot be captured")
             cfg = self.engine.cfg
-            self.decoder.capture(cfg.height, cfg.width, videos=self.engine.cache.num_slabs)
+            chunk = {"frames": cfg.chunk_frames} if isinstance(self.decoder, TinyDecoder) else {}
+            self.decoder.capture(cfg.height, cfg.width, videos=self.engine.cache.num_slabs, **chunk)
         return self
 
     def shutdown(self, cancel: bool = False) -> None:
@@ -226,3 +251,20 @@ class VideoPipeline:
         if self.queue.closed:
             raise InputError(f"VideoPipeline.{where}: the pipeline was shut down (its decode worker is stopped)",
                              fix="build a new VideoPipeline; shutdown() is its last call")
+
+
+DECODERS = ("wan", "tiny")
+
+
+def make_decoder(parts: WanComponents, decoder: str = "wan", weights: str | Path | None = None) -> VAEDecoder:
+    """The pipeline's decoder by name, on the DiT's device and dtype: ``"wan"`` (the Wan VAE of
+    ``parts``) or ``"tiny"`` (:class:`TinyDecoder` from ``weights``, a taew2_1 file or ``"random"``)."""
+    if decoder == "wan":
+        if weights is not None:
+            raise ConfigError("decoder_weights is for decoder='tiny'; the Wan VAE comes with the model",
+                              got=str(weights), fix="drop decoder_weights, or pass decoder='tiny'")
+        return WanVAEDecoder(parts.vae)
+    if decoder != "tiny":
+        raise ConfigError(f"unknown decoder {decoder!r}", expected=list(DECODERS), got=decoder)
+    p = next(parts.dit.parameters())
+    return load_tiny_decoder(weights, device=p.device, dtype=p.dtype)
