@@ -1,0 +1,86 @@
+"""The Triton kernels behind :mod:`graphrt.kernels` (imported only when one runs).
+
+Two kernels, one program per token row, the whole row in registers:
+
+- ``rms_rope_kernel``: RMS norm (float32, weight included) rounded to the output dtype, then,
+  with ``ROPE``, the rotation of each (even, odd) pair by the row's cos/sin (float32), rounded
+  again: exactly the two roundings of the unfused ops.
+- ``residual_norm_kernel``: optional residual ``x + y * gate`` (float32, rounded to ``x``'s
+  dtype and written), then optional LayerNorm (float32, optional weight/bias) times
+  ``1 + scale`` plus ``shift``, rounded to the output dtype.
+
+Triton reads ``TRITON_INTERPRET`` when a kernel is defined, so this module is imported lazily.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def rms_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, N, HALF_D, eps,
+                    ROPE: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BLOCK)                       # pair index: elements 2j and 2j+1
+    m = j < N // 2
+    x_row = x_ptr + row * N
+    x0 = tl.load(x_row + 2 * j, mask=m, other=0.0).to(tl.float32)
+    x1 = tl.load(x_row + 2 * j + 1, mask=m, other=0.0).to(tl.float32)
+    ms = (tl.sum(x0 * x0, axis=0) + tl.sum(x1 * x1, axis=0)) / N
+    r = 1.0 / tl.sqrt(ms + eps)
+    w0 = tl.load(w_ptr + 2 * j, mask=m, other=0.0).to(tl.float32)
+    w1 = tl.load(w_ptr + 2 * j + 1, mask=m, other=0.0).to(tl.float32)
+    dt = out_ptr.dtype.element_ty
+    y0 = (x0 * r * w0).to(dt)
+    y1 = (x1 * r * w1).to(dt)
+    if ROPE:
+        c = j % HALF_D
+        cs = tl.load(cos_ptr + row * HALF_D + c, mask=m, other=0.0)
+        sn = tl.load(sin_ptr + row * HALF_D + c, mask=m, other=0.0)
+        a0 = y0.to(tl.float32)
+        a1 = y1.to(tl.float32)
+        y0 = (a0 * cs - a1 * sn).to(dt)
+        y1 = (a0 * sn + a1 * cs).to(dt)
+    out_row = out_ptr + row * N
+    tl.store(out_row + 2 * j, y0, mask=m)
+    tl.store(out_row + 2 * j + 1, y1, mask=m)
+
+
+@triton.jit
+def residual_norm_kernel(x_ptr, y_ptr, gate_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, xout_ptr, hout_ptr,
+                         N, L, eps, gate_bs, scale_bs, shift_bs,
+                         HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, HAS_NORM: tl.constexpr,
+                         HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    bt = row // L                                  # batch row of the per-row modulation
+    offs = tl.arange(0, BLOCK)
+    m = offs < N
+    x = tl.load(x_ptr + row * N + offs, mask=m, other=0.0).to(tl.float32)
+    if HAS_RES:
+        y = tl.load(y_ptr + row * N + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_GATE:
+            g = tl.load(gate_ptr + bt * gate_bs + offs, mask=m, other=0.0).to(tl.float32)
+            x = x + y * g
+        else:
+            x = x + y
+        xr = x.to(xout_ptr.dtype.element_ty)
+        tl.store(xout_ptr + row * N + offs, xr, mask=m)
+        x = xr.to(tl.float32)
+    if HAS_NORM:
+        mean = tl.sum(x, axis=0) / N
+        xc = tl.where(m, x - mean, 0.0)
+        var = tl.sum(xc * xc, axis=0) / N
+        h = xc * (1.0 / tl.sqrt(var + eps))
+        if HAS_W:
+            h = h * tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_B:
+            h = h + tl.load(b_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_MOD:
+            s = tl.load(scale_ptr + bt * scale_bs + offs, mask=m, other=0.0).to(tl.float32)
+            t = tl.load(shift_ptr + bt * shift_bs + offs, mask=m, other=0.0).to(tl.float32)
+            h = h * (1.0 + s) + t
+        tl.store(hout_ptr + row * N + offs, h.to(hout_ptr.dtype.element_ty), mask=m)
+
+
+def block(n: int) -> int:
+    return triton.next_power_of_2(n)
