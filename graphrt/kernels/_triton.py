@@ -1,6 +1,7 @@
 """The Triton kernels behind :mod:`graphrt.kernels` (imported only when one runs).
 
-Two kernels, one program per token row, the whole row in registers:
+Two kernels over token rows, each row whole in registers, ``ROWS`` rows per program (one on a
+GPU; many under the interpreter, whose cost is per program, not per element):
 
 - ``rms_rope_kernel``: RMS norm (float32, weight included) rounded to the output dtype, then,
   with ``ROPE``, the rotation of each (even, odd) pair by the row's cos/sin (float32), rounded
@@ -18,18 +19,19 @@ import triton.language as tl
 
 
 @triton.jit
-def rms_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, N, HALF_D, eps,
-                    ROPE: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    j = tl.arange(0, BLOCK)                       # pair index: elements 2j and 2j+1
-    m = j < N // 2
+def rms_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, R, N, HALF_D, eps,
+                    ROPE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
+    j = tl.arange(0, BLOCK)[None, :]              # pair index: elements 2j and 2j+1
+    mj = j < N // 2
+    m = (row < R) & mj
     x_row = x_ptr + row * N
     x0 = tl.load(x_row + 2 * j, mask=m, other=0.0).to(tl.float32)
     x1 = tl.load(x_row + 2 * j + 1, mask=m, other=0.0).to(tl.float32)
-    ms = (tl.sum(x0 * x0, axis=0) + tl.sum(x1 * x1, axis=0)) / N
+    ms = (tl.sum(x0 * x0, axis=1) + tl.sum(x1 * x1, axis=1))[:, None] / N
     r = 1.0 / tl.sqrt(ms + eps)
-    w0 = tl.load(w_ptr + 2 * j, mask=m, other=0.0).to(tl.float32)
-    w1 = tl.load(w_ptr + 2 * j + 1, mask=m, other=0.0).to(tl.float32)
+    w0 = tl.load(w_ptr + 2 * j, mask=mj, other=0.0).to(tl.float32)
+    w1 = tl.load(w_ptr + 2 * j + 1, mask=mj, other=0.0).to(tl.float32)
     dt = out_ptr.dtype.element_ty
     y0 = (x0 * r * w0).to(dt)
     y1 = (x1 * r * w1).to(dt)
@@ -48,13 +50,15 @@ def rms_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, N, HALF_D, eps,
 
 @triton.jit
 def residual_norm_kernel(x_ptr, y_ptr, gate_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, xout_ptr, hout_ptr,
-                         N, L, eps, gate_bs, scale_bs, shift_bs,
+                         R, N, L, eps, gate_bs, scale_bs, shift_bs,
                          HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, HAS_NORM: tl.constexpr,
-                         HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+                         HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr,
+                         ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
     bt = row // L                                  # batch row of the per-row modulation
-    offs = tl.arange(0, BLOCK)
-    m = offs < N
+    offs = tl.arange(0, BLOCK)[None, :]
+    mn = offs < N
+    m = (row < R) & mn
     x = tl.load(x_ptr + row * N + offs, mask=m, other=0.0).to(tl.float32)
     if HAS_RES:
         y = tl.load(y_ptr + row * N + offs, mask=m, other=0.0).to(tl.float32)
@@ -67,14 +71,14 @@ def residual_norm_kernel(x_ptr, y_ptr, gate_ptr, w_ptr, b_ptr, scale_ptr, shift_
         tl.store(xout_ptr + row * N + offs, xr, mask=m)
         x = xr.to(tl.float32)
     if HAS_NORM:
-        mean = tl.sum(x, axis=0) / N
+        mean = tl.sum(x, axis=1)[:, None] / N
         xc = tl.where(m, x - mean, 0.0)
-        var = tl.sum(xc * xc, axis=0) / N
+        var = tl.sum(xc * xc, axis=1)[:, None] / N
         h = xc * (1.0 / tl.sqrt(var + eps))
         if HAS_W:
-            h = h * tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            h = h * tl.load(w_ptr + offs, mask=mn, other=0.0).to(tl.float32)
         if HAS_B:
-            h = h + tl.load(b_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            h = h + tl.load(b_ptr + offs, mask=mn, other=0.0).to(tl.float32)
         if HAS_MOD:
             s = tl.load(scale_ptr + bt * scale_bs + offs, mask=m, other=0.0).to(tl.float32)
             t = tl.load(shift_ptr + bt * shift_bs + offs, mask=m, other=0.0).to(tl.float32)
@@ -84,3 +88,11 @@ def residual_norm_kernel(x_ptr, y_ptr, gate_ptr, w_ptr, b_ptr, scale_ptr, shift_
 
 def block(n: int) -> int:
     return triton.next_power_of_2(n)
+
+
+def launch(kernel, x, rows: int, *args, **meta):
+    """Launch ``kernel`` over ``rows`` rows of ``x`` (``BLOCK`` elements per row in registers):
+    one row per program on a GPU, up to 8 Ki elements per program under the interpreter."""
+    blk = meta.pop("BLOCK")
+    per = 1 if x.device.type == "cuda" else max(1, min(triton.next_power_of_2(rows), 8192 // blk))
+    kernel[(triton.cdiv(rows, per),)](*args, ROWS=per, BLOCK=blk, **meta)

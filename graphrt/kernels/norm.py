@@ -40,15 +40,15 @@ def residual_norm(x, y, gate, weight, bias, scale, shift, eps, norm: bool):
     hout = torch.empty_like(x) if norm else None
     n = x.shape[-1]
     if rows(x):
-        any_ = x
-        kernels().residual_norm_kernel[(rows(x),)](
-            x, y if y is not None else any_, gate if gate is not None else any_,
+        any_, k = x, kernels()
+        k.launch(
+            k.residual_norm_kernel, x, rows(x), x, y if y is not None else any_, gate if gate is not None else any_,
             weight if weight is not None else any_, bias if bias is not None else any_,
             scale if scale is not None else any_, shift if shift is not None else any_,
             xout if xout is not None else any_, hout if hout is not None else any_,
-            n, x.shape[1], eps, gate_bs, scale_bs, shift_bs,
+            rows(x), n, x.shape[1], eps, gate_bs, scale_bs, shift_bs,
             HAS_RES=y is not None, HAS_GATE=gate is not None, HAS_NORM=norm, HAS_W=weight is not None,
-            HAS_B=bias is not None, HAS_MOD=scale is not None, BLOCK=kernels().block(n))
+            HAS_B=bias is not None, HAS_MOD=scale is not None, BLOCK=k.block(n))
     return xout, hout
 
 

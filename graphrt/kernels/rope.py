@@ -38,9 +38,9 @@ def _launch(x, weight, cos, sin, eps, heads):
         shape = (*x.shape[:-1], 1, cos.shape[-1])
         cos, sin = (t.expand(shape).reshape(-1, cos.shape[-1]) for t in (cos, sin))
     if rows(x):
-        kernels().rms_rope_kernel[(rows(x),)](
-            x, weight, cos if rope else x, sin if rope else x, out, n, n // heads // 2, eps,
-            ROPE=rope, BLOCK=kernels().block(n // 2))
+        k = kernels()
+        k.launch(k.rms_rope_kernel, x, rows(x), x, weight, cos if rope else x, sin if rope else x, out,
+                 rows(x), n, n // heads // 2, eps, ROPE=rope, BLOCK=k.block(n // 2))
     return out
 
 
