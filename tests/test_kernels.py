@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 
 import graphrt
 from graphrt import kernels as K
-from graphrt.errors import ConfigError
+from graphrt.errors import ConfigError, InputError
 from graphrt.kv import StaticKVCache
 from graphrt.models.wan import CausalWan, WanConfig
 from graphrt.replay import Buckets
@@ -104,6 +104,18 @@ def test_modulation_shared_by_the_batch(dtype):
     _close(K.layer_norm_mod(x, None, None, scale, shift, 1e-6),
            K.layer_norm_mod_reference(x, None, None, scale, shift, 1e-6), dtype)
     _close(K.gate_residual(x, x, gate), K.gate_residual_reference(x, x, gate), dtype)
+
+
+@pytest.mark.parametrize("interpret", [True, False], ids=["triton", "reference"])
+def test_bad_modulation_says_what(interpret, monkeypatch):
+    if not interpret:
+        monkeypatch.delenv("TRITON_INTERPRET")
+    x, _, _, mod = _inputs(2, 3, 12, 2, torch.float32, "cpu")
+    with pytest.raises(InputError, match="both scale and shift"):
+        K.layer_norm_mod(x, None, None, mod[1], None, 1e-6)
+    if interpret:           # the reference path raises torch's own broadcast error
+        with pytest.raises(InputError, match="broadcast"):
+            K.gate_residual(x, x, torch.randn(3, 1, 12))
 
 
 def test_ops_pass_torch_library_checks():

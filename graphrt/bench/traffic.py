@@ -18,6 +18,7 @@ counts every op a ``TorchDispatchMode`` sees:
 
 Eager aten does not fuse: each aten op is one kernel, as PyTorch launches it on CUDA. The fused
 path's count assumes each ``graphrt::`` custom op is one kernel, as its Triton implementation is.
+Ops inside a torch module (the FFN's GELU) count at the graphrt line that called the module.
 Inductor would fuse the aten path further; this counts what runs without it (eager and plain
 graph replay). The table groups ops by the line of graphrt code that issued them; the last line
 is JSON: ``{"aten": {"kernels": n, "gb": x}, "fused": {...}}`` per forward (GB = 1e9 bytes).

@@ -11,12 +11,20 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from graphrt.errors import InputError
 from graphrt.kernels._launch import batch_rows, kernels, rows, use_triton
+
+
+def check_modulation(scale, shift) -> None:
+    if (scale is None) != (shift is None):
+        raise InputError("modulation needs both scale and shift", got=f"scale={scale is not None}, "
+                         f"shift={shift is not None}", fix="pass both, or neither for a plain norm")
 
 
 def layer_norm_mod_reference(x, weight, bias, scale, shift, eps: float):
     """The unfused ops: float32 LayerNorm (optional float32 weight/bias), then ``* (1 + scale) + shift``
     when given, rounded to ``x``'s dtype."""
+    check_modulation(scale, shift)
     w = weight.float() if weight is not None else None
     b = bias.float() if bias is not None else None
     h = F.layer_norm(x.float(), x.shape[-1:], w, b, eps)
@@ -27,8 +35,7 @@ def layer_norm_mod_reference(x, weight, bias, scale, shift, eps: float):
 
 def residual_norm(x, y, gate, weight, bias, scale, shift, eps, norm: bool):
     """Launch the Triton kernel: ``x + y * gate`` (when ``y`` is given) and/or the modulated norm."""
-    if (scale is None) != (shift is None):
-        raise ValueError("scale and shift come together")
+    check_modulation(scale, shift)
     x = x.contiguous()
     if x.dim() != 3:        # per-row vectors are per batch row of [B, L, N]
         x = x.reshape(1, -1, x.shape[-1])
