@@ -177,9 +177,10 @@ class CausalWan(WanModelBase):
         (the next block's, or the head's, modulated norm). Returns the head's normed input."""
         mods = [(blk.modulation + e0).chunk(6, dim=1) for blk in self.blocks]
         head_shift, head_scale = (self.head.modulation + e.float().unsqueeze(1)).chunk(2, dim=1)
-        nexts = [(m[1], m[0]) for m in mods[1:]] + [(head_scale, head_shift)]
+        nexts = [(m[1], m[0], blk.norm1.eps) for blk, m in zip(self.blocks[1:], mods[1:])]
+        nexts.append((head_scale, head_shift, self.head.norm.eps))
         h = fused_ops.layer_norm_mod(x, None, None, mods[0][1], mods[0][0], self.blocks[0].norm1.eps)
-        for block, (self_attn, cross_attn), mod, (scale, shift) in zip(self.blocks, attend, mods, nexts):
+        for block, (self_attn, cross_attn), mod, (scale, shift, eps) in zip(self.blocks, attend, mods, nexts):
             _, _, gate, c_shift, c_scale, c_gate = mod
             n3 = block.norm3
             if isinstance(n3, torch.nn.LayerNorm):
@@ -188,8 +189,7 @@ class CausalWan(WanModelBase):
                 x = h = fused_ops.gate_residual(x, self_attn(h), gate)
             x, h = fused_ops.gate_residual_norm(x, cross_attn(h), None, None, None, c_scale, c_shift,
                                                 block.norm2.eps)
-            x, h = fused_ops.gate_residual_norm(x, block.ffn(h), c_gate, None, None, scale, shift,
-                                                self.head.norm.eps)
+            x, h = fused_ops.gate_residual_norm(x, block.ffn(h), c_gate, None, None, scale, shift, eps)
         return h
 
 
