@@ -26,8 +26,7 @@ def use_triton(t: torch.Tensor) -> bool:
 
 
 def kernels():
-    """The Triton kernel module, imported on first use (Triton reads ``TRITON_INTERPRET`` when a
-    kernel is defined, and it is an optional dependency)."""
+    """The Triton kernel module, imported on first use (Triton is an optional dependency)."""
     return importlib.import_module("graphrt.kernels._triton")
 
 

@@ -10,15 +10,19 @@ GPU; many under the interpreter, whose cost is per program, not per element):
   dtype and written), then optional LayerNorm (float32, optional weight/bias) times
   ``1 + scale`` plus ``shift``, rounded to the output dtype.
 
-Triton reads ``TRITON_INTERPRET`` when a kernel is defined, so this module is imported lazily.
+Each kernel is built twice, compiled (for CUDA tensors) and interpreted (for CPU tensors), rather
+than by ``triton.jit``, which picks one by ``TRITON_INTERPRET`` when the module is imported: a
+process may run both, and the variable only decides whether CPU tensors use the interpreter
+(see :func:`graphrt.kernels.use_triton`).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
 
 
-@triton.jit
 def rms_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, R, N, HALF_D, eps,
                     ROPE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
@@ -48,7 +52,6 @@ def rms_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, R, N, HALF_D, eps,
     tl.store(out_row + 2 * j + 1, y1, mask=m)
 
 
-@triton.jit
 def residual_norm_kernel(x_ptr, y_ptr, gate_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, xout_ptr, hout_ptr,
                          R, N, L, eps, gate_bs, scale_bs, shift_bs,
                          HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, HAS_NORM: tl.constexpr,
@@ -86,13 +89,19 @@ def residual_norm_kernel(x_ptr, y_ptr, gate_ptr, w_ptr, b_ptr, scale_ptr, shift_
         tl.store(hout_ptr + row * N + offs, h.to(hout_ptr.dtype.element_ty), mask=m)
 
 
+_BUILT = {fn.__name__: (JITFunction(fn), InterpretedFunction(fn)) for fn in (rms_rope_kernel, residual_norm_kernel)}
+
+
 def block(n: int) -> int:
     return triton.next_power_of_2(n)
 
 
 def launch(kernel, x, rows: int, *args, **meta):
     """Launch ``kernel`` over ``rows`` rows of ``x`` (``BLOCK`` elements per row in registers):
-    one row per program on a GPU, up to 8 Ki elements per program under the interpreter."""
+    compiled with one row per program on a GPU, interpreted with up to 8 Ki elements per program
+    on the CPU."""
     blk = meta.pop("BLOCK")
-    per = 1 if x.device.type == "cuda" else max(1, min(triton.next_power_of_2(rows), 8192 // blk))
-    kernel[(triton.cdiv(rows, per),)](*args, ROWS=per, BLOCK=blk, **meta)
+    cuda = x.device.type == "cuda"
+    per = 1 if cuda else max(1, min(triton.next_power_of_2(rows), 8192 // blk))
+    compiled, interpreted = _BUILT[kernel.__name__]
+    (compiled if cuda else interpreted)[(triton.cdiv(rows, per),)](*args, ROWS=per, BLOCK=blk, **meta)
