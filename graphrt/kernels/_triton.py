@@ -11,9 +11,11 @@ GPU; many under the interpreter, whose cost is per program, not per element):
   ``1 + scale`` plus ``shift``, rounded to the output dtype.
 
 Each kernel is built twice, compiled (for CUDA tensors) and interpreted (for CPU tensors), rather
-than by ``triton.jit``, which picks one by ``TRITON_INTERPRET`` when the module is imported: a
-process may run both, and the variable only decides whether CPU tensors use the interpreter
-(see :func:`graphrt.kernels.use_triton`).
+than by ``triton.jit``, which picks one by ``TRITON_INTERPRET`` when this module is imported: the
+variable then only decides whether CPU tensors use the interpreter (see
+:func:`graphrt.kernels.use_triton`), and the compiled build can be checked on a machine without a
+GPU. The interpreter itself works only when ``TRITON_INTERPRET=1`` is set before triton is first
+imported (Triton's own ``tl.sum`` and friends are built at that import).
 """
 from __future__ import annotations
 
