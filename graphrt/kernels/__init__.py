@@ -1,1 +1,21 @@
-"""Hand-written GPU kernels (Triton), each a torch.library custom op with an aten reference."""
+"""Hand-fused kernels as ``torch.library`` custom ops (namespace ``graphrt``).
+
+Each op has an aten reference (the exact unfused math of the Wan model, run on the CPU and used
+to check the kernel), a fake implementation (so tracing, inductor and graph capture see one op)
+and a Triton kernel, run on CUDA and, under ``TRITON_INTERPRET=1``, on the CPU. No op reads a
+device value on the host.
+
+- :func:`rms_norm`, :func:`rms_norm_rope`: q/k RMS norm, and RoPE with it (``graphrt/kernels/rope.py``);
+- :func:`layer_norm_mod`: LayerNorm + ``* (1 + scale) + shift`` + the cast (``norm.py``);
+- :func:`gate_residual`, :func:`gate_residual_norm`: ``x + y * gate``, and the next
+  modulated LayerNorm with it (``residual.py``);
+- ``sage.py``: int8-QK attention (``attention="sage"``), the custom op ``graphrt::sage_attention``.
+"""
+from graphrt.kernels._launch import triton_available, use_triton
+from graphrt.kernels.norm import layer_norm_mod, layer_norm_mod_reference
+from graphrt.kernels.residual import gate_residual, gate_residual_norm, gate_residual_reference
+from graphrt.kernels.rope import apply_rope, rms_norm, rms_norm_reference, rms_norm_rope, rms_norm_rope_reference
+
+__all__ = ["apply_rope", "gate_residual", "gate_residual_norm", "gate_residual_reference", "layer_norm_mod",
+           "layer_norm_mod_reference", "rms_norm", "rms_norm_reference", "rms_norm_rope",
+           "rms_norm_rope_reference", "triton_available", "use_triton"]

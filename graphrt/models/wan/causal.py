@@ -14,16 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from graphrt import attention as attn_mod
-from graphrt.errors import InputError
+from graphrt import kernels as fused_ops
+from graphrt.errors import ConfigError, InputError
 from graphrt.kv import CacheStep, SlabKVCache
 from graphrt.models.wan.config import WanConfig
-from graphrt.models.wan.layers import WanModelBase
+from graphrt.models.wan.layers import WanAttention, WanModelBase, WanRMSNorm
 
-
-def apply_rope(x, cos, sin):
-    """Rotate pairs of ``x`` [B, L, H, D] by angles given as ``cos``/``sin`` [B, L, 1, D/2] (float32)."""
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
+apply_rope = fused_ops.apply_rope
+KERNELS = ("auto", "fused", "aten")
 
 
 class CausalWan(WanModelBase):
@@ -32,13 +30,22 @@ class CausalWan(WanModelBase):
     Call ``model(x, t, context)`` for one chunk with full attention (as ``ReferenceWan``), or
     ``model(x, t, cache=cache, kv_frames=..., kv_exact=...)`` for a chunk of a video whose rows
     live in ``cache`` slabs. ``attention`` picks the backend (``"auto"``, ``"sdpa"``, ``"flex"``,
-    ``"flash"``); :attr:`attention_backend` says which one runs. ``parallel`` is None on one
-    process; :func:`graphrt.parallel.sequence_parallel` sets it.
+    ``"flash"``); :attr:`attention_backend` says which one runs. ``kernels`` picks the ops
+    around the GEMMs and attention: ``"aten"`` (the unfused float32 chains, as upstream Wan),
+    ``"fused"`` (the custom ops of :mod:`graphrt.kernels`: q/k RMS norm + RoPE, modulated
+    LayerNorm, gate + residual + the next norm; equal to aten within the dtype's tolerance) or
+    ``"auto"`` (fused on CUDA when Triton is installed, aten otherwise); :attr:`kernel_path` says
+    which one runs. ``parallel`` is None on one process;
+    :func:`graphrt.parallel.sequence_parallel` sets it.
     """
 
-    def __init__(self, cfg: WanConfig, attention: str = "auto"):
+    def __init__(self, cfg: WanConfig, attention: str = "auto", kernels: str = "auto"):
         super().__init__(cfg)
+        if kernels not in KERNELS:
+            raise ConfigError(f"unknown kernels={kernels!r}", expected=KERNELS, got=kernels,
+                              fix="pass kernels='auto', 'fused' or 'aten'")
         self.attention = attention
+        self.kernels = kernels
         self.parallel = None
 
     @property
@@ -50,6 +57,14 @@ class CausalWan(WanModelBase):
     def attention_backend(self) -> str:
         p = self.patch_embedding.weight
         return attn_mod.resolve(self.attention, p.device, p.dtype)
+
+    @property
+    def kernel_path(self) -> str:
+        """``"fused"`` or ``"aten"``: what ``kernels`` resolves to on the model's device."""
+        if self.kernels != "auto":
+            return self.kernels
+        cuda = self.patch_embedding.weight.device.type == "cuda"
+        return "fused" if cuda and fused_ops.triton_available() else "aten"
 
     # -- text --------------------------------------------------------------------------------
     def _pad_context(self, context):
@@ -82,9 +97,14 @@ class CausalWan(WanModelBase):
 
     # -- attention -------------------------------------------------------------------------------
     def _self_attn(self, layer, attn, h, rope, cache: SlabKVCache | None, step: CacheStep | None, backend):
-        q = apply_rope(attn.project_q(h), *rope)
-        k, v = attn.project_kv(h)
-        k = apply_rope(k, *rope)
+        if self.kernel_path == "fused" and isinstance(attn.norm_q, WanRMSNorm):
+            q, k = (fused_ops.rms_norm_rope(lin(h), norm.weight, *rope, attn.num_heads, norm.eps)
+                    for lin, norm in ((attn.q, attn.norm_q), (attn.k, attn.norm_k)))
+            v = attn.v(h).unflatten(-1, (attn.num_heads, attn.head_dim))
+        else:
+            q = apply_rope(attn.project_q(h), *rope)
+            k, v = attn.project_kv(h)
+            k = apply_rope(k, *rope)
         sp = self.parallel
         if sp is not None:                  # Ulysses: every token of this rank's heads
             q, k, v = sp.to_heads(q, k, v)
@@ -101,7 +121,7 @@ class CausalWan(WanModelBase):
         return attn.out(out if sp is None else sp.to_tokens(out))
 
     def _cross_attn(self, layer, attn, h, ctx, cache, step, backend):
-        q = attn.project_q(h)
+        q = _fused_project_q(attn, h) if self.kernel_path == "fused" else attn.project_q(h)
         k, v = attn.project_kv(ctx) if ctx is not None else cache.cross(layer, step)
         return attn.out(attn_mod.attend(q, k, v, backend=backend))
 
@@ -139,11 +159,43 @@ class CausalWan(WanModelBase):
         if sp is not None:                  # this rank's tokens, with their own positions
             tokens, rope = sp.shard(tokens), tuple(sp.shard(r) for r in rope)
         ctx = None if context is None else self.embed_text(self._pad_context(context))
-        for i, block in enumerate(self.blocks):
-            tokens = block(
-                tokens, e0,
-                lambda h, a=block.self_attn, i=i: self._self_attn(i, a, h, rope, cache, step, backend),
-                lambda h, a=block.cross_attn, i=i: self._cross_attn(i, a, h, ctx, cache, step, backend))
-        if sp is None:
-            return self.finish(tokens, e, grid, out_dtype)
-        return self.unpatchify(sp.gather(self.head(tokens, e)), grid).to(out_dtype)
+        attend = [(lambda h, a=block.self_attn, i=i: self._self_attn(i, a, h, rope, cache, step, backend),
+                   lambda h, a=block.cross_attn, i=i: self._cross_attn(i, a, h, ctx, cache, step, backend))
+                  for i, block in enumerate(self.blocks)]
+        if self.kernel_path == "fused":
+            out = self.head.head(self._fused_blocks(tokens, e, e0, attend))
+        else:
+            for block, (self_attn, cross_attn) in zip(self.blocks, attend):
+                tokens = block(tokens, e0, self_attn, cross_attn)
+            out = self.head(tokens, e)
+        if sp is not None:
+            out = sp.gather(out)
+        return self.unpatchify(out, grid).to(out_dtype)
+
+    def _fused_blocks(self, x, e, e0, attend):
+        """The blocks with fused norms: each residual add also computes the next branch's input
+        (the next block's, or the head's, modulated norm). Returns the head's normed input."""
+        mods = [(blk.modulation + e0).chunk(6, dim=1) for blk in self.blocks]
+        head_shift, head_scale = (self.head.modulation + e.float().unsqueeze(1)).chunk(2, dim=1)
+        nexts = [(m[1], m[0], blk.norm1.eps) for blk, m in zip(self.blocks[1:], mods[1:])]
+        nexts.append((head_scale, head_shift, self.head.norm.eps))
+        h = fused_ops.layer_norm_mod(x, None, None, mods[0][1], mods[0][0], self.blocks[0].norm1.eps)
+        for block, (self_attn, cross_attn), mod, (scale, shift, eps) in zip(self.blocks, attend, mods, nexts):
+            _, _, gate, c_shift, c_scale, c_gate = mod
+            n3 = block.norm3
+            if isinstance(n3, torch.nn.LayerNorm):
+                x, h = fused_ops.gate_residual_norm(x, self_attn(h), gate, n3.weight, n3.bias, None, None, n3.eps)
+            else:
+                x = h = fused_ops.gate_residual(x, self_attn(h), gate)
+            x, h = fused_ops.gate_residual_norm(x, cross_attn(h), None, None, None, c_scale, c_shift,
+                                                block.norm2.eps)
+            x, h = fused_ops.gate_residual_norm(x, block.ffn(h), c_gate, None, None, scale, shift, eps)
+        return h
+
+
+def _fused_project_q(attn: WanAttention, h):
+    """``attn.project_q`` with the RMS norm as one fused op."""
+    if not isinstance(attn.norm_q, WanRMSNorm):
+        return attn.project_q(h)
+    return fused_ops.rms_norm(attn.q(h), attn.norm_q.weight, attn.norm_q.eps).unflatten(
+        -1, (attn.num_heads, attn.head_dim))
