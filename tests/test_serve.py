@@ -312,3 +312,33 @@ def test_cli_bad_flag_and_port_in_use(capsys):
         assert main(["--port", str(busy.getsockname()[1])]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "in use" in err
+
+
+@pytest.mark.parametrize("flags, says", [(["--decoder", "tiny"], "needs --decoder-weights"),
+                                         (["--decoder-weights", "random"], "is for --decoder tiny"),
+                                         (["--decoder", "tiny", "--decoder-weights", "/nowhere.pth"], "no such file")])
+def test_cli_decoder_flags(capsys, flags, says):
+    from graphrt.serve.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(flags)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and says in err
+
+
+def test_tiny_decoder_pipeline_serves_frames_of_the_model_size():
+    """``--decoder tiny``: the tiny DiT makes Wan 2.1's 16 latent channels, the TAEHV decoder the frames."""
+    import torch
+
+    from graphrt.pipeline import TinyDecoder
+    from graphrt.serve.__main__ import _args, build_pipeline
+
+    pipe = build_pipeline(_args(["--decoder", "tiny", "--decoder-weights", "random", "--max-sessions", "1",
+                                 "--window", "none"]))
+    try:
+        assert isinstance(pipe.decoder, TinyDecoder)
+        session = pipe.open("a red fox", seed=0, num_chunks=1)
+        frames = pipe.step([session])[session].result()
+        assert frames.dtype == torch.uint8 and tuple(frames.shape[1:]) == (64, 64, 3) and frames.float().std() > 0
+    finally:
+        pipe.shutdown()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import inspect
 import os
 import signal
 import socket
@@ -51,7 +50,11 @@ def _args(argv):
     p.add_argument("--max-sessions", type=int, default=4, help="sessions served at once (Engine slabs; default 4)")
     p.add_argument("--mode", choices=MODES, help="graph granularity (default: chunk on CUDA, eager on the CPU)")
     p.add_argument("--kv-dtype", choices=["int8", "float8_e4m3fn"], help="quantized self-attention K/V")
-    p.add_argument("--decoder", default="vae", choices=["vae", "tiny"], help="the frame decoder (default vae)")
+    p.add_argument("--decoder", default="wan", choices=["wan", "tiny"],
+                   help="wan: the model's Wan VAE (default); tiny: TAEHV's taew2_1 (needs --decoder-weights)")
+    p.add_argument("--decoder-weights", metavar="PATH",
+                   help="taew2_1.pth or .safetensors (github.com/madebyollin/taehv) for --decoder tiny; "
+                        "'random': random weights, for tests and benchmarks only")
     p.add_argument("--prewarm", action=argparse.BooleanOptionalAction, default=True,
                    help="capture every graph before /healthz turns ready (default on)")
     p.add_argument("--window", type=_window, default="auto",
@@ -79,6 +82,14 @@ def _args(argv):
         p.error("--fps and --idle-timeout must be > 0")
     if opts.checkpoint and not opts.model:
         p.error("--checkpoint needs --model (the folder with the VAE, text encoder and tokenizer)")
+    if opts.decoder == "tiny" and opts.decoder_weights is None:
+        p.error("--decoder tiny needs --decoder-weights PATH (taew2_1.pth or .safetensors from "
+                "github.com/madebyollin/taehv)")
+    if opts.decoder != "tiny" and opts.decoder_weights is not None:
+        p.error("--decoder-weights is for --decoder tiny (the Wan VAE comes with --model)")
+    w = opts.decoder_weights
+    if w is not None and w != "random" and not os.path.isfile(w):
+        p.error(f"--decoder-weights {w}: no such file")
     return opts
 
 
@@ -86,12 +97,17 @@ def build_pipeline(opts, device=None):
     """The pipeline the options ask for (loading the folder, or building the tiny model); with
     ``--sp N`` > 1 its DiT is split over the ranks (``init_distributed()`` first)."""
     from graphrt.pipeline import VideoPipeline, load_wan, tiny_wan
+    from graphrt.pipeline.taehv import LATENT_CHANNELS
+    from graphrt.pipeline.tiny import RandomSpec
     from graphrt.pipeline.weights import VideoShape
 
     device = device or torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, opts.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if opts.model is None:
-        parts = tiny_wan(VideoShape(height=64, width=64, text_len=16), dtype=dtype, device=device)
+        # the tiny decoder reads Wan 2.1's 16 latent channels: the tiny DiT is built to make them
+        spec = RandomSpec(dit_overrides=(("in_dim", LATENT_CHANNELS), ("out_dim", LATENT_CHANNELS))) \
+            if opts.decoder == "tiny" else RandomSpec()
+        parts = tiny_wan(VideoShape(height=64, width=64, text_len=16), spec, dtype=dtype, device=device)
     else:
         parts = load_wan(opts.model, opts.checkpoint, device=device, dtype=dtype, checkpoint_key=opts.checkpoint_key)
     if opts.sp > 1:
@@ -104,11 +120,7 @@ def build_pipeline(opts, device=None):
         window = (cfg.max_frames, cfg.chunk_frames)
     kwargs = dict(mode=opts.mode or ("chunk" if device.type == "cuda" else "eager"), max_sessions=opts.max_sessions,
                   kv_dtype=opts.kv_dtype, window=None if window == "none" else window, progress=False)
-    if opts.decoder != "vae":
-        if "decoder" not in inspect.signature(VideoPipeline.from_components).parameters:
-            raise GraphrtError(f"--decoder {opts.decoder}: this graphrt has no such decoder (only vae)")
-        kwargs["decoder"] = opts.decoder
-    return VideoPipeline.from_components(parts, **kwargs)
+    return VideoPipeline.from_components(parts, decoder=opts.decoder, decoder_weights=opts.decoder_weights, **kwargs)
 
 
 def main(argv=None) -> int:
