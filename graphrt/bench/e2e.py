@@ -34,7 +34,7 @@ from rich.table import Table
 
 from graphrt.bench.timing import process_cpu, sync, wall
 from graphrt.capture import check as check_host_reads
-from graphrt.errors import ConfigError, GraphrtError
+from graphrt.errors import ConfigError, GraphrtError, missing_extra
 from graphrt.pipeline.engine import Engine
 from graphrt.pipeline.text import TextEncoder
 from graphrt.pipeline.tiny import RandomSpec, tiny_wan
@@ -260,6 +260,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", dest="json_path", help="also write the JSON summary here")
     p.add_argument("--seed", type=int, default=0)
     opts = p.parse_args(argv)
+    problem = missing_extra("python -m graphrt.bench.e2e", "video")
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if opts.threads:
         torch.set_num_threads(opts.threads)
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 200, stderr=False)
