@@ -2,14 +2,18 @@
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from graphrt.bench import MODES, BenchConfig, run
 from graphrt.tolerance import tolerance
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FIELDS = {"first_chunk_ms", "chunk_ms_median", "chunk_ms_p90", "fps", "host_reads_per_chunk", "graphs", "capture_s",
           "peak_mem_bytes", "max_err_vs_reference", "speedup_vs_reference", "speedup_vs_eager"}
@@ -354,3 +358,27 @@ def test_bench_output_check_leaves_files_as_they_were(tmp_path):
     old.write_text("{}")
     _check_outputs(Namespace(json_path=str(old), md=str(new), plot=None))
     assert old.read_text() == "{}" and not new.exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_killed_bench_removes_its_temporary_folders(tmp_path, sig):
+    """SIGTERM (as Ctrl-C) during a run leaves no temporary cache or compile folder behind."""
+    env = dict(os.environ, TMPDIR=str(tmp_path), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.Popen([sys.executable, "-m", "graphrt.bench", "--preset", "tiny", "--modes",
+                             "chunk-graph+inductor", "--no-progress", "--repeats", "0"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("graphrt-*")):
+            assert proc.poll() is None and time.monotonic() < deadline, "the bench made no temporary folder"
+            time.sleep(0.2)
+        made = [p.name for p in tmp_path.glob("graphrt-*")]
+        time.sleep(1.0)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert made and list(tmp_path.glob("graphrt-*")) == [], (made, err[-2000:])

@@ -22,7 +22,7 @@ from graphrt.bench.core import run
 from graphrt.bench.presets import MODES, PRESETS, BenchConfig
 from graphrt.bench.result import ModeResult
 from graphrt.bench.llm import PRESETS as LLM_PRESETS, is_llm_argv, main as llm_main
-from graphrt.bench.output import check_output_path, one_line, save as save_outputs
+from graphrt.bench.output import check_output_path, one_line, save as save_outputs, stops_cleanly
 from graphrt.attention import BACKENDS
 from graphrt.errors import ConfigError, GraphrtError
 from graphrt.kv import KV_DTYPES
@@ -230,6 +230,11 @@ def _check_outputs(opts) -> None:
 
 
 def main(argv=None) -> int:
+    with stops_cleanly():            # SIGTERM, as Ctrl-C, removes the run's temporary folders on the way out
+        return _main(argv)
+
+
+def _main(argv) -> int:
     if is_llm_argv(argv):
         return llm_main(argv)
     opts = _args(argv)

@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from graphrt.bench.timing import Clock, busy_warning, load_average, noisy_warning, percentile, torch_threads, wall
-from graphrt.bench.output import check_output_path, one_line, result_json, save as save_outputs
+from graphrt.bench.output import check_output_path, one_line, result_json, save as save_outputs, stops_cleanly
 from graphrt.capture import HostReadRecorder
 from graphrt.errors import ConfigError, GraphrtError, missing_extra
 from graphrt.llm import LLMDecoder
@@ -456,4 +456,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    with stops_cleanly():
+        raise SystemExit(main())
