@@ -337,6 +337,24 @@ def test_memory_budget_counts_a_rank_local_cache(cfg, monkeypatch):
     assert m.per_session == rank["per_session"]
 
 
+def test_a_sequence_parallel_cpu_engine_compiles_with_the_python_wrapper(cfg, monkeypatch):
+    """Inductor's C++ wrappers cannot call the collectives (an AOTInductor package hangs in its
+    all-to-all, cpp_wrapper refuses the op): on the CPU a sequence-parallel engine's
+    ``inductor=True`` is the Python wrapper, and an explicit C++ wrapper is refused up front."""
+    model = CausalWan(cfg).eval()
+    model.parallel = Ulysses(_Group(), 0, 2)
+    seen = []
+    monkeypatch.setattr(Ulysses, "check_engine", lambda self, engine, **kw: seen.append(kw["inductor"]))
+    Engine(model, mode="chunk", inductor=True, progress=False, cache_dir=False)
+    assert seen == ["python"]
+    for wrapper in ("aoti", "cpp-wrapper"):
+        with pytest.raises(ConfigError, match="C\\+\\+ wrappers do not support the functional collectives"):
+            Engine(model, mode="forward", inductor=wrapper, progress=False, cache_dir=False)
+    model.parallel = None
+    Engine(model, mode="chunk", inductor=True, progress=False, cache_dir=False)        # one process: unchanged
+    assert seen == ["python"]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_weight_digest_sees_a_transposed_square_weight(cfg, dtype):
     """The same bytes in another order (a square weight transposed, two rows swapped) hold the
