@@ -106,3 +106,25 @@ class RebindError(CaptureError):
         super().__init__("the captured function changed state that a graph replay cannot reproduce", where=where,
                          expected="only in-place writes to existing tensors",
                          got=f"{len(changes)} binding(s) changed during the call:\n            {shown}", fix=fix)
+
+
+# what each optional feature imports, by extra of pyproject.toml (module name: pip name)
+EXTRAS = {
+    "video": {"transformers": "transformers", "diffusers": "diffusers", "av": "av"},
+    "llm": {"transformers": "transformers"},
+    "serve": {"transformers": "transformers", "diffusers": "diffusers", "starlette": "starlette",
+              "uvicorn": "uvicorn", "websockets": "websockets", "prometheus_client": "prometheus-client",
+              "PIL": "pillow"},
+}
+
+
+def missing_extra(prog: str, extra: str) -> str | None:
+    """One line saying which packages of the ``extra`` that ``prog`` needs are not installed, and
+    how to install them; ``None`` when all are. A command line prints it and exits 2."""
+    import importlib.util
+
+    missing = [pip for module, pip in EXTRAS[extra].items() if importlib.util.find_spec(module) is None]
+    if not missing:
+        return None
+    return (f"{prog} needs {', '.join(missing)} (the [{extra}] extra), not installed: "
+            f"pip install 'graphrt[{extra}]' (from a clone: pip install -e '.[{extra}]')")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import os
 import signal
 import tempfile
@@ -31,7 +30,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from graphrt.errors import GraphrtError
+from graphrt.errors import GraphrtError, missing_extra
 from graphrt.pipeline.engine import MODES
 from graphrt.pipeline.tiny import RandomSpec, tiny_wan
 from graphrt.pipeline.video import VideoWriter
@@ -150,13 +149,10 @@ def build(opts):
 
 def main(argv=None) -> int:
     opts = _args(argv)
-    console = Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
     problem = check_options(opts)
     if problem is None:
-        missing = [m for m in ("transformers", "diffusers", "av") if importlib.util.find_spec(m) is None]
-        if missing:
-            problem = (f"python -m graphrt.generate needs {', '.join(missing)}: "
-                       "pip install -e '.[video]' (or pip install 'graphrt[video]')")
+        problem = missing_extra("python -m graphrt.generate", "video")
     if problem is not None:
         console.print(f"[red]error:[/] {escape(problem)}")
         return 2

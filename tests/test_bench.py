@@ -2,14 +2,18 @@
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from graphrt.bench import MODES, BenchConfig, run
 from graphrt.tolerance import tolerance
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FIELDS = {"first_chunk_ms", "chunk_ms_median", "chunk_ms_p90", "fps", "host_reads_per_chunk", "graphs", "capture_s",
           "peak_mem_bytes", "max_err_vs_reference", "speedup_vs_reference", "speedup_vs_eager"}
@@ -254,6 +258,37 @@ def test_bench_reports_spread_clocks_and_the_goal():
     assert "cpu ms min/med/max" in md and "10.00/10.50/11.00" in md and "1.50x (target 1.2x)" in md
 
 
+def test_the_head_to_head_result_is_printed_with_the_table(monkeypatch, capsys):
+    """The in-turn rerun of the goal's two modes (the ratio to quote) is printed under the console
+    table and in the markdown, with its spread, next to the ratio of the table's own columns."""
+    import graphrt.bench.__main__ as cli
+    from graphrt.bench.result import ModeResult, compare, goal_summary, steady_times
+    from graphrt.bench.timing import Clock, clocks
+
+    clock = Clock(torch.device("cpu"))
+    results = {}
+    for mode, cpu in (("chunk-graph+inductor", 5.41), ("compile-chunk", 3.68)):
+        r = results[mode] = ModeResult()
+        steady_times(r, clock, [((0.0, 0.0), None, (cpu / 1000, cpu / 1000))] * 2, [0, 1])
+    goal = goal_summary(results)
+    goal["head_to_head"] = {"order": "one video each in turn", "videos": 3, "steady_chunks": 3, "best_ms": 2.5,
+                            "peer_ms": 2.725, "ratio": 1.09, "best_cpu_ms_spread": [2.4, 2.5, 2.6],
+                            "peer_cpu_ms_spread": [2.7, 2.725, 2.9]}
+    summary = {"preset": "tiny", "device": "cpu (1 threads)", "torch": torch.__version__, "threads": 1,
+               "config": {"chunks": 2, "steps": 4, "batch": 1, "dtype": "float32", "attention": "sdpa"},
+               "load_avg": {"cpus": 2, "start": [1.0] * 3, "end": [1.0] * 3}, "clocks": clocks(torch.device("cpu")),
+               "modes": compare(results, {}), "goal": goal}
+    monkeypatch.setattr(cli, "run", lambda cfg, on_mode: summary)
+    assert cli.main(["--preset", "tiny", "--modes", "chunk-graph+inductor,compile-chunk", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    table_line = "goal, in the table: chunk-graph+inductor 5.41 ms (5.41/5.41/5.41) vs compile-chunk 3.68 ms"
+    in_turn = ("goal, head to head (one video each in turn, 3 videos each, 3 steady chunks, min/med/max): "
+               "chunk-graph+inductor 2.50 ms (2.40/2.50/2.60) vs compile-chunk 2.73 ms (2.70/2.73/2.90): 1.09x")
+    assert table_line in out and "0.68x" in out and in_turn in out
+    md = cli.markdown(summary)
+    assert table_line in md and in_turn in md
+
+
 def test_head_to_head_runs_two_modes_in_turn():
     """The goal's rerun: one video of each mode in turn, thread CPU time per steady chunk."""
     from graphrt.bench.core import head_to_head
@@ -323,3 +358,27 @@ def test_bench_output_check_leaves_files_as_they_were(tmp_path):
     old.write_text("{}")
     _check_outputs(Namespace(json_path=str(old), md=str(new), plot=None))
     assert old.read_text() == "{}" and not new.exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_killed_bench_removes_its_temporary_folders(tmp_path, sig):
+    """SIGTERM (as Ctrl-C) during a run leaves no temporary cache or compile folder behind."""
+    env = dict(os.environ, TMPDIR=str(tmp_path), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.Popen([sys.executable, "-m", "graphrt.bench", "--preset", "tiny", "--modes",
+                             "chunk-graph+inductor", "--no-progress", "--repeats", "0"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("graphrt-*")):
+            assert proc.poll() is None and time.monotonic() < deadline, "the bench made no temporary folder"
+            time.sleep(0.2)
+        made = [p.name for p in tmp_path.glob("graphrt-*")]
+        time.sleep(1.0)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert made and list(tmp_path.glob("graphrt-*")) == [], (made, err[-2000:])

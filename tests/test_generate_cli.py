@@ -2,6 +2,7 @@
 and Ctrl-C / SIGTERM stop quickly with a playable file of the frames written so far."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -52,8 +53,8 @@ def test_cuda_without_cuda(tmp_path, capsys, no_build):
 
 
 def test_extra_hint_keeps_its_brackets(tmp_path, capsys, no_build, monkeypatch):
-    real = generate.importlib.util.find_spec
-    monkeypatch.setattr(generate.importlib.util, "find_spec", lambda m: None if m == "av" else real(m))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda m, *a: None if m == "av" else real(m, *a))
     assert generate.main(["--out", str(tmp_path / "v.mp4")]) == 2
     assert "pip install -e '.[video]'" in capsys.readouterr().err
 

@@ -239,6 +239,31 @@ def test_torchrun_bench_two_ranks_rank_zero_reports(tmp_path, kv_dtype):
     assert summary["modes"]["graphs"]["graphs"] == 2
 
 
+@pytest.mark.slow
+def test_torchrun_bench_two_ranks_runs_every_default_mode(tmp_path):
+    """The README's ``torchrun --standalone --nproc-per-node 2 -m graphrt.bench --sp 2 --threads 1``
+    (shortened: one layer, one step, two chunks, no repeats) finishes with every default mode run
+    and equal to the reference: the inductor modes and the ``torch.compile`` peers compile with
+    inductor's Python wrapper there (an AOTInductor package hung in its all-to-all; cpp_wrapper
+    refused the collectives). Minutes: four inductor compiles on each rank."""
+    from graphrt.bench import MODES as BENCH_MODES
+
+    out = tmp_path / "sp.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "graphrt.bench", "--sp", "2", "--threads", "1", "--preset", "tiny", "--layers", "1", "--chunks", "2",
+           "--steps", "1", "--repeats", "0", "--no-head-to-head", "--no-progress", "--json", str(out)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=base_env())
+    except subprocess.TimeoutExpired:
+        pytest.fail("torchrun did not finish within 1200 s (a hang)")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert tuple(summary["modes"]) == BENCH_MODES
+    for mode, r in summary["modes"].items():
+        assert "skipped" not in r, (mode, r)
+        assert r["max_err_vs_reference"] <= tolerance(torch.float32), mode
+
+
 def test_bench_sp_needs_as_many_ranks(monkeypatch, capsys):
     """``--sp 2`` on a launch of one rank exits 2 and says how to launch; ``--sp 0`` too."""
     from graphrt.bench.__main__ import main
@@ -335,6 +360,24 @@ def test_memory_budget_counts_a_rank_local_cache(cfg, monkeypatch):
         cfg, 2, dtype=torch.float32, sessions=4, kv_dtype="int8", max_batch=2)["total"] <= budget
     assert (engine.cache.num_heads, engine.cache.cross_heads, engine.cache.k_scale[0].shape[1]) == (2, 4, 2)
     assert m.per_session == rank["per_session"]
+
+
+def test_a_sequence_parallel_cpu_engine_compiles_with_the_python_wrapper(cfg, monkeypatch):
+    """Inductor's C++ wrappers cannot call the collectives (an AOTInductor package hangs in its
+    all-to-all, cpp_wrapper refuses the op): on the CPU a sequence-parallel engine's
+    ``inductor=True`` is the Python wrapper, and an explicit C++ wrapper is refused up front."""
+    model = CausalWan(cfg).eval()
+    model.parallel = Ulysses(_Group(), 0, 2)
+    seen = []
+    monkeypatch.setattr(Ulysses, "check_engine", lambda self, engine, **kw: seen.append(kw["inductor"]))
+    Engine(model, mode="chunk", inductor=True, progress=False, cache_dir=False)
+    assert seen == ["python"]
+    for wrapper in ("aoti", "cpp-wrapper"):
+        with pytest.raises(ConfigError, match="C\\+\\+ wrappers do not support the functional collectives"):
+            Engine(model, mode="forward", inductor=wrapper, progress=False, cache_dir=False)
+    model.parallel = None
+    Engine(model, mode="chunk", inductor=True, progress=False, cache_dir=False)        # one process: unchanged
+    assert seen == ["python"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -12,13 +12,16 @@ def test_readme_python_examples_run_on_the_cpu(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)                               # the examples write files (fox.mp4)
     text = README.read_text()
     assert 'To run this on a CPU: `device = "cpu"` and `WanConfig.preset("tiny")`' in text   # the stated substitutions
-    code = "\n".join(re.findall(r"```python\n(.*?)```", text, flags=re.S))
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     for old, new in CPU:
-        assert code.count(old) == 1, old
-        code = code.replace(old, new)
+        assert sum(b.count(old) for b in blocks) == 1, old
+        blocks = [b.replace(old, new) for b in blocks]
     ns: dict = {}
     assert torch.is_grad_enabled()                            # as a user runs it: no torch.no_grad()
-    exec(compile(code, str(README), "exec"), ns)
+    for block in blocks:                                      # each block runs on its own, as a user copies one
+        mine: dict = {}
+        exec(compile(block, str(README), "exec"), mine)
+        ns.update(mine)
     cfg, engine = ns["cfg"], ns["engine"]
     assert engine.num_graphs == 2 * cfg.num_chunks * 2 == 28
     assert ns["video"].shape == (1, cfg.out_dim, 2 * cfg.chunk_frames, cfg.height, cfg.width)
@@ -60,4 +63,14 @@ def test_dependencies_are_what_the_package_imports():
                 imported.add(node.module.split(".")[0])
     third_party = {m.lower() for m in imported} - set(sys.stdlib_module_names) - {"graphrt"}
     assert third_party - optional == runtime, (third_party, runtime, optional)
-    assert "safetensors" in runtime and "numpy" not in runtime
+    assert "safetensors" in runtime and "numpy" in runtime    # numpy: torch warns on every import without it
+
+
+def test_the_quickstart_leaves_no_video_in_the_clone():
+    """The quickstart's generate line writes under /tmp, and a video written in the clone anyway
+    (the other examples' ``--out fox.mp4``) is ignored by git."""
+    root = README.parent
+    quickstart = README.read_text().split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    outs = re.findall(r"--out (\S+)", quickstart)
+    assert outs and all(o.startswith("/tmp/") for o in outs), outs
+    assert "*.mp4" in (root / ".gitignore").read_text().splitlines()

@@ -31,8 +31,18 @@ class Driver:
         cuda = next(causal.parameters()).is_cuda
         # each peer as strong as a user would make it: CUDA graphs on CUDA; inductor's C++ wrapper on
         # the CPU (faster than its Python wrapper: bench/results/design-numbers.md)
-        how = dict(dynamic=False, **({"mode": "reduce-overhead"} if cuda else {"options": {"cpp_wrapper": True}}))
-        said = "torch.compile(mode='reduce-overhead')" if cuda else "torch.compile(options={'cpp_wrapper': True})"
+        # sequence-parallel on the CPU: inductor's C++ wrappers cannot call the functional collectives
+        # (an AOTInductor package hangs in them, cpp_wrapper refuses them), so every inductor mode,
+        # graphrt's (the Engine picks it) and the peers', runs inductor's Python wrapper there
+        sp_cpu = not cuda and cfg.sp > 1
+        how = dict(dynamic=False, **({"mode": "reduce-overhead"} if cuda else
+                                     {} if sp_cpu else {"options": {"cpp_wrapper": True}}))
+        said = "torch.compile(mode='reduce-overhead')" if cuda else (
+            "torch.compile() (Python wrapper: sequence-parallel)" if sp_cpu else
+            "torch.compile(options={'cpp_wrapper': True})")
+        if sp_cpu and mode in INDUCTOR_MODES:
+            self.notes.append("inductor's Python wrapper: sequence-parallel on the CPU (the C++ wrappers cannot "
+                              "call the collectives)")
         model = causal
         if mode == "compile":
             model = torch.compile(causal, **how)

@@ -41,7 +41,7 @@ from rich.table import Table
 
 from graphrt.bench.timing import process_cpu, sync, wall
 from graphrt.capture import check as check_host_reads
-from graphrt.errors import ConfigError, GraphrtError
+from graphrt.errors import ConfigError, GraphrtError, missing_extra
 from graphrt.pipeline.engine import Engine
 from graphrt.pipeline.taehv import LATENT_CHANNELS, TinyDecoder, load_tiny_decoder
 from graphrt.pipeline.text import TextEncoder
@@ -322,6 +322,10 @@ def main(argv=None) -> int:
     p.add_argument("--decoder-weights", default="random", metavar="PATH",
                    help="the tiny decoder's taew2_1 file (default: random weights; the timing does not depend on them)")
     opts = p.parse_args(argv)
+    problem = missing_extra("python -m graphrt.bench.e2e", "video")
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if opts.threads:
         torch.set_num_threads(opts.threads)
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 200, stderr=False)

@@ -31,9 +31,9 @@ from typing import Callable
 import torch
 
 from graphrt.bench.timing import Clock, busy_warning, load_average, noisy_warning, percentile, torch_threads, wall
-from graphrt.bench.output import check_output_path, one_line, result_json, save as save_outputs
+from graphrt.bench.output import check_output_path, one_line, result_json, save as save_outputs, stops_cleanly
 from graphrt.capture import HostReadRecorder
-from graphrt.errors import ConfigError, GraphrtError
+from graphrt.errors import ConfigError, GraphrtError, missing_extra
 from graphrt.llm import LLMDecoder
 
 MODES = ("eager", "graphs", "graphs+inductor", "compile")
@@ -414,8 +414,10 @@ def main(argv=None) -> int:
         for flag, path in (("--json", opts.json_path), ("--md", opts.md)):
             if path is not None:
                 check_output_path(flag, path)
-        import transformers  # noqa: F401
-    except (GraphrtError, ImportError) as e:
+        problem = missing_extra("python -m graphrt.bench --preset " + cfg.preset, "llm")
+        if problem:
+            raise ConfigError(problem)
+    except GraphrtError as e:
         errors.print(f"error: {one_line(e)}", style="red", markup=False)
         return 2
 
@@ -454,4 +456,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    with stops_cleanly():
+        raise SystemExit(main())

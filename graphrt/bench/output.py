@@ -2,12 +2,16 @@
 
 Both ``python -m graphrt.bench`` (video chunks) and its LLM presets check their output paths
 before anything runs, save the summary after every mode (a run cut short keeps what it
-finished), and print errors on one line (scripts read one line).
+finished), print errors on one line (scripts read one line), and leave no temporary folder
+behind when they are stopped (:func:`stops_cleanly`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 from dataclasses import asdict
 from typing import Callable
 
@@ -60,3 +64,23 @@ def save(summary: dict, json_path: str | None, md_path: str | None, markdown: Ca
 def one_line(e: Exception) -> str:
     """A GraphrtError's what / expected / got / fix on one line (scripts read one line)."""
     return "; ".join(" ".join(line.split()) for line in str(e).splitlines() if line.strip())
+
+
+def _sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def stops_cleanly():
+    """For the block, SIGTERM raises ``SystemExit`` (status 143) as Ctrl-C raises
+    ``KeyboardInterrupt``, so every ``with``/``finally`` runs on the way out: a bench that is
+    killed removes its temporary caches and compile folders. Main thread only (where Python
+    runs signal handlers); the previous handler comes back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -24,6 +24,8 @@ import sys
 import time
 import urllib.request
 
+from graphrt.errors import missing_extra
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
@@ -102,6 +104,10 @@ async def _round(port: int, n: int, chunks: int, batched: bool) -> dict:
 
 def main(argv=None) -> int:
     opts = _args(argv)
+    problem = missing_extra("python -m graphrt.bench.serve", "serve")
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

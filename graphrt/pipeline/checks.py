@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from graphrt.errors import CacheError, InputError
+from graphrt.errors import CacheError, ConfigError, InputError
 
 
 def is_int(x) -> bool:
@@ -71,3 +71,18 @@ def open_sessions(sessions, session_type: type, open_ones: dict, where: str) -> 
             raise InputError(f"{where}: session {s.id} is listed twice", got=[x.id for x in sessions],
                              fix="list each session once: one step() makes one chunk per session")
         seen.add(id(s))
+
+
+def parallel_inductor(inductor, model, device: torch.device):
+    """The ``inductor`` setting for a sequence-parallel model on the CPU: inductor's C++ wrappers
+    (an AOTInductor package, ``cpp_wrapper``) cannot call torch's functional collectives, so
+    ``True`` means the Python wrapper there and an explicit C++ wrapper is refused."""
+    if getattr(model, "parallel", None) is None or torch.device(device).type != "cpu":
+        return inductor
+    if inductor is True:
+        return "python"
+    if inductor in ("aoti", "cpp-wrapper"):
+        raise ConfigError(f"inductor={inductor!r} cannot run a sequence-parallel model on the CPU: inductor's C++ "
+                          "wrappers do not support the functional collectives (all-to-all, all-gather)",
+                          expected="inductor=True or 'python'", got=inductor, fix="pass inductor=True")
+    return inductor

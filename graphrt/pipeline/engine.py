@@ -113,7 +113,9 @@ class Engine:
     ``inductor=True`` compiles each graph with inductor: with ``mode="chunk"`` on the CPU one
     AOTInductor package per whole chunk (no Python between its kernels; minutes to compile, so
     packages are kept in ``cache_dir`` across processes: None is ``$GRAPHRT_CACHE_DIR`` or
-    ``~/.cache/graphrt``, False keeps none), on CUDA inductor's kernels inside the CUDA graph.
+    ``~/.cache/graphrt``, False keeps none), on CUDA inductor's kernels inside the CUDA graph. A
+    sequence-parallel model on the CPU compiles with inductor's Python wrapper (its C++ wrappers
+    cannot call the collectives).
 
     ``window=(frames, sink_frames)`` uses a :class:`RollingKVCache` for videos past
     ``max_frames``. ``backend``/``inductor``/``verify``/``cache_dir`` are passed to
@@ -191,6 +193,7 @@ class Engine:
             self.kv_choices = tuple(sorted({min(c * frames, limit) for c in range(1, -(-limit // frames) + 1)}))
             kv_exact = (True, False) if self.batch_sizes[-1] > 1 else (True,)
         self.kv_exact_choices = kv_exact
+        inductor = checks.parallel_inductor(inductor, model, self.device)
         opts = dict(backend=backend, inductor=inductor, verify=verify, progress=progress, cache_dir=cache_dir)
         self._forward = model
         self._chunk_fn = self._chunk

@@ -11,7 +11,7 @@ from graphrt.errors import BackendUnavailableError, InputError
 
 
 def _as_frames(frames):
-    import numpy as np                  # PyAV's frames are numpy arrays (numpy comes with the video extra)
+    import numpy as np                  # PyAV's frames are numpy arrays
 
     # host-read-ok: frames leave the device to be encoded into the file, after the DiT and the decoder
     arr = frames.detach().cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)

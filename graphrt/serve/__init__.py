@@ -8,8 +8,16 @@
 
 Needs the ``serve`` extra: ``pip install 'graphrt[serve]'``.
 """
-from graphrt.serve.app import create_app
-from graphrt.serve.metrics import Metrics
-from graphrt.serve.worker import Service, encode_jpeg
+import importlib
+
+# imported on first use, so that ``python -m graphrt.serve`` (which imports this package first) can
+# say which part of the serve extra is missing instead of failing on an import
+_WHERE = {"create_app": "app", "Metrics": "metrics", "Service": "worker", "encode_jpeg": "worker"}
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
 
 __all__ = ["Metrics", "Service", "create_app", "encode_jpeg"]

@@ -10,7 +10,6 @@ ends every stream with ``{"type": "end", "reason": "shutdown"}`` and exits 0.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import signal
 import socket
@@ -20,7 +19,7 @@ import time
 
 import torch
 
-from graphrt.errors import GraphrtError
+from graphrt.errors import GraphrtError, missing_extra
 from graphrt.pipeline.engine import MODES
 
 
@@ -125,10 +124,9 @@ def build_pipeline(opts, device=None):
 
 def main(argv=None) -> int:
     opts = _args(argv)
-    missing = [m for m in ("uvicorn", "starlette", "websockets", "prometheus_client", "PIL", "transformers",
-                           "diffusers") if importlib.util.find_spec(m) is None]
-    if missing:
-        print(f"python -m graphrt.serve: error: needs {', '.join(missing)}: pip install 'graphrt[serve]'", file=sys.stderr)
+    problem = missing_extra("python -m graphrt.serve", "serve")
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     import uvicorn
 
