@@ -1,54 +1,53 @@
 #!/usr/bin/env bash
-# A GPU session in steps that each fit one 10-minute device command. Results go to
-# ${OUT:-bench/results}; the bench writes its JSON/markdown after every mode, so a step cut short
-# keeps the modes it finished. The package runs from the tree (no install: the machine is offline).
-#   bench/run_gpu.sh info                                    # GPU, driver, torch, CUDA
-#   bench/run_gpu.sh tests                                   # every cuda-marked test in tests/, ~2-4 min
-#   bench/run_gpu.sh suite                                   # the whole suite (run it with CUDA_VISIBLE_DEVICES= for the CPU part)
-#   bench/run_gpu.sh attention wan-1.3b-480p                 # attention kernels alone, per KV length
-#   bench/run_gpu.sh bench wan-1.3b-480p 1 reference,eager,graphs,chunk-graph   # the default modes; each mode's
-#     notes name the attention kernels of one profiled steady chunk (cuDNN or flash?) and the JSON has its top kernels
-#   bench/run_gpu.sh bench wan-1.3b-480p 1 graphs+inductor   # each slow mode is a step of its own:
-#   bench/run_gpu.sh bench wan-1.3b-480p 1 compile           # a cold compile cache fills most of one
-#   CHUNKS=2 bench/run_gpu.sh bench wan-1.3b-480p 1 chunk-graph+inductor   # whole-chunk compiles: 2 KV buckets
-#   CHUNKS=2 bench/run_gpu.sh bench wan-1.3b-480p 1 compile-chunk
-#   DEPS=wheels/ bench/run_gpu.sh e2e wan-1.3b-480p            # prompt -> frames: CUDA video tests + e2e bench
-#     (the Wan VAE is diffusers': DEPS names a folder of wheels, e.g. diffusers and pillow, installed offline)
+# One budgeted GPU run: the facts that matter most first, every step capped by the time left (so one
+# hang cannot eat the rest), every result written to $OUT as it lands (a cut run still returns what
+# finished), pytest verbose (a cut run still names what passed). One device command of at most 9 minutes:
+#   OUT=$OUT BUDGET=500 bash bench/run_gpu.sh
+#   ONLY=tests-compile,tests-nccl BUDGET=200 bash bench/run_gpu.sh      # a second, shorter command
+# The package runs from the tree (the machine is offline). The compile cache is kept in one folder
+# for the whole run (--cache-dir): without it every bench run starts cold.
 set -uo pipefail
-out=${OUT:-bench/results}
-mkdir -p "$out"
+out=${OUT:?set OUT}; mkdir -p "$out"
+here=$(cd "$(dirname "$0")" && pwd)
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/graphrt-inductor}
-case "${1:-}" in
-  info)
-    { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-      python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())"
-      nproc; } > "$out/gpu.txt" 2>&1; cat "$out/gpu.txt" ;;
-  tests)
-    timeout "${TEST_TIMEOUT:-540}" python -m pytest -q -rs -s -p no:cacheprovider -m cuda --durations=0 \
-      tests/ 2>&1 | tee "$out/cuda-tests.txt" ;;
-  suite)
-    timeout "${TEST_TIMEOUT:-540}" python -m pytest -q -rs -p no:cacheprovider 2>&1 | tee "$out/suite${CUDA_VISIBLE_DEVICES+-cpu}.txt" ;;
-  attention)
-    timeout "${BENCH_TIMEOUT:-300}" python -m graphrt.bench.attention --preset "$2" --json "$out/attention-$2.json" 2>&1 \
-      | grep -v '^{' | tee "$out/attention-$2.txt" ;;
-  bench)
-    preset=$2 batch=$3 modes=${4:-reference,eager,graphs,chunk-graph}
-    if [[ ",$modes," =~ ,(graphs\+inductor|chunk-graph\+inductor|compile|compile-chunk), && "$modes" == *,* ]]; then
-      echo "run each inductor mode and each compile peer as a step of its own (a cold compile takes minutes)" >&2; exit 2
-    fi
-    tag="$preset-b$batch-${modes//[,+]/_}${CHUNKS:+-c$CHUNKS}"
-    timeout "${BENCH_TIMEOUT:-560}" python -m graphrt.bench --preset "$preset" --batch "$batch" --modes "$modes" \
-      --repeats "${REPEATS:-1}" ${CHUNKS:+--chunks "$CHUNKS"} ${KV_BUCKETS:+--kv-buckets "$KV_BUCKETS"} --no-progress --json "$out/$tag.json" --md "$out/$tag.md" 2>&1 \
-      | grep -v '^{' | tee "$out/$tag.txt" ;;
-  e2e)
-    preset=${2:-wan-1.3b-480p}
-    if [ -n "${DEPS:-}" ]; then
-      pip install --no-index --no-deps --target /tmp/graphrt-deps -q "$DEPS"/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/graphrt-deps
-    fi
-    timeout "${TEST_TIMEOUT:-150}" python -m pytest -q -rs -p no:cacheprovider tests/test_video_cuda.py 2>&1 \
-      | tee "$out/video-cuda-tests.txt"
-    timeout "${BENCH_TIMEOUT:-400}" python -m graphrt.bench.e2e --preset "$preset" --chunks "${CHUNKS:-4}" \
-      --json "$out/e2e-$preset.json" 2>&1 | grep -v '^{' | tee "$out/e2e-$preset.txt" ;;
-  *) echo "usage: $0 info | tests | suite | attention PRESET | bench PRESET BATCH [MODES] | e2e [PRESET]" >&2; exit 2 ;;
-esac
+cache=/tmp/graphrt-cache; mkdir -p "$cache"
+t0=$(date +%s); budget=${BUDGET:-500}
+left() { echo $(( budget - ($(date +%s) - t0) )); }
+step() {                      # step NAME CAP_SECONDS CMD...: runs CMD under min(CAP, time left - 10 s)
+  local name=$1 cap=$2; shift 2
+  if [[ -n "${ONLY:-}" && ",$ONLY," != *",$name,"* ]]; then return 0; fi
+  local l; l=$(left)
+  if (( l < 25 )); then echo "SKIP $name: ${l}s left" | tee -a "$out/steps.txt"; return 0; fi
+  (( cap > l - 10 )) && cap=$(( l - 10 ))
+  echo "== $name cap=${cap}s at +$(( $(date +%s) - t0 ))s" | tee -a "$out/steps.txt"
+  timeout -k 5 "$cap" "$@" > "$out/$name.txt" 2>&1
+  echo "   rc=$? $name done at +$(( $(date +%s) - t0 ))s" | tee -a "$out/steps.txt"
+}
+bench=(python -m graphrt.bench --no-progress --cache-dir "$cache")
+pytest=(python -m pytest -v -rfE -p no:cacheprovider -m cuda tests/)
+# 1. versions, and which SDPA kernel runs for the model's own layouts and masks (seconds)
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; nproc; } > "$out/gpu.txt" 2>&1
+step sdpa-env 60 python "$here/sdpa_env.py" cuda
+# 2. the CUDA tests that compile nothing (~1-2 min)
+step tests-fast 150 "${pytest[@]}" -k "not inductor and not flex and not nccl and not malloc_async and not compile"
+# 3. 480p, batch 1: eager, graphs, chunk-graph and the fused path; the JSON has the 6th chunk (KV 18
+#    frames, the published comparison point) and each mode's attention kernel
+step bench-480p 170 "${bench[@]}" --preset wan-1.3b-480p --modes eager,graphs,chunk-graph,graphs+fused,chunk-graph+fused \
+  --repeats 0 --json "$out/bench-480p.json" --md "$out/bench-480p.md"
+# 4. the launch-bound regime: 240p, one latent frame per chunk, reference included
+step bench-240p 90 "${bench[@]}" --preset wan-1.3b-240p-f1 --modes reference,eager,chunk-graph,chunk-graph+fused \
+  --repeats 0 --json "$out/bench-240p.json" --md "$out/bench-240p.md"
+# 5. fp8 linears at 480p, each row beside its bf16 row with the error against it
+step bench-fp8 90 "${bench[@]}" --preset wan-1.3b-480p --modes chunk-graph+fused --linear-dtype fp8 --repeats 0 \
+  --json "$out/bench-fp8.json" --md "$out/bench-fp8.md"
+# 6. batch 4 (4 sessions in one replay); batch 1 of step 3 is the one-at-a-time side (x4 sessions)
+step bench-b4 90 "${bench[@]}" --preset wan-1.3b-480p --modes chunk-graph+fused --batch 4 --repeats 0 --chunks 4 \
+  --no-head-to-head --json "$out/bench-b4.json" --md "$out/bench-b4.md"
+# 7. prompt to frames with the tiny decoder beside the Wan VAE, and the server with 1 and 4 clients
+step e2e 90 python -m graphrt.bench.e2e --preset wan-1.3b-480p --decoder both --json "$out/e2e.json"
+step serve 60 python -m graphrt.bench.serve --clients 1,4 --chunks 3 --json "$out/serve.json" \
+  --server-args "--decoder tiny --decoder-weights random --mode chunk"
+# 8. what is left: the compile-heavy tests, then NCCL last
+step tests-compile 200 "${pytest[@]}" -k "inductor or flex or malloc_async or compile"
+step tests-nccl 60 "${pytest[@]}" -k nccl
+echo "total +$(( $(date +%s) - t0 ))s" | tee -a "$out/steps.txt"
