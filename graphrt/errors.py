@@ -106,3 +106,8 @@ class RebindError(CaptureError):
         super().__init__("the captured function changed state that a graph replay cannot reproduce", where=where,
                          expected="only in-place writes to existing tensors",
                          got=f"{len(changes)} binding(s) changed during the call:\n            {shown}", fix=fix)
+
+
+class ConcurrentCallError(GraphrtError, RuntimeError):
+    """A call into an object (an Engine, a VideoPipeline, a compiled module) from a second thread while
+    a call of another thread is still running in it: its static buffers and cache would be shared."""

@@ -40,6 +40,7 @@ from graphrt.kv import RollingKVCache, StaticKVCache
 from graphrt.pipeline import checks
 from graphrt.pipeline.schedule import FlowMatchSchedule, denoise_chunk
 from graphrt.pipeline.slabs import EngineMemory, HostSlabs, num_slabs, powers_of_two, weight_bytes
+from graphrt.threads import OneThread, one_thread
 
 MODES = ("eager", "forward", "chunk")
 KV_BUCKETS = ("auto", "per-length", "max")
@@ -132,6 +133,13 @@ class Engine:
     :meth:`open` keeps on the device under their key (a 1.3B model in bf16: about 94 MiB each);
     the least recently used is dropped first. An open session holds its own copy in its slab,
     so dropping a prompt only means its next :meth:`open` encodes it again.
+
+    Threads: one at a time. The cache, its block table and the graphs' static buffers are one set
+    per engine, so a call that changes it (``open``, ``step``, ``close``, ``suspend``, ``resume``,
+    ``prewarm``, ``reset``, ``generate``) from a second thread while another thread's call runs is
+    refused with :class:`~graphrt.errors.ConcurrentCallError` (it never waits, and nothing is mixed
+    silently). Drive it from one thread, e.g. a worker that owns it (as ``graphrt.serve`` does);
+    the thread may change from one call to the next.
     """
 
     def __init__(self, model, *, max_sessions: int | None = None, batch_sizes: Sequence[int] | None = None,
@@ -151,6 +159,7 @@ class Engine:
                              got=type(model).__name__, fix="build the model with CausalWan(cfg) (or torch.compile it)")
         cfg = self.cfg = model.cfg
         self.model, self.mode = model, mode
+        self._one_thread = OneThread("Engine")
         self.schedule = schedule or FlowMatchSchedule()
         if max_sessions is not None and (not isinstance(max_sessions, int) or max_sessions < 1):
             raise InputError("max_sessions must be an int >= 1", got=max_sessions)
@@ -222,6 +231,7 @@ class Engine:
         and give the result back with :meth:`use_chunk_function`."""
         return self._chunk
 
+    @one_thread("use_chunk_function()")
     def use_chunk_function(self, fn: Callable[..., torch.Tensor]) -> None:
         """Let :meth:`step` call ``fn`` in place of :attr:`chunk_function`: a wrapper of it with the
         same signature and results, e.g. ``torch.compile(engine.chunk_function, fullgraph=True)``
@@ -275,6 +285,7 @@ class Engine:
         k, v = self.model.encode_prompt(context)
         return k[:, 0], v[:, 0], (context, k[:, 0], v[:, 0])
 
+    @one_thread("open()")
     @torch.no_grad()
     def open(self, context: torch.Tensor | None = None, *, seed: int = 0, prompt: str | None = None,
              num_chunks: int | None = None, schedule: FlowMatchSchedule | None = None) -> Session:
@@ -338,6 +349,7 @@ class Engine:
     def _check_open(self, sessions, where: str) -> None:
         checks.open_sessions(sessions, Session, self.sessions, where)
 
+    @one_thread("close()")
     def close(self, session: Session) -> None:
         """End a video and free its slab (or its host copy, when suspended) for the next one."""
         self._check_open([session], "close()")
@@ -352,6 +364,7 @@ class Engine:
         return not isinstance(self.cache, RollingKVCache) and \
             (session.chunk + 1) * self.cfg.chunk_frames > self.cfg.max_frames
 
+    @one_thread("step()")
     @torch.no_grad()
     def step(self, sessions: Sequence[Session] | Session | None = None,
              cond: dict[Session, torch.Tensor] | None = None) -> dict[Session, torch.Tensor]:
@@ -479,11 +492,13 @@ class Engine:
             for s in sessions:
                 self.close(s)
 
+    @one_thread("generate()")
     def generate(self, context: torch.Tensor, num_chunks: int, seed: int | Sequence[int] = 0,
                  prompt: str | Sequence[str] | None = None) -> torch.Tensor:
         """Latents [B, C, num_chunks * chunk_frames, H, W] for ``context`` [B, L, text_dim]."""
         return torch.cat(list(self.stream(context, num_chunks, seed, prompt)), dim=2)
 
+    @one_thread("prewarm()")
     @torch.no_grad()
     def prewarm(self) -> "Engine":
         """Capture every bucket now (:attr:`num_graphs` graphs: batch sizes x KV lengths x
@@ -501,6 +516,7 @@ class Engine:
                                   kv_exact=self.kv_exact_choices[0], cond=cond)
         return self
 
+    @one_thread("reset()")
     def reset(self) -> None:
         """Close every session (free all slabs and host copies); graphs stay captured."""
         for s in list(self.sessions.values()):
@@ -514,6 +530,7 @@ class Engine:
                      sigma_table=self.sigma_table[slab:slab + 1])
         return views
 
+    @one_thread("suspend()")
     def suspend(self, session: Session) -> None:
         """Move a session to host memory and free its slab for another session.
 
@@ -528,6 +545,7 @@ class Engine:
         self.cache.release(session.slab, stream=stream)
         session.slab = None
 
+    @one_thread("resume()")
     def resume(self, session: Session) -> None:
         """Bring a suspended session back into any free slab (it need not be its old one)."""
         self._check_open([session], "resume()")

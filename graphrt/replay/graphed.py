@@ -30,6 +30,7 @@ from graphrt.capture.undo import Bindings, TensorIds, WriteLog, roots_of
 from graphrt.errors import BackendUnavailableError, CaptureError, InputError, ReplayMismatchError, SignatureError
 from graphrt.replay.buckets import BucketKey, Buckets, Request, StateRef, TensorSpec
 from graphrt.replay.dispatch import Dispatcher
+from graphrt.threads import OneThread, one_thread
 from graphrt.tolerance import max_rel_err, tolerance
 
 
@@ -71,7 +72,13 @@ def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 class GraphedModule:
-    """A function or module captured as one graph per bucket. Build it with :func:`graphrt.compile`."""
+    """A function or module captured as one graph per bucket. Build it with :func:`graphrt.compile`.
+
+    One thread at a time: its static buffers and outputs are one set per module, so a call (or
+    ``prewarm``/``reset``) from a second thread while another thread's call runs is refused with
+    :class:`~graphrt.errors.ConcurrentCallError`, never served with mixed buffers; calls nest within
+    one thread. Serve it from one thread, e.g. a worker that owns it.
+    """
 
     def __init__(self, fn: Callable, *, buckets: Buckets | None = None, backend: str = "auto",
                  inductor: bool | str = False, verify: int = 0, fallback: str = "error", clone_outputs: bool = False,
@@ -84,8 +91,15 @@ class GraphedModule:
         if backend == "cuda-graph":
             Runtime(backend)          # fails now, not at the first call, when there is no CUDA device
         resolve_wrapper(inductor, torch.device("cpu"))     # an unknown setting fails now
+        if not callable(fn):
+            raise InputError("graphrt.compile takes a function or an nn.Module", expected="a callable",
+                             got=f"{type(fn).__name__} {fn!r}"[:80], fix="graphrt.compile(model) or graphrt.compile(fn)")
+        if buckets is not None and not isinstance(buckets, Buckets):
+            raise InputError("buckets must be a graphrt.Buckets spec (or None)", got=type(buckets).__name__,
+                             fix="buckets=graphrt.Buckets((1, 2, 4), batch_args=(\"x\",))")
         self._disk = DiskCache.resolve(cache_dir) if inductor else None
         self.fn = fn
+        self._one_thread = OneThread(f"GraphedModule({getattr(fn, '__qualname__', type(fn).__name__)})")
         self.module = fn if isinstance(fn, torch.nn.Module) else None
         self.dispatch = Dispatcher(fn, buckets)
         self.backend, self.inductor, self.verify = backend, inductor, verify
@@ -126,6 +140,7 @@ class GraphedModule:
     def _graphs(self) -> dict[BucketKey, _Bucket]:
         return self.dispatch.graphs
 
+    @one_thread("__call__()")
     def __call__(self, *args, **kwargs):
         req = self.dispatch.request(args, kwargs)
         self._register_states(req)
@@ -151,6 +166,7 @@ class GraphedModule:
         self.stats.replays += 1
         return self._outputs(entry, req, outs)
 
+    @one_thread("prewarm()")
     def prewarm(self, *args, **kwargs) -> "GraphedModule":
         """Capture every bucket up front, largest first, then seal the set of graphs.
 
@@ -177,6 +193,7 @@ class GraphedModule:
         self.sealed = True
         return self
 
+    @one_thread("reset()")
     def reset(self) -> None:
         """Return every runtime state (positions, lengths, block tables) to empty; graphs are kept."""
         for s in self._states.values():
