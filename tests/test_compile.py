@@ -810,3 +810,32 @@ def test_a_failed_cuda_capture_restores_the_stream_and_names_the_first_error(mon
 
     graph = CudaGraph(lambda x: [x * 2], [torch.ones(3)], runtime)   # and the next capture works
     assert fake.current is fake.default and torch.equal(graph.replay()[0], torch.full((3,), 2.0))
+
+
+@pytest.mark.parametrize("args, kw, why", [
+    (((0, -1, 4),), {"batch_args": ("x",)}, r"batch sizes must be ints >= 1; got \[0, -1\]"),
+    (("124",), {"batch_args": ("x",)}, "batch_sizes must be a sequence of ints"),
+    (((1, 2.0),), {"batch_args": ("x",)}, r"got \[2.0\]"),
+    (((True, 2),), {"batch_args": ("x",)}, r"got \[True\]"),
+    (((1, 2),), {"batch_args": "xs"}, "batch_args must be a sequence of argument names"),
+    ((), {"static_args": {"kv_frames": 3}}, r"static_args\['kv_frames'\] must be a non-empty sequence"),
+    ((), {"static_args": {"kv_frames": ()}}, r"static_args\['kv_frames'\] must be a non-empty sequence"),
+    ((), {"static_args": [("kv_frames", (3,))]}, "static_args must map an argument name"),
+], ids=["zero-negative", "str", "float", "bool", "batch-args-str", "static-scalar", "static-empty", "static-list"])
+def test_a_bad_bucket_spec_is_refused_at_construction(args, kw, why):
+    with pytest.raises(graphrt.InputError, match=why):
+        Buckets(*args, **kw)
+
+
+def test_bucket_sizes_are_sorted_and_distinct():
+    assert Buckets((4, 1, 2, 2), batch_args=("x",)).batch_sizes == (1, 2, 4)
+
+
+@pytest.mark.parametrize("fn, buckets, why", [
+    (42, None, "graphrt.compile takes a function or an nn.Module"),
+    ("model", None, "graphrt.compile takes a function or an nn.Module"),
+    (torch.nn.Linear(2, 2), (1, 2), "buckets must be a graphrt.Buckets spec"),
+], ids=["int", "str", "tuple-buckets"])
+def test_compile_refuses_what_it_cannot_call_at_once(fn, buckets, why):
+    with pytest.raises(graphrt.InputError, match=why):
+        graphrt.compile(fn, buckets=buckets)

@@ -307,6 +307,7 @@ class Engine:
             raise InputError("open() needs a text context (or a prompt key seen before)")
         if context is not None:
             context = self._context(context, "open()")
+            checks.finite_context(context, "open()")
             if context.shape[0] != 1:
                 raise InputError("open() starts one video: one context row", expected="[1, L, text_dim]",
                                  got=list(context.shape), fix="open one session per row (or use stream())")
@@ -462,6 +463,7 @@ class Engine:
             raise InputError("context must be [B, L, text_dim]", got=list(context.shape),
                              fix="add the batch dimension: context[None]")
         context = self._context(context, "stream()")
+        checks.finite_context(context, "stream()")     # now, not at the first chunk (open() reads it again)
         if not checks.is_int(num_chunks) or num_chunks < 1:
             raise InputError("num_chunks must be an int >= 1", got=num_chunks)
         rows = context.shape[0]
@@ -470,8 +472,9 @@ class Engine:
             raise InputError("one prompt key per context row", expected=f"a list of {rows} keys", got=prompt)
         prompts = [prompt] * rows if prompt is None or isinstance(prompt, str) else list(prompt)
         if len(seeds) != rows or len(prompts) != rows:
-            raise InputError("one seed and one prompt key per context row", expected=rows,
-                             got=(len(seeds), len(prompts)))
+            raise InputError("one seed and one prompt key per context row", expected=f"{rows} of each",
+                             got=f"{len(seeds)} seed(s), {len(prompts)} prompt key(s)",
+                             fix="pass one int seed (row i gets seed + i) and one prompt key per row (or None)")
         self._check_video(num_chunks, seeds)
         free = self.cache.free_slabs
         if rows > free:
