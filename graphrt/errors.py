@@ -111,3 +111,8 @@ class RebindError(CaptureError):
 class ConcurrentCallError(GraphrtError, RuntimeError):
     """A call into an object (an Engine, a VideoPipeline, a compiled module) from a second thread while
     a call of another thread is still running in it: its static buffers and cache would be shared."""
+
+
+class WeightsMovedError(GraphrtError, RuntimeError):
+    """A replay after the module's weights moved (``model.to(...)``, an assigned ``load_state_dict``):
+    the captured graphs read the memory the weights had at capture, which may be freed."""

@@ -839,3 +839,39 @@ def test_bucket_sizes_are_sorted_and_distinct():
 def test_compile_refuses_what_it_cannot_call_at_once(fn, buckets, why):
     with pytest.raises(graphrt.InputError, match=why):
         graphrt.compile(fn, buckets=buckets)
+
+
+@pytest.mark.parametrize("move", [
+    lambda m: m.to(torch.float64),
+    lambda m: setattr(m.weight, "data", m.weight.data.clone()),
+    lambda m: m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}, assign=True),
+], ids=["to-float64", "data-replaced", "assigned-state-dict"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_replay_after_the_weights_moved_is_refused(move, dtype):
+    lin = nn.Linear(4, 4).to(dtype)
+    g = graphrt.compile(lin, progress=False)
+    x = torch.randn(2, 4, dtype=dtype)
+    assert torch.equal(g(x), lin(x))
+    move(lin)
+    with pytest.raises(graphrt.WeightsMovedError, match=r"weights moved(.|\n)*where: +weight"):
+        g(x)
+
+
+def test_weights_updated_in_place_are_read_by_the_graphs():
+    lin = nn.Linear(4, 4)
+    g = graphrt.compile(lin, progress=False)
+    x = torch.randn(2, 4)
+    g(x)
+    lin.load_state_dict({k: v + 1 for k, v in lin.state_dict().items()})   # copied in place: same memory
+    assert torch.equal(g(x), lin(x))
+
+
+def test_an_engine_graph_refuses_a_model_moved_after_capture(cfg):
+    from graphrt.pipeline import Engine
+    model = CausalWan(cfg, attention="sdpa").eval()
+    engine = Engine(model, mode="chunk", batch_sizes=(1,), progress=False)
+    ctx = torch.randn(1, cfg.text_len, cfg.text_dim)
+    engine.generate(ctx, 1)
+    model.blocks[0].ffn[0].weight.data = model.blocks[0].ffn[0].weight.data.clone()
+    with pytest.raises(graphrt.WeightsMovedError, match=r"blocks\.0\.ffn\.0\.weight"):
+        engine.generate(ctx, 1)

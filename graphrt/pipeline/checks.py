@@ -53,8 +53,10 @@ def text_context(cfg, context, where: str) -> torch.Tensor:
 
 
 def finite_context(context: torch.Tensor, where: str) -> None:
-    """Refuse a context holding NaN or inf (every frame of its video would be NaN). Reading the
-    answer costs one host read: made once per video, at open, outside any graph."""
+    """Refuse a context holding NaN or inf (every frame of its video would be NaN). Checked where
+    the context is, before it is uploaded: free of device syncs for a host context (the usual
+    case); for a device context reading the answer costs one host read, once per video at open,
+    outside any graph."""
     if not bool(torch.isfinite(context).all()):      # host-read-ok: once per video at open, outside any graph
         rows = (~torch.isfinite(context)).flatten(1).any(1).nonzero().flatten().tolist()   # host-read-ok: the error
         raise InputError(f"{where}: the text context holds NaN or inf (row(s) {rows}): its video would be NaN",

@@ -276,14 +276,22 @@ class Engine:
             self._prompts.move_to_end(prompt)
             cached_ctx, k, v = self._prompts[prompt]
             if context is not None:
-                context = context.to(self.device, self.dtype)
+                context = self._upload(context.to(dtype=self.dtype))
                 if context.shape != cached_ctx.shape or not torch.equal(context, cached_ctx):
                     raise InputError(f"prompt key {prompt!r} was cached for a different text context",
                                      fix="use one key per distinct context (or pass context=None to reuse it)")
             return k, v, None
-        context = context.to(self.device, self.dtype)
+        context = self._upload(context.to(dtype=self.dtype))
         k, v = self.model.encode_prompt(context)
         return k[:, 0], v[:, 0], (context, k[:, 0], v[:, 0])
+
+    def _upload(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the engine's device. From the host to CUDA the copy is asynchronous, from pinned
+        memory: the host does not wait for the chunks queued on the device (a pageable copy would
+        block it until they finish)."""
+        if t.device.type == "cpu" and self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)   # the caching host allocator keeps it alive
+        return t.to(self.device)
 
     @one_thread("open()")
     @torch.no_grad()
@@ -338,8 +346,8 @@ class Engine:
                 while len(self._prompts) > self.prompt_cache:
                     self._prompts.popitem(last=False)
         self.seeds[slab] = seed
-        self.t_table[slab] = torch.tensor(schedule.timesteps, device=self.device)
-        self.sigma_table[slab] = torch.tensor(schedule.sigmas, device=self.device)
+        self.t_table[slab] = self._upload(torch.tensor(schedule.timesteps))
+        self.sigma_table[slab] = self._upload(torch.tensor(schedule.sigmas))
         s = Session(next(self._ids), slab, seed, num_chunks)
         self.sessions[s.id] = s
         return s

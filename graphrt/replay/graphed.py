@@ -27,7 +27,8 @@ from graphrt.capture.diskcache import DiskCache
 from graphrt.capture.state import argument_checks, is_runtime_state
 from graphrt.capture.tensors import SCALARS
 from graphrt.capture.undo import Bindings, TensorIds, WriteLog, roots_of
-from graphrt.errors import BackendUnavailableError, CaptureError, InputError, ReplayMismatchError, SignatureError
+from graphrt.errors import (BackendUnavailableError, CaptureError, InputError, ReplayMismatchError, SignatureError,
+                            WeightsMovedError)
 from graphrt.replay.buckets import BucketKey, Buckets, Request, StateRef, TensorSpec
 from graphrt.replay.dispatch import Dispatcher
 from graphrt.threads import OneThread, one_thread
@@ -111,6 +112,7 @@ class GraphedModule:
         # module buffers, closures and argument objects need no declaration: capture's write log undoes them
         own = [fn if is_runtime_state(fn) else owner] if is_runtime_state(fn) or is_runtime_state(owner) else []
         self._fixed_states = list(states) + own          # always guarded
+        self._weights = _Weights(fn)
         self._states: dict[int, Any] = {id(s): s for s in self._fixed_states}   # every state seen, for reset()
 
     # -- public --------------------------------------------------------------------------------
@@ -142,6 +144,7 @@ class GraphedModule:
 
     @one_thread("__call__()")
     def __call__(self, *args, **kwargs):
+        self._weights.refuse_moved()
         req = self.dispatch.request(args, kwargs)
         self._register_states(req)
         key = self.dispatch.key(req)
@@ -301,6 +304,7 @@ class GraphedModule:
             self.stats.disk_hits += hit
             self.stats.disk_misses += not hit
         self._graphs[key] = entry
+        self._weights.record()            # where the graphs read the weights (kept from the first capture on)
         return entry
 
     # -- replay --------------------------------------------------------------------------------
@@ -367,6 +371,58 @@ class GraphedModule:
             with torch.no_grad():
                 return self.fn(*args, **kwargs)
         raise self.dispatch.miss(key, why)
+
+
+class _Weights:
+    """Where the captured function's modules keep their parameters and buffers at capture, checked
+    before each call: a graph reads the memory its weights had then, so weights moved since
+    (``model.to(...)``, a ``load_state_dict(assign=True)``) are refused, never read stale or freed.
+    The modules: the function itself, its owner (a bound method's object) or the modules that
+    object holds (an Engine's model), and the modules in its closure. The check compares
+    ``data_ptr()`` of each tensor, host-side metadata (no device read): about 0.1 us a tensor on
+    the CPU, so about 0.1 ms a call for a 30-layer DiT (``bench/results/design-numbers.md``)."""
+
+    def __init__(self, fn):
+        owner = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
+        found = [owner] if isinstance(owner, torch.nn.Module) else \
+            [v for v in getattr(owner, "__dict__", {}).values() if isinstance(v, torch.nn.Module)]
+        found += [c.cell_contents for c in getattr(fn, "__closure__", None) or ()
+                  if isinstance(getattr(c, "cell_contents", None), torch.nn.Module)]
+        self.dicts, self.names, seen = [], [], set()
+        for m in found:
+            for prefix, sub in m.named_modules(remove_duplicate=False):
+                if id(sub) in seen:
+                    continue
+                seen.add(id(sub))
+                for d in (sub._parameters, sub._buffers):
+                    if not d:                 # most modules hold no tensor of their own: skip their dicts
+                        continue
+                    self.dicts.append(d)
+                    self.names.append([f"{prefix}.{k}" if prefix else k for k in d])
+        self.ptrs: tuple | None = None
+
+    def _now(self) -> tuple:
+        return tuple(t.data_ptr() if t is not None else 0 for d in self.dicts for t in d.values())   # no device read
+
+    def record(self) -> None:
+        if self.ptrs is None:
+            self.ptrs = self._now()
+
+    def refuse_moved(self) -> None:
+        if self.ptrs is None or self._now() == self.ptrs:
+            return
+        names = [n for ns in self.names for n in ns]
+        now = self._now()
+        moved = [n for n, a, b in zip(names, self.ptrs, now) if a != b] if len(now) == len(self.ptrs) else \
+            ["the set of parameters and buffers changed"]
+        raise WeightsMovedError(
+            "the module's weights moved since its graphs were captured (model.to(...), an assigned "
+            "load_state_dict, a replaced parameter): the graphs would read the old, maybe freed, memory",
+            where=", ".join(moved[:4]) + (f", ... {len(moved) - 4} more" if len(moved) > 4 else ""),
+            expected="the weights where they were at capture", got=f"{len(moved)} tensor(s) at another address",
+            fix="call graphrt.compile again on the moved model (a new Engine over it), or move the weights "
+                "before compiling; to change weights under captured graphs, copy into them in place "
+                "(load_state_dict without assign)")
 
 
 def _object_roots(req: Request) -> dict[str, Any]:
