@@ -39,7 +39,8 @@ from graphrt.errors import CacheError, ConfigError, InputError
 from graphrt.kv import RollingKVCache, StaticKVCache
 from graphrt.pipeline import checks
 from graphrt.pipeline.schedule import FlowMatchSchedule, denoise_chunk
-from graphrt.pipeline.slabs import EngineMemory, HostSlabs, num_slabs, powers_of_two, weight_bytes
+from graphrt.pipeline.slabs import (EngineMemory, HostSlabs, num_slabs, powers_of_two, refuse_static_over_budget,
+                                   weight_bytes)
 from graphrt.threads import OneThread, one_thread
 
 MODES = ("eager", "forward", "chunk")
@@ -117,7 +118,9 @@ class Engine:
     ``~/.cache/graphrt``, False keeps none), on CUDA inductor's kernels inside the CUDA graph.
 
     ``window=(frames, sink_frames)`` uses a :class:`RollingKVCache` for videos past
-    ``max_frames``. ``backend``/``inductor``/``verify``/``cache_dir`` are passed to
+    ``max_frames``. Without it the cache is static: each slab holds ``max_frames`` from the start,
+    and one session that does not fit ``memory_budget`` (default: the device's free memory) is
+    refused here, naming the most chunks that fit and the window to use instead. ``backend``/``inductor``/``verify``/``cache_dir`` are passed to
     :func:`graphrt.compile`. Every method runs without autograd history (inference only),
     whatever the grad mode.
 
@@ -177,6 +180,9 @@ class Engine:
             self._new_cache = lambda **kw: RollingKVCache.for_model(model, window_frames=window[0],
                                                                     sink_frames=window[1], kv_dtype=kv_dtype, **kw)
         batch_sizes = checks.batch_sizes(batch_sizes)
+        if window is None:            # the whole video reserved up front: refused, naming the most, when over the budget
+            refuse_static_over_budget(self._new_cache, cfg, self.device, memory_budget,
+                                      batch_sizes[-1] if batch_sizes else 1)
         max_sessions = num_slabs(self._new_cache, self.device, max_sessions, memory_budget, batch_sizes)
         self.batch_sizes = batch_sizes or powers_of_two(max_sessions)
         self.cache = self._new_cache(num_slabs=max_sessions, max_batch=self.batch_sizes[-1])
