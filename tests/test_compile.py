@@ -737,8 +737,9 @@ class _FakeCuda:
         def __init__(self, cuda):
             self.cuda = cuda
 
-        def capture_begin(self, pool=None):
+        def capture_begin(self, pool=None, capture_error_mode="global"):
             self.cuda.capturing = True
+            self.cuda.error_modes.append(capture_error_mode)
 
         def capture_end(self):
             self.cuda.capturing = False
@@ -753,7 +754,7 @@ class _FakeCuda:
     def __init__(self, monkeypatch):
         self.default = self.Stream("default")
         self.current, self.capturing, self.invalidated, self.pool_ended = self.default, False, False, []
-        self.ended_ok = 0
+        self.ended_ok, self.error_modes = 0, []
         cuda = torch.cuda
         monkeypatch.setattr(cuda, "current_stream", lambda device=None: self.current)
         monkeypatch.setattr(cuda, "set_stream", lambda s: setattr(self, "current", s))
@@ -810,6 +811,8 @@ def test_a_failed_cuda_capture_restores_the_stream_and_names_the_first_error(mon
 
     graph = CudaGraph(lambda x: [x * 2], [torch.ones(3)], runtime)   # and the next capture works
     assert fake.current is fake.default and torch.equal(graph.replay()[0], torch.full((3,), 2.0))
+    # every capture in the thread-local error mode: another thread's CUDA work does not fail it
+    assert fake.error_modes and set(fake.error_modes) == {"thread_local"}
 
 
 @pytest.mark.parametrize("args, kw, why", [

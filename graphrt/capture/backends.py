@@ -206,7 +206,7 @@ def _end_generator_capture(device) -> None:
         scratch = torch.zeros(1, device=device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(torch.cuda.Stream(device)):
-            graph.capture_begin()
+            graph.capture_begin(capture_error_mode=CAPTURE_ERROR_MODE)
             scratch.add_(1)
             graph.capture_end()
 
