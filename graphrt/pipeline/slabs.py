@@ -47,10 +47,12 @@ class EngineMemory:
 
 
 def free_memory(device: torch.device) -> int:
-    """Free bytes on ``device``: the CUDA driver's count, or the host's available memory."""
+    """Free bytes on ``device``: the CUDA driver's count plus what PyTorch's caching allocator holds
+    unused (it serves new tensors from that first), or the host's available memory."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     try:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)
