@@ -7,8 +7,8 @@ from graphrt._version import __version__  # noqa: F401
 from graphrt.attention import attend
 from graphrt.capture import HostReadReport, HostReadSite, check
 from graphrt.errors import (BackendUnavailableError, BucketMissError, CacheError, CaptureError, CheckpointError,
-                            ConfigError, GraphrtError, GraphrtWarning, HostReadError, InputError, ParallelError,
-                            RebindError, ReplayMismatchError, SignatureError)
+                            ConcurrentCallError, ConfigError, GraphrtError, GraphrtWarning, HostReadError, InputError, ParallelError,
+                            RebindError, ReplayMismatchError, SignatureError, WeightsMovedError)
 from graphrt.kv import RollingKVCache, StaticKVCache
 from graphrt.llm import cache as _llm_cache  # noqa: F401  (registers the transformers-cache check with capture)
 from graphrt.quant import quantize
@@ -19,4 +19,4 @@ __all__ = ["compile", "check", "quantize", "GraphedModule", "GraphStats", "Bucke
            "RollingKVCache", "attend", "HostReadReport", "HostReadSite", "GraphrtError", "ConfigError",
            "InputError", "CheckpointError", "CacheError", "BackendUnavailableError", "HostReadError",
            "CaptureError", "BucketMissError", "SignatureError", "ReplayMismatchError", "GraphrtWarning",
-           "RebindError", "ParallelError"]
+           "RebindError", "ParallelError", "ConcurrentCallError", "WeightsMovedError"]

@@ -128,3 +128,13 @@ def missing_extra(prog: str, extra: str) -> str | None:
         return None
     return (f"{prog} needs {', '.join(missing)} (the [{extra}] extra), not installed: "
             f"pip install 'graphrt[{extra}]' (from a clone: pip install -e '.[{extra}]')")
+
+
+class ConcurrentCallError(GraphrtError, RuntimeError):
+    """A call into an object (an Engine, a VideoPipeline, a compiled module) from a second thread while
+    a call of another thread is still running in it: its static buffers and cache would be shared."""
+
+
+class WeightsMovedError(GraphrtError, RuntimeError):
+    """A replay after the module's weights moved (``model.to(...)``, an assigned ``load_state_dict``):
+    the captured graphs read the memory the weights had at capture, which may be freed."""

@@ -46,7 +46,8 @@ def _args(argv):
     p.add_argument("--checkpoint-key", help="the entry of a training checkpoint to load (default: generator_ema, "
                                             "then generator, ...)")
     p.add_argument("--prompt", default="a red fox runs through the snow in a forest at night")
-    p.add_argument("--chunks", type=int, default=7, help="chunks of --chunk-frames latent frames (default 7)")
+    p.add_argument("--chunks", type=int, default=7, help="chunks of --chunk-frames latent frames (default 7; a "
+                   "longer video rolls: the first chunk and the last 6 stay in the cache)")
     p.add_argument("--chunk-frames", type=int, default=3, help="latent frames per chunk (default 3)")
     p.add_argument("--height", type=int, help="frame height in pixels (default 480; the tiny model: 64)")
     p.add_argument("--width", type=int, help="frame width in pixels (default 832; the tiny model: 64)")
@@ -128,23 +129,28 @@ def build(opts):
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, opts.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     mode = opts.mode or ("chunk" if device.type == "cuda" else "eager")
+    # a video longer than the model's own (VideoShape().chunks chunks) rolls: a sink+window cache of that
+    # length, not a static one reserving the whole video up front
+    chunks = min(opts.chunks, VideoShape.chunks)
+    window = None if opts.chunks <= chunks else (chunks * opts.chunk_frames, opts.chunk_frames)
     if opts.model is None:
         if opts.checkpoint:
             raise GraphrtError("--checkpoint needs --model (the folder with the VAE, text encoder and tokenizer)")
         if opts.height or opts.width:
             raise GraphrtError("--height/--width need --model: the tiny model makes 64x64 frames")
-        shape = VideoShape(height=64, width=64, chunk_frames=opts.chunk_frames, chunks=opts.chunks, text_len=16)
+        shape = VideoShape(height=64, width=64, chunk_frames=opts.chunk_frames, chunks=chunks, text_len=16)
         # the tiny decoder reads Wan 2.1's 16 latent channels: the tiny DiT then outputs as many
         spec = RandomSpec(dit_overrides=(("in_dim", 16), ("out_dim", 16))) if opts.decoder == "tiny" else RandomSpec()
         parts = tiny_wan(shape, spec, dtype=dtype, device=device)
         parts.dit.attention = opts.attention
     else:
         shape = VideoShape(height=opts.height or 480, width=opts.width or 832, chunk_frames=opts.chunk_frames,
-                           chunks=opts.chunks)
+                           chunks=chunks)
         parts = load_wan(opts.model, opts.checkpoint, shape=shape, device=device, dtype=dtype,
                          attention=opts.attention, checkpoint_key=opts.checkpoint_key)
-    return VideoPipeline.from_components(parts, overlap=not opts.no_overlap, mode=mode, progress=not opts.no_progress,
-                                         decoder=opts.decoder, decoder_weights=opts.decoder_weights)
+    return VideoPipeline.from_components(parts, overlap=not opts.no_overlap, mode=mode, window=window,
+                                         progress=not opts.no_progress, decoder=opts.decoder,
+                                         decoder_weights=opts.decoder_weights)
 
 
 def main(argv=None) -> int:

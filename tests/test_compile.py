@@ -737,8 +737,9 @@ class _FakeCuda:
         def __init__(self, cuda):
             self.cuda = cuda
 
-        def capture_begin(self, pool=None):
+        def capture_begin(self, pool=None, capture_error_mode="global"):
             self.cuda.capturing = True
+            self.cuda.error_modes.append(capture_error_mode)
 
         def capture_end(self):
             self.cuda.capturing = False
@@ -753,7 +754,7 @@ class _FakeCuda:
     def __init__(self, monkeypatch):
         self.default = self.Stream("default")
         self.current, self.capturing, self.invalidated, self.pool_ended = self.default, False, False, []
-        self.ended_ok = 0
+        self.ended_ok, self.error_modes = 0, []
         cuda = torch.cuda
         monkeypatch.setattr(cuda, "current_stream", lambda device=None: self.current)
         monkeypatch.setattr(cuda, "set_stream", lambda s: setattr(self, "current", s))
@@ -810,3 +811,70 @@ def test_a_failed_cuda_capture_restores_the_stream_and_names_the_first_error(mon
 
     graph = CudaGraph(lambda x: [x * 2], [torch.ones(3)], runtime)   # and the next capture works
     assert fake.current is fake.default and torch.equal(graph.replay()[0], torch.full((3,), 2.0))
+    # every capture in the thread-local error mode: another thread's CUDA work does not fail it
+    assert fake.error_modes and set(fake.error_modes) == {"thread_local"}
+
+
+@pytest.mark.parametrize("args, kw, why", [
+    (((0, -1, 4),), {"batch_args": ("x",)}, r"batch sizes must be ints >= 1; got \[0, -1\]"),
+    (("124",), {"batch_args": ("x",)}, "batch_sizes must be a sequence of ints"),
+    (((1, 2.0),), {"batch_args": ("x",)}, r"got \[2.0\]"),
+    (((True, 2),), {"batch_args": ("x",)}, r"got \[True\]"),
+    (((1, 2),), {"batch_args": "xs"}, "batch_args must be a sequence of argument names"),
+    ((), {"static_args": {"kv_frames": 3}}, r"static_args\['kv_frames'\] must be a non-empty sequence"),
+    ((), {"static_args": {"kv_frames": ()}}, r"static_args\['kv_frames'\] must be a non-empty sequence"),
+    ((), {"static_args": [("kv_frames", (3,))]}, "static_args must map an argument name"),
+], ids=["zero-negative", "str", "float", "bool", "batch-args-str", "static-scalar", "static-empty", "static-list"])
+def test_a_bad_bucket_spec_is_refused_at_construction(args, kw, why):
+    with pytest.raises(graphrt.InputError, match=why):
+        Buckets(*args, **kw)
+
+
+def test_bucket_sizes_are_sorted_and_distinct():
+    assert Buckets((4, 1, 2, 2), batch_args=("x",)).batch_sizes == (1, 2, 4)
+
+
+@pytest.mark.parametrize("fn, buckets, why", [
+    (42, None, "graphrt.compile takes a function or an nn.Module"),
+    ("model", None, "graphrt.compile takes a function or an nn.Module"),
+    (torch.nn.Linear(2, 2), (1, 2), "buckets must be a graphrt.Buckets spec"),
+], ids=["int", "str", "tuple-buckets"])
+def test_compile_refuses_what_it_cannot_call_at_once(fn, buckets, why):
+    with pytest.raises(graphrt.InputError, match=why):
+        graphrt.compile(fn, buckets=buckets)
+
+
+@pytest.mark.parametrize("move", [
+    lambda m: m.to(torch.float64),
+    lambda m: setattr(m.weight, "data", m.weight.data.clone()),
+    lambda m: m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}, assign=True),
+], ids=["to-float64", "data-replaced", "assigned-state-dict"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_replay_after_the_weights_moved_is_refused(move, dtype):
+    lin = nn.Linear(4, 4).to(dtype)
+    g = graphrt.compile(lin, progress=False)
+    x = torch.randn(2, 4, dtype=dtype)
+    assert torch.equal(g(x), lin(x))
+    move(lin)
+    with pytest.raises(graphrt.WeightsMovedError, match=r"weights moved(.|\n)*where: +weight"):
+        g(x)
+
+
+def test_weights_updated_in_place_are_read_by_the_graphs():
+    lin = nn.Linear(4, 4)
+    g = graphrt.compile(lin, progress=False)
+    x = torch.randn(2, 4)
+    g(x)
+    lin.load_state_dict({k: v + 1 for k, v in lin.state_dict().items()})   # copied in place: same memory
+    assert torch.equal(g(x), lin(x))
+
+
+def test_an_engine_graph_refuses_a_model_moved_after_capture(cfg):
+    from graphrt.pipeline import Engine
+    model = CausalWan(cfg, attention="sdpa").eval()
+    engine = Engine(model, mode="chunk", batch_sizes=(1,), progress=False)
+    ctx = torch.randn(1, cfg.text_len, cfg.text_dim)
+    engine.generate(ctx, 1)
+    model.blocks[0].ffn[0].weight.data = model.blocks[0].ffn[0].weight.data.clone()
+    with pytest.raises(graphrt.WeightsMovedError, match=r"blocks\.0\.ffn\.0\.weight"):
+        engine.generate(ctx, 1)

@@ -1,4 +1,7 @@
 """Sessions beyond the slabs: suspend to host memory, resume into any slab; a memory budget; the report."""
+import dataclasses
+import re
+
 import pytest
 import torch
 
@@ -182,3 +185,35 @@ def test_cuda_suspend_and_resume_never_block_the_host(cfg):
     assert all(torch.equal(g, w) for g, w in zip(got, want))
     m = engine.memory()
     assert m.graph_pool > 0 and m.suspended_sessions == 1 and m.host_suspended > m.kv.per_session
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_static_cache_over_the_budget_is_refused_naming_the_most_chunks(cfg, dtype):
+    long = dataclasses.replace(cfg, max_frames=cfg.chunk_frames * 100_000)
+    model = CausalWan(long, attention="sdpa").to(dtype)
+    per_chunk = StaticKVCache.for_model(model, num_slabs=1, device="meta",
+                                        max_frames=cfg.chunk_frames).memory().per_session
+    budget = 40 * per_chunk
+    with pytest.raises(CacheError, match=r"100000 chunks .* holds at most (\d+) chunk") as e:
+        Engine(model, mode="eager", memory_budget=budget, progress=False)
+    most = int(re.search(r"holds at most (\d+) chunk", str(e.value)).group(1))
+    assert 10 <= most < 100 and "window=(" in str(e.value)
+    fits = dataclasses.replace(cfg, max_frames=cfg.chunk_frames * most)       # the most it named fits
+    Engine(CausalWan(fits, attention="sdpa").to(dtype), mode="eager", memory_budget=budget, progress=False)
+    over = dataclasses.replace(cfg, max_frames=cfg.chunk_frames * (most + 1))
+    with pytest.raises(CacheError, match=f"holds at most {most} chunk"):
+        Engine(CausalWan(over, attention="sdpa").to(dtype), mode="eager", memory_budget=budget, progress=False)
+    # the rolling cache it names makes the long video within the same budget
+    window = (cfg.chunk_frames * 3, cfg.chunk_frames)
+    engine = Engine(model, mode="eager", memory_budget=budget, window=window, progress=False)
+    assert engine.cache.memory().total <= budget
+    assert engine.generate(torch.randn(1, cfg.text_len, cfg.text_dim, dtype=dtype), 5).shape[2] == 5 * cfg.chunk_frames
+
+
+def test_without_a_budget_a_static_cache_must_fit_the_free_memory(cfg, monkeypatch):
+    from graphrt.pipeline import slabs
+    long = dataclasses.replace(cfg, max_frames=cfg.chunk_frames * 100_000)
+    monkeypatch.setattr(slabs, "free_memory", lambda device: 10 ** 8)
+    with pytest.raises(CacheError, match=r"more than the free memory of cpu \(100,000,000 bytes\)"):
+        Engine(CausalWan(long, attention="sdpa"), mode="eager", progress=False)
+    Engine(CausalWan(cfg, attention="sdpa"), mode="eager", progress=False)     # the usual length fits

@@ -126,11 +126,15 @@ def test_open_and_generate_reject_bad_chunk_counts(causal, ctx, num_chunks):
 
 @pytest.mark.parametrize("bad, why", [
     (lambda c: c[:1].numpy(), "must be a torch.Tensor"),
-    (lambda c: c[:1].to("meta"), "holds no float data"),
+    (lambda c: c[:1].to("meta"), "on the meta device"),
     (lambda c: c[:1].long(), "holds no float data"),
     (lambda c: c[:1, :0], "wrong shape"),
+    (lambda c: c[:0], "wrong shape"),                        # no row: no video
     (lambda c: torch.cat([c[:1]] * 2, 1), "wrong shape"),   # longer than text_len
-], ids=["numpy", "meta", "int", "empty", "too-long"])
+    (lambda c: c[:1].index_fill(1, torch.tensor([2]), float("nan")), "NaN or inf"),
+    (lambda c: c[:1].index_fill(2, torch.tensor([0]), float("-inf")), "NaN or inf"),
+    (lambda c: c[:1].bfloat16().index_fill(1, torch.tensor([0]), float("nan")), "NaN or inf"),
+], ids=["numpy", "meta", "int", "empty", "no-rows", "too-long", "nan", "inf", "nan-bf16"])
 def test_bad_contexts_get_clear_errors(causal, ctx, bad, why):
     engine = Engine(causal, mode="eager", progress=False)
     context = bad(ctx)
@@ -318,3 +322,18 @@ def test_use_chunk_function_runs_the_given_wrapper_and_only_in_eager_mode(causal
     chunk = Engine(causal, mode="chunk", progress=False)
     with pytest.raises(ConfigError, match="mode='eager'"):
         chunk.use_chunk_function(chunk.chunk_function)
+
+
+def test_a_batch_with_one_nan_row_is_refused_naming_it(causal, ctx):
+    engine = Engine(causal, max_sessions=2, mode="eager", progress=False)
+    bad = ctx[:2].clone()
+    bad[1, 0, 0] = float("nan")
+    with pytest.raises(InputError, match=r"stream\(\): the text context holds NaN or inf \(row\(s\) \[1\]\)"):
+        engine.stream(bad, 1)
+    assert not engine.sessions
+
+
+def test_stream_says_how_many_seeds_and_prompt_keys_it_got(causal, ctx):
+    engine = Engine(causal, mode="eager", progress=False)
+    with pytest.raises(InputError, match=r"1 seed\(s\), 0 prompt key\(s\)"):
+        engine.stream(ctx[:1], 1, prompt=[])

@@ -102,3 +102,19 @@ def test_a_stopped_run_exits_quickly_with_a_playable_file(tmp_path, sig, code, w
     with av.open(str(out)) as f:
         frames = [fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)]
     assert len(frames) > 0 and frames[0].shape == (64, 64, 3)
+
+
+def test_a_long_video_rolls_instead_of_reserving_its_whole_length():
+    from graphrt.kv import RollingKVCache, StaticKVCache
+    long = generate.build(generate._args(["--chunks", "100000", "--no-progress", "--device", "cpu"]))
+    short = generate.build(generate._args(["--chunks", "7", "--no-progress", "--device", "cpu"]))
+    try:
+        assert isinstance(long.engine.cache, RollingKVCache) and long.engine.cache.slab_frames == 21
+        assert isinstance(short.engine.cache, StaticKVCache) and short.engine.cache.slab_frames == 21
+        assert long.engine.cache.memory().total == short.engine.cache.memory().total    # not 100000 chunks' worth
+        s = long.open("a fox", num_chunks=9)       # past the 7 chunks a static cache of that size holds
+        for _ in range(9):
+            long.step([s])[s].result()
+    finally:
+        long.shutdown()
+        short.shutdown()

@@ -15,7 +15,7 @@ FACADE = "graphrt"
 
 # lowest first; a node may import its own floor and the floors below it, never one above
 FLOORS = [
-    {"errors", "_version", "tolerance", "noise", "kv", "offload"},   # leaves used by all
+    {"errors", "_version", "tolerance", "noise", "kv", "offload", "threads"},   # leaves used by all
     {"capture"},                                                     # the ground of the graph runtime
     {"kernels", "attention", "parallel", "quant"},
     {"replay"},

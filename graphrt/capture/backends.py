@@ -113,6 +113,12 @@ def root_cause(error: BaseException) -> BaseException:
         error = nxt
 
 
+# "thread_local": only this thread's unsafe calls (a sync, a pageable copy) fail the capture; the default
+# "global" mode also fails it when another thread runs CUDA work meanwhile (a decode worker, a server's
+# other requests), so a lazy capture beside them would fail
+CAPTURE_ERROR_MODE = "thread_local"
+
+
 class CudaGraph:
     """One ``torch.cuda.CUDAGraph`` over the runtime's shared pool, captured on the runtime's
     device. A failed capture leaves the process as it found it: the caller's stream is current
@@ -146,7 +152,7 @@ class CudaGraph:
         torch.cuda.empty_cache()          # as torch.cuda.graph does: give the graph's pool room
         torch.cuda.set_stream(stream)
         try:
-            self.graph.capture_begin(pool=runtime.memory_pool())
+            self.graph.capture_begin(pool=runtime.memory_pool(), capture_error_mode=CAPTURE_ERROR_MODE)
             error = None
             try:
                 for static, out in zip(self.outputs, self.fn(*self.inputs)):
@@ -200,7 +206,7 @@ def _end_generator_capture(device) -> None:
         scratch = torch.zeros(1, device=device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(torch.cuda.Stream(device)):
-            graph.capture_begin()
+            graph.capture_begin(capture_error_mode=CAPTURE_ERROR_MODE)
             scratch.add_(1)
             graph.capture_end()
 

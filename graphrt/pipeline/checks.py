@@ -35,14 +35,33 @@ def text_context(cfg, context, where: str) -> torch.Tensor:
     if not isinstance(context, torch.Tensor):
         raise InputError(f"{where}: the text context must be a torch.Tensor", expected=want,
                          got=type(context).__name__, fix="torch.as_tensor(context)")
-    if context.device.type == "meta" or not context.is_floating_point():
+    if context.device.type == "meta":
+        raise InputError(f"{where}: the text context is on the meta device (a shape without data)", expected=want,
+                         got=f"{context.dtype}{list(context.shape)} on meta",
+                         fix="pass the text encoder's real output; a model built on the meta device needs "
+                             "its weights loaded (load_state_dict(..., assign=True) or to_empty()) before encoding")
+    if not context.is_floating_point():
         raise InputError(f"{where}: the text context holds no float data", expected=want,
-                         got=f"{context.dtype} on {context.device}")
+                         got=f"{context.dtype} on {context.device}", fix="pass the text encoder's float embeddings")
     if context.dim() == 2:
         context = context[None]
-    if context.dim() != 3 or context.shape[2] != cfg.text_dim or not 1 <= context.shape[1] <= cfg.text_len:
-        raise InputError(f"{where}: the text context has the wrong shape", expected=want, got=list(context.shape))
+    if context.dim() != 3 or context.shape[2] != cfg.text_dim or not 1 <= context.shape[1] <= cfg.text_len \
+            or context.shape[0] < 1:
+        raise InputError(f"{where}: the text context has the wrong shape", expected=want, got=list(context.shape),
+                         fix="one row per video: at least one" if context.dim() == 3 and context.shape[0] < 1 else None)
     return context
+
+
+def finite_context(context: torch.Tensor, where: str) -> None:
+    """Refuse a context holding NaN or inf (every frame of its video would be NaN). Checked where
+    the context is, before it is uploaded: free of device syncs for a host context (the usual
+    case); for a device context reading the answer costs one host read, once per video at open,
+    outside any graph."""
+    if not bool(torch.isfinite(context).all()):      # host-read-ok: once per video at open, outside any graph
+        rows = (~torch.isfinite(context)).flatten(1).any(1).nonzero().flatten().tolist()   # host-read-ok: the error
+        raise InputError(f"{where}: the text context holds NaN or inf (row(s) {rows}): its video would be NaN",
+                         expected="finite embeddings", got="non-finite values",
+                         fix="check the text encoder's output (its dtype: fp16 overflows; its weights)")
 
 
 def video(cfg, rolling: bool, num_chunks: int | None, seeds: list) -> None:

@@ -39,7 +39,9 @@ from graphrt.errors import CacheError, ConfigError, InputError
 from graphrt.kv import RollingKVCache, StaticKVCache
 from graphrt.pipeline import checks
 from graphrt.pipeline.schedule import FlowMatchSchedule, denoise_chunk
-from graphrt.pipeline.slabs import EngineMemory, HostSlabs, num_slabs, powers_of_two, weight_bytes
+from graphrt.pipeline.slabs import (EngineMemory, HostSlabs, num_slabs, powers_of_two, refuse_static_over_budget,
+                                   weight_bytes)
+from graphrt.threads import OneThread, one_thread
 
 MODES = ("eager", "forward", "chunk")
 KV_BUCKETS = ("auto", "per-length", "max")
@@ -118,7 +120,9 @@ class Engine:
     cannot call the collectives).
 
     ``window=(frames, sink_frames)`` uses a :class:`RollingKVCache` for videos past
-    ``max_frames``. ``backend``/``inductor``/``verify``/``cache_dir`` are passed to
+    ``max_frames``. Without it the cache is static: each slab holds ``max_frames`` from the start,
+    and one session that does not fit ``memory_budget`` (default: the device's free memory) is
+    refused here, naming the most chunks that fit and the window to use instead. ``backend``/``inductor``/``verify``/``cache_dir`` are passed to
     :func:`graphrt.compile`. Every method runs without autograd history (inference only),
     whatever the grad mode.
 
@@ -134,6 +138,13 @@ class Engine:
     :meth:`open` keeps on the device under their key (a 1.3B model in bf16: about 94 MiB each);
     the least recently used is dropped first. An open session holds its own copy in its slab,
     so dropping a prompt only means its next :meth:`open` encodes it again.
+
+    Threads: one at a time. The cache, its block table and the graphs' static buffers are one set
+    per engine, so a call that changes it (``open``, ``step``, ``close``, ``suspend``, ``resume``,
+    ``prewarm``, ``reset``, ``generate``) from a second thread while another thread's call runs is
+    refused with :class:`~graphrt.errors.ConcurrentCallError` (it never waits, and nothing is mixed
+    silently). Drive it from one thread, e.g. a worker that owns it (as ``graphrt.serve`` does);
+    the thread may change from one call to the next.
     """
 
     def __init__(self, model, *, max_sessions: int | None = None, batch_sizes: Sequence[int] | None = None,
@@ -153,6 +164,7 @@ class Engine:
                              got=type(model).__name__, fix="build the model with CausalWan(cfg) (or torch.compile it)")
         cfg = self.cfg = model.cfg
         self.model, self.mode = model, mode
+        self._one_thread = OneThread("Engine")
         self.schedule = schedule or FlowMatchSchedule()
         if max_sessions is not None and (not isinstance(max_sessions, int) or max_sessions < 1):
             raise InputError("max_sessions must be an int >= 1", got=max_sessions)
@@ -170,6 +182,9 @@ class Engine:
             self._new_cache = lambda **kw: RollingKVCache.for_model(model, window_frames=window[0],
                                                                     sink_frames=window[1], kv_dtype=kv_dtype, **kw)
         batch_sizes = checks.batch_sizes(batch_sizes)
+        if window is None:            # the whole video reserved up front: refused, naming the most, when over the budget
+            refuse_static_over_budget(self._new_cache, cfg, self.device, memory_budget,
+                                      batch_sizes[-1] if batch_sizes else 1)
         max_sessions = num_slabs(self._new_cache, self.device, max_sessions, memory_budget, batch_sizes)
         self.batch_sizes = batch_sizes or powers_of_two(max_sessions)
         self.cache = self._new_cache(num_slabs=max_sessions, max_batch=self.batch_sizes[-1])
@@ -225,6 +240,7 @@ class Engine:
         and give the result back with :meth:`use_chunk_function`."""
         return self._chunk
 
+    @one_thread("use_chunk_function()")
     def use_chunk_function(self, fn: Callable[..., torch.Tensor]) -> None:
         """Let :meth:`step` call ``fn`` in place of :attr:`chunk_function`: a wrapper of it with the
         same signature and results, e.g. ``torch.compile(engine.chunk_function, fullgraph=True)``
@@ -269,15 +285,24 @@ class Engine:
             self._prompts.move_to_end(prompt)
             cached_ctx, k, v = self._prompts[prompt]
             if context is not None:
-                context = context.to(self.device, self.dtype)
+                context = self._upload(context.to(dtype=self.dtype))
                 if context.shape != cached_ctx.shape or not torch.equal(context, cached_ctx):
                     raise InputError(f"prompt key {prompt!r} was cached for a different text context",
                                      fix="use one key per distinct context (or pass context=None to reuse it)")
             return k, v, None
-        context = context.to(self.device, self.dtype)
+        context = self._upload(context.to(dtype=self.dtype))
         k, v = self.model.encode_prompt(context)
         return k[:, 0], v[:, 0], (context, k[:, 0], v[:, 0])
 
+    def _upload(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the engine's device. From the host to CUDA the copy is asynchronous, from pinned
+        memory: the host does not wait for the chunks queued on the device (a pageable copy would
+        block it until they finish)."""
+        if t.device.type == "cpu" and self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)   # the caching host allocator keeps it alive
+        return t.to(self.device)
+
+    @one_thread("open()")
     @torch.no_grad()
     def open(self, context: torch.Tensor | None = None, *, seed: int = 0, prompt: str | None = None,
              num_chunks: int | None = None, schedule: FlowMatchSchedule | None = None) -> Session:
@@ -299,6 +324,7 @@ class Engine:
             raise InputError("open() needs a text context (or a prompt key seen before)")
         if context is not None:
             context = self._context(context, "open()")
+            checks.finite_context(context, "open()")
             if context.shape[0] != 1:
                 raise InputError("open() starts one video: one context row", expected="[1, L, text_dim]",
                                  got=list(context.shape), fix="open one session per row (or use stream())")
@@ -329,8 +355,8 @@ class Engine:
                 while len(self._prompts) > self.prompt_cache:
                     self._prompts.popitem(last=False)
         self.seeds[slab] = seed
-        self.t_table[slab] = torch.tensor(schedule.timesteps, device=self.device)
-        self.sigma_table[slab] = torch.tensor(schedule.sigmas, device=self.device)
+        self.t_table[slab] = self._upload(torch.tensor(schedule.timesteps))
+        self.sigma_table[slab] = self._upload(torch.tensor(schedule.sigmas))
         s = Session(next(self._ids), slab, seed, num_chunks)
         self.sessions[s.id] = s
         return s
@@ -341,6 +367,7 @@ class Engine:
     def _check_open(self, sessions, where: str) -> None:
         checks.open_sessions(sessions, Session, self.sessions, where)
 
+    @one_thread("close()")
     def close(self, session: Session) -> None:
         """End a video and free its slab (or its host copy, when suspended) for the next one."""
         self._check_open([session], "close()")
@@ -355,6 +382,7 @@ class Engine:
         return not isinstance(self.cache, RollingKVCache) and \
             (session.chunk + 1) * self.cfg.chunk_frames > self.cfg.max_frames
 
+    @one_thread("step()")
     @torch.no_grad()
     def step(self, sessions: Sequence[Session] | Session | None = None,
              cond: dict[Session, torch.Tensor] | None = None) -> dict[Session, torch.Tensor]:
@@ -452,6 +480,7 @@ class Engine:
             raise InputError("context must be [B, L, text_dim]", got=list(context.shape),
                              fix="add the batch dimension: context[None]")
         context = self._context(context, "stream()")
+        checks.finite_context(context, "stream()")     # now, not at the first chunk (open() reads it again)
         if not checks.is_int(num_chunks) or num_chunks < 1:
             raise InputError("num_chunks must be an int >= 1", got=num_chunks)
         rows = context.shape[0]
@@ -460,8 +489,9 @@ class Engine:
             raise InputError("one prompt key per context row", expected=f"a list of {rows} keys", got=prompt)
         prompts = [prompt] * rows if prompt is None or isinstance(prompt, str) else list(prompt)
         if len(seeds) != rows or len(prompts) != rows:
-            raise InputError("one seed and one prompt key per context row", expected=rows,
-                             got=(len(seeds), len(prompts)))
+            raise InputError("one seed and one prompt key per context row", expected=f"{rows} of each",
+                             got=f"{len(seeds)} seed(s), {len(prompts)} prompt key(s)",
+                             fix="pass one int seed (row i gets seed + i) and one prompt key per row (or None)")
         self._check_video(num_chunks, seeds)
         free = self.cache.free_slabs
         if rows > free:
@@ -482,11 +512,13 @@ class Engine:
             for s in sessions:
                 self.close(s)
 
+    @one_thread("generate()")
     def generate(self, context: torch.Tensor, num_chunks: int, seed: int | Sequence[int] = 0,
                  prompt: str | Sequence[str] | None = None) -> torch.Tensor:
         """Latents [B, C, num_chunks * chunk_frames, H, W] for ``context`` [B, L, text_dim]."""
         return torch.cat(list(self.stream(context, num_chunks, seed, prompt)), dim=2)
 
+    @one_thread("prewarm()")
     @torch.no_grad()
     def prewarm(self) -> "Engine":
         """Capture every bucket now (:attr:`num_graphs` graphs: batch sizes x KV lengths x
@@ -504,6 +536,7 @@ class Engine:
                                   kv_exact=self.kv_exact_choices[0], cond=cond)
         return self
 
+    @one_thread("reset()")
     def reset(self) -> None:
         """Close every session (free all slabs and host copies); graphs stay captured."""
         for s in list(self.sessions.values()):
@@ -517,6 +550,7 @@ class Engine:
                      sigma_table=self.sigma_table[slab:slab + 1])
         return views
 
+    @one_thread("suspend()")
     def suspend(self, session: Session) -> None:
         """Move a session to host memory and free its slab for another session.
 
@@ -531,6 +565,7 @@ class Engine:
         self.cache.release(session.slab, stream=stream)
         session.slab = None
 
+    @one_thread("resume()")
     def resume(self, session: Session) -> None:
         """Bring a suspended session back into any free slab (it need not be its old one)."""
         self._check_open([session], "resume()")

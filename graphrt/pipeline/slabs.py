@@ -47,10 +47,12 @@ class EngineMemory:
 
 
 def free_memory(device: torch.device) -> int:
-    """Free bytes on ``device``: the CUDA driver's count, or the host's available memory."""
+    """Free bytes on ``device``: the CUDA driver's count plus what PyTorch's caching allocator holds
+    unused (it serves new tensors from that first), or the host's available memory."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     try:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)
@@ -67,6 +69,47 @@ def powers_of_two(n: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
+def budget_bytes(budget: int | float, device: torch.device) -> int:
+    """``memory_budget`` in bytes: bytes as given, or a fraction in (0, 1] of the free memory of ``device``."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0 or \
+            (isinstance(budget, float) and budget > 1):
+        raise InputError("memory_budget must be bytes (an int > 0) or a fraction of free memory in (0, 1]",
+                         got=budget)
+    return int(budget * free_memory(device)) if isinstance(budget, float) else budget
+
+
+def refuse_static_over_budget(new_cache: Callable, cfg, device: torch.device, budget: int | float | None,
+                              max_batch: int) -> None:
+    """A static cache holds every session's whole video (``cfg.max_frames``) from the start: refuse
+    one whose single session does not fit ``budget`` (``memory_budget``; None: the free memory of
+    ``device``) before anything is allocated, naming the most chunks that fit and the rolling cache
+    that makes any length. ``new_cache(num_slabs=, max_batch=, device=, max_frames=)`` builds it."""
+    nbytes = free_memory(device) if budget is None else budget_bytes(budget, device)
+
+    def need(chunks: int) -> int:
+        return new_cache(num_slabs=1, max_batch=max_batch, device="meta",
+                         max_frames=chunks * cfg.chunk_frames).memory().total
+
+    total = need(cfg.num_chunks)
+    if total <= nbytes:
+        return
+    lo, hi = 0, cfg.num_chunks        # need(lo) fits (or lo == 0), need(hi) does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if need(mid) <= nbytes else (lo, mid)
+    where = "memory_budget" if budget is not None else f"the free memory of {torch.device(device)}"
+    most, cf = lo * cfg.chunk_frames, cfg.chunk_frames
+    raise CacheError(
+        f"a static K/V cache for videos of {cfg.num_chunks} chunks (max_frames={cfg.max_frames}) needs "
+        f"{total:,} bytes for one session, more than {where} ({nbytes:,} bytes): it holds at most {lo} chunk(s)"
+        + ("" if lo else " (it holds no session)"),
+        expected=f"<= {lo} chunk(s) of {cfg.chunk_frames} frames in a static cache", got=f"{cfg.num_chunks} chunks",
+        fix=(f"use a rolling cache, which makes videos of any length: Engine(..., window=(frames, sink_frames)) "
+             f"with frames <= {most}, e.g. window=({min(most, 7 * cf)}, {cf if most >= 2 * cf else 0}); or build "
+             f"the model with max_frames <= {most}") if lo else
+            "raise the budget, use kv_dtype='int8' or 'float8_e4m3fn', or a smaller model")
+
+
 def num_slabs(new_cache: Callable, device: torch.device, max_sessions: int | None, budget: int | float | None,
               batch_sizes: tuple[int, ...] | None) -> int:
     """Slabs to allocate: ``max_sessions``, or as many as the K/V cache fits in ``budget`` (bytes, or a
@@ -74,11 +117,7 @@ def num_slabs(new_cache: Callable, device: torch.device, max_sessions: int | Non
     builds the cache (on the meta device here, to size it)."""
     if budget is None:
         return 1 if max_sessions is None else max_sessions
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0 or \
-            (isinstance(budget, float) and budget > 1):
-        raise InputError("memory_budget must be bytes (an int > 0) or a fraction of free memory in (0, 1]",
-                         got=budget)
-    nbytes = int(budget * free_memory(device)) if isinstance(budget, float) else budget
+    nbytes = budget_bytes(budget, device)
     max_batch = max(batch_sizes) if batch_sizes else 1
     probe = new_cache(num_slabs=1, max_batch=max_batch, device="meta").memory()
     fit = probe.slabs_within(nbytes)

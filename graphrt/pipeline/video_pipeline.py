@@ -32,6 +32,7 @@ from graphrt.pipeline.engine import Engine, Session
 from graphrt.pipeline.taehv import TinyDecoder, load_tiny_decoder
 from graphrt.pipeline.text import TextEncoder, clean_prompt
 from graphrt.pipeline.weights import VideoShape, WanComponents, load_wan
+from graphrt.threads import OneThread, one_thread
 
 
 class VideoPipeline:
@@ -50,6 +51,14 @@ class VideoPipeline:
     In ``mode="forward"``/``"chunk"``, ``prewarm()`` first: without it each step waits for the
     queued decodes until every graph is captured (see the module docstring). :meth:`shutdown` is
     the last call: it closes every session and stops the decode worker.
+
+    Threads: one caller at a time. ``open``, ``step``, ``close``, ``prewarm`` and ``shutdown`` from a
+    second thread while another thread's call runs are refused with
+    :class:`~graphrt.errors.ConcurrentCallError` (never mixed, never waited for), as the
+    :class:`Engine` refuses them. The pipeline's own threads (the decode worker, and the DiT
+    producer of an overlapped :meth:`stream`) are its business: a stream's producer steps while
+    the caller only waits for frames. Serve it from one thread, e.g. a worker that owns it (as
+    ``graphrt.serve`` does).
     """
 
     def __init__(self, engine: Engine, text: TextEncoder, decoder: VAEDecoder | str, *, overlap: bool = True,
@@ -75,6 +84,7 @@ class VideoPipeline:
                               fix="pair the decoder with a DiT of its latent space (the tiny decoder, taew2_1: "
                                   "Wan 2.1's 16 channels)")
         self.engine, self.text, self.decoder = engine, text, decoder
+        self._one_thread = OneThread("VideoPipeline")
         self.queue = DecodeQueue(decoder, overlap=overlap)
         # kept off the Session: the Engine's captures can reach its sessions, and the decode worker
         # changes these states while the DiT runs (a capture would see a rebind it cannot replay)
@@ -111,6 +121,7 @@ class VideoPipeline:
                                    **engine_kwargs)
 
     # -- sessions -------------------------------------------------------------------------------
+    @one_thread("open()")
     def open(self, prompt: str, *, seed: int = 0, num_chunks: int | None = None) -> Session:
         """Start a video for ``prompt``; a prompt seen before skips the text encoder and the
         cross-attention projections. The session gets its own decoder state."""
@@ -120,6 +131,7 @@ class VideoPipeline:
         self._states[session] = self.decoder.new_state()
         return session
 
+    @one_thread("close()")
     def close(self, session: Session) -> None:
         """End a video: its slab and its decoder state (a captured decoder's slot) are freed."""
         self.engine.close(session)
@@ -135,6 +147,7 @@ class VideoPipeline:
                              fix="open sessions with VideoPipeline.open(), not Engine.open()")
         return state
 
+    @one_thread("step()")
     @torch.no_grad()
     def step(self, sessions: Sequence[Session] | None = None) -> dict[Session, cf.Future]:
         """One DiT chunk for each active session (batched, as :meth:`Engine.step`), each session's
@@ -218,6 +231,7 @@ class VideoPipeline:
         """The whole video: uint8 ``[T, H, W, 3]`` (``[B, T, H, W, 3]`` for a list of prompts)."""
         return torch.cat(list(self.stream(prompt, num_chunks, seed)), dim=0 if isinstance(prompt, str) else 1)
 
+    @one_thread("prewarm()")
     def prewarm(self, decoder_graphs: bool = False) -> "VideoPipeline":
         """Capture the engine's graphs now (see :meth:`Engine.prewarm`); with ``decoder_graphs``
         also the decoder's steady frame, one static feature cache per engine slab
@@ -233,6 +247,7 @@ class VideoPipeline:
             self.decoder.capture(cfg.height, cfg.width, videos=self.engine.cache.num_slabs, **chunk)
         return self
 
+    @one_thread("shutdown()")
     def shutdown(self, cancel: bool = False) -> None:
         """Close every session, give each decoder state back (after its queued decodes), finish
         the queued decodes and stop the worker. ``cancel``: drop the queued decodes not started

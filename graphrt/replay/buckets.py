@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.utils._pytree as pytree
@@ -176,6 +176,28 @@ def bind(signature: inspect.Signature | None, args: tuple, kwargs: dict) -> Requ
     return Request(paths, [x for _, x in flat], spec, names)
 
 
+def _batch_sizes(sizes) -> tuple[int, ...] | None:
+    """Batch buckets as sorted distinct ints >= 1, or None (no padding)."""
+    if sizes is None:
+        return None
+    want = "a non-empty sequence of ints >= 1, e.g. (1, 2, 4), or None"
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Iterable):
+        raise InputError("batch_sizes must be a sequence of ints", expected=want, got=repr(sizes))
+    sizes = tuple(sizes)
+    bad = [b for b in sizes if isinstance(b, bool) or not isinstance(b, int) or b < 1]
+    if not sizes or bad:
+        raise InputError(f"batch sizes must be ints >= 1{f'; got {bad}' if bad else ''}", expected=want, got=sizes,
+                         fix="list the batch buckets to capture, e.g. Buckets((1, 2, 4), batch_args=('x',))")
+    return tuple(sorted(set(sizes)))
+
+
+def _names(what: str, names) -> tuple[str, ...]:
+    if isinstance(names, str) or not isinstance(names, Iterable) or not all(isinstance(n, str) for n in names):
+        raise InputError(f"{what} must be a sequence of argument names", expected="e.g. ('x', 't')", got=repr(names),
+                         fix=f"{what}=('{names}',)" if isinstance(names, str) else None)
+    return tuple(names)
+
+
 def _leaf_key(x, path: str):
     if is_runtime_state(x):
         return StateRef(type(x).__name__, id(x))
@@ -203,11 +225,19 @@ class Buckets:
 
     def __init__(self, batch_sizes: Sequence[int] | None = None, *, batch_args: Sequence[str] = (),
                  static_args: Mapping[str, Sequence[Any]] | None = None):
-        self.batch_sizes = tuple(sorted(batch_sizes)) if batch_sizes else None
+        self.batch_sizes = _batch_sizes(batch_sizes)
         if self.batch_sizes and not batch_args:
             raise InputError("batch_sizes needs batch_args: the names of the arguments batched on dim 0")
-        self.batch_args = tuple(batch_args)
-        self.static_args = {k: tuple(v) for k, v in (static_args or {}).items()}
+        self.batch_args = _names("batch_args", batch_args)
+        if static_args is not None and not isinstance(static_args, Mapping):
+            raise InputError("static_args must map an argument name to the values it may take",
+                             expected='a dict, e.g. {"kv_frames": (3, 6, 9)}', got=type(static_args).__name__)
+        self.static_args = {}
+        for k, v in (static_args or {}).items():
+            if not isinstance(k, str) or isinstance(v, (str, bytes)) or not isinstance(v, Iterable) or not tuple(v):
+                raise InputError(f"static_args[{k!r}] must be a non-empty sequence of the values it may take",
+                                 expected='e.g. {"kv_frames": (3, 6, 9)}', got=v)
+            self.static_args[k] = tuple(v)
 
     def __repr__(self):
         return f"Buckets(batch_sizes={self.batch_sizes}, batch_args={self.batch_args}, static_args={self.static_args})"

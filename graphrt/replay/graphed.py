@@ -27,9 +27,11 @@ from graphrt.capture.diskcache import DiskCache
 from graphrt.capture.state import argument_checks, is_runtime_state
 from graphrt.capture.tensors import SCALARS
 from graphrt.capture.undo import Bindings, TensorIds, WriteLog, roots_of
-from graphrt.errors import BackendUnavailableError, CaptureError, InputError, ReplayMismatchError, SignatureError
+from graphrt.errors import (BackendUnavailableError, CaptureError, InputError, ReplayMismatchError, SignatureError,
+                            WeightsMovedError)
 from graphrt.replay.buckets import BucketKey, Buckets, Request, StateRef, TensorSpec
 from graphrt.replay.dispatch import Dispatcher
+from graphrt.threads import OneThread, one_thread
 from graphrt.tolerance import max_rel_err, tolerance
 
 
@@ -71,7 +73,13 @@ def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 class GraphedModule:
-    """A function or module captured as one graph per bucket. Build it with :func:`graphrt.compile`."""
+    """A function or module captured as one graph per bucket. Build it with :func:`graphrt.compile`.
+
+    One thread at a time: its static buffers and outputs are one set per module, so a call (or
+    ``prewarm``/``reset``) from a second thread while another thread's call runs is refused with
+    :class:`~graphrt.errors.ConcurrentCallError`, never served with mixed buffers; calls nest within
+    one thread. Serve it from one thread, e.g. a worker that owns it.
+    """
 
     def __init__(self, fn: Callable, *, buckets: Buckets | None = None, backend: str = "auto",
                  inductor: bool | str = False, verify: int = 0, fallback: str = "error", clone_outputs: bool = False,
@@ -84,8 +92,15 @@ class GraphedModule:
         if backend == "cuda-graph":
             Runtime(backend)          # fails now, not at the first call, when there is no CUDA device
         resolve_wrapper(inductor, torch.device("cpu"))     # an unknown setting fails now
+        if not callable(fn):
+            raise InputError("graphrt.compile takes a function or an nn.Module", expected="a callable",
+                             got=f"{type(fn).__name__} {fn!r}"[:80], fix="graphrt.compile(model) or graphrt.compile(fn)")
+        if buckets is not None and not isinstance(buckets, Buckets):
+            raise InputError("buckets must be a graphrt.Buckets spec (or None)", got=type(buckets).__name__,
+                             fix="buckets=graphrt.Buckets((1, 2, 4), batch_args=(\"x\",))")
         self._disk = DiskCache.resolve(cache_dir) if inductor else None
         self.fn = fn
+        self._one_thread = OneThread(f"GraphedModule({getattr(fn, '__qualname__', type(fn).__name__)})")
         self.module = fn if isinstance(fn, torch.nn.Module) else None
         self.dispatch = Dispatcher(fn, buckets)
         self.backend, self.inductor, self.verify = backend, inductor, verify
@@ -97,6 +112,7 @@ class GraphedModule:
         # module buffers, closures and argument objects need no declaration: capture's write log undoes them
         own = [fn if is_runtime_state(fn) else owner] if is_runtime_state(fn) or is_runtime_state(owner) else []
         self._fixed_states = list(states) + own          # always guarded
+        self._weights = _Weights(fn)
         self._states: dict[int, Any] = {id(s): s for s in self._fixed_states}   # every state seen, for reset()
 
     # -- public --------------------------------------------------------------------------------
@@ -126,7 +142,9 @@ class GraphedModule:
     def _graphs(self) -> dict[BucketKey, _Bucket]:
         return self.dispatch.graphs
 
+    @one_thread("__call__()")
     def __call__(self, *args, **kwargs):
+        self._weights.refuse_moved()
         req = self.dispatch.request(args, kwargs)
         self._register_states(req)
         key = self.dispatch.key(req)
@@ -151,6 +169,7 @@ class GraphedModule:
         self.stats.replays += 1
         return self._outputs(entry, req, outs)
 
+    @one_thread("prewarm()")
     def prewarm(self, *args, **kwargs) -> "GraphedModule":
         """Capture every bucket up front, largest first, then seal the set of graphs.
 
@@ -177,6 +196,7 @@ class GraphedModule:
         self.sealed = True
         return self
 
+    @one_thread("reset()")
     def reset(self) -> None:
         """Return every runtime state (positions, lengths, block tables) to empty; graphs are kept."""
         for s in self._states.values():
@@ -284,6 +304,7 @@ class GraphedModule:
             self.stats.disk_hits += hit
             self.stats.disk_misses += not hit
         self._graphs[key] = entry
+        self._weights.record()            # where the graphs read the weights (kept from the first capture on)
         return entry
 
     # -- replay --------------------------------------------------------------------------------
@@ -350,6 +371,58 @@ class GraphedModule:
             with torch.no_grad():
                 return self.fn(*args, **kwargs)
         raise self.dispatch.miss(key, why)
+
+
+class _Weights:
+    """Where the captured function's modules keep their parameters and buffers at capture, checked
+    before each call: a graph reads the memory its weights had then, so weights moved since
+    (``model.to(...)``, a ``load_state_dict(assign=True)``) are refused, never read stale or freed.
+    The modules: the function itself, its owner (a bound method's object) or the modules that
+    object holds (an Engine's model), and the modules in its closure. The check compares
+    ``data_ptr()`` of each tensor, host-side metadata (no device read): about 0.1 us a tensor on
+    the CPU, so about 0.1 ms a call for a 30-layer DiT (``bench/results/design-numbers.md``)."""
+
+    def __init__(self, fn):
+        owner = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
+        found = [owner] if isinstance(owner, torch.nn.Module) else \
+            [v for v in getattr(owner, "__dict__", {}).values() if isinstance(v, torch.nn.Module)]
+        found += [c.cell_contents for c in getattr(fn, "__closure__", None) or ()
+                  if isinstance(getattr(c, "cell_contents", None), torch.nn.Module)]
+        self.dicts, self.names, seen = [], [], set()
+        for m in found:
+            for prefix, sub in m.named_modules(remove_duplicate=False):
+                if id(sub) in seen:
+                    continue
+                seen.add(id(sub))
+                for d in (sub._parameters, sub._buffers):
+                    if not d:                 # most modules hold no tensor of their own: skip their dicts
+                        continue
+                    self.dicts.append(d)
+                    self.names.append([f"{prefix}.{k}" if prefix else k for k in d])
+        self.ptrs: tuple | None = None
+
+    def _now(self) -> tuple:
+        return tuple(t.data_ptr() if t is not None else 0 for d in self.dicts for t in d.values())   # no device read
+
+    def record(self) -> None:
+        if self.ptrs is None:
+            self.ptrs = self._now()
+
+    def refuse_moved(self) -> None:
+        if self.ptrs is None or self._now() == self.ptrs:
+            return
+        names = [n for ns in self.names for n in ns]
+        now = self._now()
+        moved = [n for n, a, b in zip(names, self.ptrs, now) if a != b] if len(now) == len(self.ptrs) else \
+            ["the set of parameters and buffers changed"]
+        raise WeightsMovedError(
+            "the module's weights moved since its graphs were captured (model.to(...), an assigned "
+            "load_state_dict, a replaced parameter): the graphs would read the old, maybe freed, memory",
+            where=", ".join(moved[:4]) + (f", ... {len(moved) - 4} more" if len(moved) > 4 else ""),
+            expected="the weights where they were at capture", got=f"{len(moved)} tensor(s) at another address",
+            fix="call graphrt.compile again on the moved model (a new Engine over it), or move the weights "
+                "before compiling; to change weights under captured graphs, copy into them in place "
+                "(load_state_dict without assign)")
 
 
 def _object_roots(req: Request) -> dict[str, Any]:
