@@ -11,6 +11,11 @@ Modes (all on the same weights, text context and seeds):
 - ``eager``: the graph-safe ``CausalWan``, eager;
 - ``graphs``: one graph per DiT forward per bucket (CUDA graphs; the CPU emulation on the CPU);
 - ``chunk-graph``: one graph per whole chunk (denoising forwards, scheduler, noise, cache pass);
+- ``graphs+fused``, ``chunk-graph+fused``: ``graphs`` and ``chunk-graph`` on the model built with
+  ``kernels="fused"`` (graphrt's fused custom ops; every other mode uses ``kernels="aten"``, like
+  for like on the same weights). On the CPU their ops run the aten reference (Triton runs on CUDA,
+  or under ``TRITON_INTERPRET=1``), which each mode's ``fused_ops`` says; so the default mode list
+  has them on CUDA only;
 - ``graphs+inductor``: ``graphs`` with each bucket compiled by inductor before capture;
 - ``chunk-graph+inductor``: ``chunk-graph`` with each whole chunk compiled by inductor: on the
   CPU one AOTInductor package per bucket (no Python between kernels), kept in a disk cache; on
@@ -22,8 +27,9 @@ Modes (all on the same weights, text context and seeds):
 Both peers are what a strong user would write; graphrt's graph modes are measured against the
 faster of the two (``summary["goal"]``).
 
-Per mode: first-chunk latency (capture/compile included), steady per-chunk latency (median and
-p90) split into the denoising forwards and the cache pass where the mode exposes the boundary,
+Per mode: its kernel path (``kernel_path``), first-chunk latency (capture/compile included), steady
+per-chunk latency (median and p90), the 6th chunk's (``chunk6_ms``: KV 18 latent frames at 480p, the
+published comparison point; profiled on CUDA) split into the denoising forwards and the cache pass where the mode exposes the boundary,
 on the CPU the thread CPU time per chunk next to the wall time, the spread of the per-video
 medians (min, median, max over the repeats), video frames per second, host reads per chunk
 (counted by the checker; pinned async uploads apart), graphs, capture seconds (cold, and warm:
