@@ -213,7 +213,7 @@ def _run(cfg: BenchConfig, name: str, preset: Preset, device: torch.device, dtyp
     ref = ReferenceWan(wcfg).to(device, dtype).eval()
     if cfg.checkpoint:
         load_checkpoint(ref, cfg.checkpoint)
-    causal = CausalWan(wcfg, attention=cfg.attention).to(device, dtype).eval()
+    causal = CausalWan(wcfg, attention=cfg.attention, kernels="aten").to(device, dtype).eval()   # the fused modes: a twin
     causal.load_state_dict(ref.state_dict(), assign=True)   # one copy of the weights, shared by both models
     if cfg.sp > 1:
         sequence_parallel(causal)              # the reference stays whole on every rank: the error baseline
