@@ -253,7 +253,8 @@ def main(argv=None) -> int:
                       dtype=opts.dtype, attention=opts.attention, checkpoint=opts.checkpoint, repeats=opts.repeats,
                       seed=opts.seed, threads=opts.threads, kv_dtype=opts.kv_dtype, cache_dir=opts.cache_dir,
                       kv_buckets=opts.kv_buckets, head_to_head=not opts.no_head_to_head,
-                      modes=None if opts.modes is None else tuple(m.strip() for m in opts.modes.split(",") if m.strip()),
+                      modes=None if opts.modes is None else tuple(m.strip() for m in opts.modes.split(",")
+                                                                  if m.strip()),
                       progress=False, sp=opts.sp)
     try:
         cfg = cfg.with_modes()

@@ -29,8 +29,8 @@ faster of the two (``summary["goal"]``).
 
 Per mode: its kernel path (``kernel_path``), first-chunk latency (capture/compile included), steady
 per-chunk latency (median and p90), the 6th chunk's (``chunk6_ms``: KV 18 latent frames at 480p, the
-published comparison point; profiled on CUDA) split into the denoising forwards and the cache pass where the mode exposes the boundary,
-on the CPU the thread CPU time per chunk next to the wall time, the spread of the per-video
+published comparison point; profiled on CUDA) split into the denoising forwards and the cache pass
+where the mode exposes the boundary, on the CPU the thread CPU time per chunk next to the wall time, the spread of the per-video
 medians (min, median, max over the repeats), video frames per second, host reads per chunk
 (counted by the checker; pinned async uploads apart), graphs, capture seconds (cold, and warm:
 a second engine started on the same disk cache), peak memory (in the steady state, and while
@@ -213,7 +213,8 @@ def _run(cfg: BenchConfig, name: str, preset: Preset, device: torch.device, dtyp
     ref = ReferenceWan(wcfg).to(device, dtype).eval()
     if cfg.checkpoint:
         load_checkpoint(ref, cfg.checkpoint)
-    causal = CausalWan(wcfg, attention=cfg.attention, kernels="aten").to(device, dtype).eval()   # the fused modes: a twin
+    # today's modes run kernels="aten"; the fused modes a twin of this model (driver.with_kernels)
+    causal = CausalWan(wcfg, attention=cfg.attention, kernels="aten").to(device, dtype).eval()
     causal.load_state_dict(ref.state_dict(), assign=True)   # one copy of the weights, shared by both models
     if cfg.sp > 1:
         sequence_parallel(causal)              # the reference stays whole on every rank: the error baseline
