@@ -30,7 +30,6 @@ def test_bench_cli_all_modes(tmp_path):
     assert {"device", "torch", "preset", "config", "modes"} <= set(last)
     assert last["preset"] == "tiny" and last["config"]["chunks"] == 2
     assert set(last["modes"]) == set(default_modes(torch.device("cpu")))       # the fused ones by name only
-    import torch
 
     for mode, r in last["modes"].items():
         assert "skipped" not in r, (mode, r)
