@@ -30,7 +30,8 @@ faster of the two (``summary["goal"]``).
 Per mode: its kernel path (``kernel_path``), first-chunk latency (capture/compile included), steady
 per-chunk latency (median and p90), the 6th chunk's (``chunk6_ms``: KV 18 latent frames at 480p, the
 published comparison point; profiled on CUDA) split into the denoising forwards and the cache pass
-where the mode exposes the boundary, on the CPU the thread CPU time per chunk next to the wall time, the spread of the per-video
+where the mode exposes the boundary, on the CPU the thread CPU time per chunk next to the wall
+time, the spread of the per-video
 medians (min, median, max over the repeats), video frames per second, host reads per chunk
 (counted by the checker; pinned async uploads apart), graphs, capture seconds (cold, and warm:
 a second engine started on the same disk cache), peak memory (in the steady state, and while
@@ -68,7 +69,8 @@ import torch
 
 from graphrt.bench.attention import kv_cache_costs
 from graphrt.bench.driver import Driver, host_reads_per_chunk
-from graphrt.bench.presets import COMPARISON_CHUNK, INDUCTOR_MODES, MODES, PEERS, PRESETS, VIDEO_FRAMES_PER_LATENT, BenchConfig, Preset
+from graphrt.bench.presets import (COMPARISON_CHUNK, INDUCTOR_MODES, MODES, PEERS, PRESETS, VIDEO_FRAMES_PER_LATENT,
+                                   BenchConfig, Preset)
 from graphrt.bench.profile import profile_chunk
 from graphrt.bench.result import ModeResult, compare, goal_summary, steady_times
 from graphrt.bench.timing import Clock, clocks, load_average, torch_threads
