@@ -28,10 +28,10 @@ Both peers are what a strong user would write; graphrt's graph modes are measure
 faster of the two (``summary["goal"]``).
 
 Per mode: its kernel path (``kernel_path``), first-chunk latency (capture/compile included), steady
-per-chunk latency (median and p90), the 6th chunk's (``chunk6_ms``: KV 18 latent frames at 480p, the
-published comparison point; profiled on CUDA) split into the denoising forwards and the cache pass
-where the mode exposes the boundary, on the CPU the thread CPU time per chunk next to the wall
-time, the spread of the per-video
+per-chunk latency (median and p90) split into the denoising forwards and the cache pass where the
+mode exposes the boundary, the 6th chunk's (``chunk6_ms``: KV 18 latent frames at 480p, the
+published comparison point; the chunk profiled on CUDA), on the CPU the thread CPU time per chunk
+next to the wall time, the spread of the per-video
 medians (min, median, max over the repeats), video frames per second, host reads per chunk
 (counted by the checker; pinned async uploads apart), graphs, capture seconds (cold, and warm:
 a second engine started on the same disk cache), peak memory (in the steady state, and while
