@@ -6,8 +6,8 @@
 #   bench/run_gpu.sh tests                                   # every cuda-marked test in tests/, ~2-4 min
 #   bench/run_gpu.sh suite                                   # the whole suite (run it with CUDA_VISIBLE_DEVICES= for the CPU part)
 #   bench/run_gpu.sh attention wan-1.3b-480p                 # attention kernels alone, per KV length
-#   bench/run_gpu.sh bench wan-1.3b-480p 1 reference,eager,graphs,chunk-graph   # the default modes; each mode's
-#     notes name the attention kernels of one profiled steady chunk (cuDNN or flash?) and the JSON has its top kernels
+#   bench/run_gpu.sh bench wan-1.3b-480p 1 reference,eager,graphs,chunk-graph,graphs+fused,chunk-graph+fused   # the default modes (aten and fused, like for like); each mode's
+#     notes name the attention kernels of the profiled 6th chunk (cuDNN or flash?), the JSON has its top kernels and chunk6_ms
 #   bench/run_gpu.sh bench wan-1.3b-480p 1 graphs+inductor   # each slow mode is a step of its own:
 #   bench/run_gpu.sh bench wan-1.3b-480p 1 compile           # a cold compile cache fills most of one
 #   CHUNKS=2 bench/run_gpu.sh bench wan-1.3b-480p 1 chunk-graph+inductor   # whole-chunk compiles: 2 KV buckets
@@ -33,7 +33,7 @@ case "${1:-}" in
     timeout "${BENCH_TIMEOUT:-300}" python -m graphrt.bench.attention --preset "$2" --json "$out/attention-$2.json" 2>&1 \
       | grep -v '^{' | tee "$out/attention-$2.txt" ;;
   bench)
-    preset=$2 batch=$3 modes=${4:-reference,eager,graphs,chunk-graph}
+    preset=$2 batch=$3 modes=${4:-reference,eager,graphs,chunk-graph,graphs+fused,chunk-graph+fused}
     if [[ ",$modes," =~ ,(graphs\+inductor|chunk-graph\+inductor|compile|compile-chunk), && "$modes" == *,* ]]; then
       echo "run each inductor mode and each compile peer as a step of its own (a cold compile takes minutes)" >&2; exit 2
     fi
