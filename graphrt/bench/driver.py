@@ -110,7 +110,8 @@ class Driver:
 def with_kernels(model: CausalWan, kernels: str) -> CausalWan:
     """``model`` running the ``kernels`` path (``"aten"`` or ``"fused"``): itself when it already
     does, else a shallow copy sharing its weights and submodules (only ``kernels`` differs), so
-    the modes of one run compare kernel paths on the same weights."""
+    the modes of one run compare kernel paths on the same weights. Its submodules are the
+    model's own: swap them (``graphrt.quantize``) on the model before any twin is made, once."""
     if model.kernels == kernels:
         return model
     twin = copy.copy(model)
