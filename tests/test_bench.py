@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from graphrt.bench import MODES, BenchConfig, run
+from graphrt.bench.presets import FUSED_MODES, default_modes
 from graphrt.tolerance import tolerance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,8 +33,7 @@ def test_bench_cli_all_modes(tmp_path):
     assert last == json.loads(out.read_text())
     assert {"device", "torch", "preset", "config", "modes"} <= set(last)
     assert last["preset"] == "tiny" and last["config"]["chunks"] == 2
-    assert set(last["modes"]) == set(MODES)
-    import torch
+    assert set(last["modes"]) == set(default_modes(torch.device("cpu")))       # the fused ones by name only
 
     for mode, r in last["modes"].items():
         assert "skipped" not in r, (mode, r)
@@ -55,6 +55,46 @@ def test_bench_cli_all_modes(tmp_path):
     assert "graphrt.bench: tiny" in proc.stdout                   # the table came first
     md = (tmp_path / "b.md").read_text()
     assert "| chunk-graph |" in md and "max err vs reference" in md
+
+
+def test_fused_modes_run_like_for_like_and_name_their_kernel_path():
+    """graphs+fused / chunk-graph+fused build the model with kernels="fused", today's modes with
+    "aten", on the same weights; each mode names its kernel path, and the 6th chunk (the published
+    comparison point) is reported beside the median."""
+    modes = ("eager", "graphs", "graphs+fused", "chunk-graph+fused")
+    summary = run(BenchConfig(preset="tiny", chunks=6, steps=1, layers=1, repeats=0, modes=modes, progress=False,
+                              head_to_head=False))
+    assert summary["comparison_point"]["chunk"] == 6 and summary["comparison_point"]["kv_frames"] == 18
+    assert summary["comparison_point"]["measured"]
+    for mode in modes:
+        r = summary["modes"][mode]
+        assert "skipped" not in r, (mode, r)
+        assert r["kernel_path"] == ("fused" if mode in FUSED_MODES else "aten"), mode
+        assert r["chunk6_ms"] == r["chunk_ms_by_index"][5] and r["chunk6_cpu_ms"] == r["chunk_cpu_ms_by_index"][5]
+        assert r["max_err_vs_reference"] is None or r["max_err_vs_reference"] <= tolerance(torch.float32)
+    assert summary["modes"]["graphs+fused"]["fused_ops"] == "aten reference"     # no TRITON_INTERPRET here
+    assert "fused_ops" not in summary["modes"]["graphs"]
+    assert any("aten reference" in n for n in summary["modes"]["graphs+fused"]["notes"])
+    from graphrt.bench.__main__ import markdown
+
+    md = markdown(summary)
+    assert "| graphs+fused | fused (aten reference) |" in md and "chunk 6 (KV 18 latent frames)" in md
+    short = run(BenchConfig(preset="tiny", chunks=2, repeats=0, modes=("eager",), progress=False))
+    assert short["modes"]["eager"]["chunk6_ms"] is None and not short["comparison_point"]["measured"]
+
+
+def test_fused_twin_shares_the_weights_and_default_modes_skip_fused_on_the_cpu():
+    from graphrt.bench.driver import with_kernels
+    from graphrt.bench.presets import PRESETS
+    from graphrt.models.wan import CausalWan
+
+    model = CausalWan(PRESETS["tiny"].config(2), kernels="aten")
+    twin = with_kernels(model, "fused")
+    assert twin.kernel_path == "fused" and model.kernel_path == "aten" and with_kernels(model, "aten") is model
+    assert all(a is b for a, b in zip(model.parameters(), twin.parameters()))
+    assert set(default_modes(torch.device("cpu"))) == set(MODES) - set(FUSED_MODES)
+    assert default_modes(torch.device("cuda")) == MODES and all("fused" in m for m in FUSED_MODES)
+    assert BenchConfig(preset="tiny").with_modes().modes == default_modes(torch.device("cpu"))
 
 
 def test_bench_cold_caches_for_graphrt_and_the_peers(tmp_path, monkeypatch):

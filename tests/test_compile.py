@@ -878,3 +878,51 @@ def test_an_engine_graph_refuses_a_model_moved_after_capture(cfg):
     model.blocks[0].ffn[0].weight.data = model.blocks[0].ffn[0].weight.data.clone()
     with pytest.raises(graphrt.WeightsMovedError, match=r"blocks\.0\.ffn\.0\.weight"):
         engine.generate(ctx, 1)
+
+
+def test_inductor_max_autotune_options_reach_inductor(monkeypatch):
+    """``inductor="max-autotune"``: torch.compile refuses ``mode`` with ``options``, so graphrt passes
+    what the mode stands for (torch._inductor.list_mode_options) as options, with inductor's own CUDA
+    graphs and freezing off; they reach AOTInductor (the CPU's wrapper), torch.compile (the Python
+    and C++ wrappers, and the CUDA path's trace) and the disk-cache key. No real compile runs."""
+    from torch._inductor import list_mode_options
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from graphrt.capture import aot, backends
+    from graphrt.errors import CaptureError
+
+    opts = aot.inductor_options("max-autotune")
+    mode = list_mode_options("max-autotune")
+    assert opts["max_autotune"] is True and opts["coordinate_descent_tuning"] is True
+    assert opts["triton.cudagraphs"] is False and opts["freezing"] is False
+    assert {k: v for k, v in mode.items() if k != "triton.cudagraphs"}.items() <= opts.items()
+    assert aot.inductor_options(True) == {"freezing": False, "triton.cudagraphs": False}
+    assert aot.resolve_wrapper("max-autotune", torch.device("cpu")) == "aoti"
+    assert aot.resolve_wrapper("max-autotune", torch.device("cuda")) == "python"
+
+    seen = {}
+
+    def package(program, package_path=None, inductor_configs=None):
+        seen["aoti"] = inductor_configs
+        raise RuntimeError("no compile in this test")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", package)
+    g = graphrt.compile(nn.Linear(4, 4), inductor="max-autotune", cache_dir=False, progress=False)
+    with pytest.raises(CaptureError, match="AOTInductor could not compile"):
+        g(torch.randn(2, 4))
+    assert seen["aoti"] == opts
+
+    def fake_compile(fn, **kw):
+        seen.setdefault("compile", []).append(kw["options"])
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    x = torch.randn(2, 4)
+    gm = make_fx(lambda a: [a * 2])(x)
+    aot.CompiledTrace(gm, [x], "python", None, options=opts)
+    backends.trace(lambda a: [a * 2], [x], True, options=opts)
+    backends.trace(lambda a: [a * 2], [x], True)
+    assert seen["compile"][0] == dict(opts, cpp_wrapper=False) and seen["compile"][1] == opts
+    assert seen["compile"][2] == {"triton.cudagraphs": False, "freezing": False}
+    key, parts = aot.artifact_key(gm, [x], "aoti", opts)
+    assert parts["options"] == opts and key != aot.artifact_key(gm, [x], "aoti")[0]

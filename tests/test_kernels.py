@@ -195,8 +195,15 @@ def _prompt_cache(model, cfg, device="cpu", seed=7):
 
 
 def test_kernels_option(cfg):
+    from graphrt.pipeline import Engine
+
     assert CausalWan(cfg).kernel_path == "aten"                      # auto on the CPU
     assert CausalWan(cfg, kernels="fused").kernel_path == "fused"
+    model = CausalWan(cfg)
+    engine = Engine(model, mode="eager", progress=False)
+    assert engine.kernel_path == "aten"
+    model.kernels = "fused"                                          # read at each forward, and by the engine
+    assert engine.kernel_path == "fused"
     with pytest.raises(ConfigError, match="kernels"):
         CausalWan(cfg, kernels="triton")
 
@@ -294,6 +301,9 @@ def test_fused_cuda_graph_replay_is_bit_identical(cfg, dtype):
 def test_fused_model_matches_aten_on_cuda(cfg, dtype):
     aten, fused = _pair(cfg, dtype, "cuda")
     assert CausalWan(cfg).to("cuda").kernel_path == "fused"         # auto on CUDA with Triton
+    from graphrt.pipeline import Engine
+
+    assert Engine(CausalWan(cfg).to("cuda"), mode="eager", progress=False).kernel_path == "fused"   # the default
     x = torch.randn(1, cfg.in_dim, cfg.chunk_frames, cfg.height, cfg.width, device="cuda").to(dtype)
     t, ctx = torch.tensor([500.0], device="cuda"), torch.randn(1, 5, cfg.text_dim, device="cuda").to(dtype)
     _close(fused(x, t, ctx), aten(x, t, ctx), dtype)

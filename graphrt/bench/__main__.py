@@ -19,7 +19,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from graphrt.bench.core import run
-from graphrt.bench.presets import MODES, PRESETS, BenchConfig
+from graphrt.bench.presets import FUSED_MODES, MODES, PRESETS, BenchConfig
 from graphrt.bench.result import ModeResult
 from graphrt.bench.llm import PRESETS as LLM_PRESETS, is_llm_argv, main as llm_main
 from graphrt.bench.output import check_output_path, one_line, save as save_outputs, stops_cleanly
@@ -37,7 +37,8 @@ def _args(argv):
     p.add_argument("--preset", default="auto", choices=["auto", *PRESETS, *LLM_PRESETS],
                    help="auto: tiny on the CPU, wan-1.3b-480p on CUDA; the llama-* presets bench LLM decode "
                         "(their options: python -m graphrt.bench.llm --help)")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    p.add_argument("--modes", help=f"comma-separated subset of {','.join(MODES)} (default: all on CUDA; on the CPU "
+                   f"all but {','.join(FUSED_MODES)}, whose ops run their aten reference there)")
     p.add_argument("--batch", type=int, default=1, help="videos generated together (sessions in one batch)")
     p.add_argument("--chunks", type=int, help="chunks per video (default: the preset's)")
     p.add_argument("--steps", type=int, help="denoising steps per chunk (default 4), plus the cache pass")
@@ -90,7 +91,9 @@ def table(summary: dict) -> Table:
     t = Table(title=f"graphrt.bench: {summary['preset']} on {summary['device']}, torch {summary['torch']} "
                     f"({c['chunks']} chunks x ({c['steps']} steps + cache pass), batch {c['batch']}, {c['dtype']}, "
                     f"attention {c['attention']}, K/V {c.get('kv_dtype', c['dtype'])})")
-    cols = [("mode", "left"), ("1st chunk ms", "right"), ("chunk ms", "right"), ("p90", "right"), ("cpu ms", "right"),
+    six = f"chunk {summary['comparison_point']['chunk']} ms" if "comparison_point" in summary else "chunk 6 ms"
+    cols = [("mode", "left"), ("kernels", "left"), ("1st chunk ms", "right"), ("chunk ms", "right"), ("p90", "right"),
+            (six, "right"), ("cpu ms", "right"),
             ("denoise", "right"), ("cache pass", "right"), ("fps", "right"), ("host reads", "right"),
             ("graphs", "right"), ("capture s", "right"), ("warm s", "right"), ("peak MiB steady/capture", "right"),
             ("GPU busy", "right"),
@@ -103,14 +106,34 @@ def table(summary: dict) -> Table:
             continue
         mem = _mem(r, _fmt)
         busy = None if r["gpu_busy"] is None else f"{100 * r['gpu_busy']:.0f}%"
-        t.add_row(mode, _fmt(r["first_chunk_ms"]), _fmt(r["chunk_ms_median"]), _fmt(r["chunk_ms_p90"]),
-                  _fmt(r["chunk_cpu_ms_median"]),
+        t.add_row(mode, kernels_cell(r), _fmt(r["first_chunk_ms"]), _fmt(r["chunk_ms_median"]),
+                  _fmt(r["chunk_ms_p90"]), _fmt(r.get("chunk6_ms")), _fmt(r["chunk_cpu_ms_median"]),
                   _fmt(r["denoise_ms_median"]), _fmt(r["cache_pass_ms_median"]), _fmt(r["fps"]),
                   _fmt(r["host_reads_per_chunk"]), _fmt(r["graphs"]), _fmt(r["capture_s"]), _fmt(r["warm_capture_s"]),
                   mem, busy or "-",
                   _fmt(r["max_err_vs_reference"]), _fmt(r["speedup_vs_reference"], "x"),
                   _fmt(r["speedup_vs_eager"], "x"))
     return t
+
+
+def kernels_cell(r: dict) -> str:
+    """A mode's kernel path, and for the fused path what its ops ran (on the CPU: the aten reference)."""
+    path = r.get("kernel_path") or "-"
+    return f"{path} ({r['fused_ops']})" if r.get("fused_ops") else path
+
+
+def comparison_line(summary: dict) -> str | None:
+    """The published comparison point, and each mode's median there (thread CPU time on the CPU)."""
+    p = summary.get("comparison_point")
+    if p is None:
+        return None
+    if not p["measured"]:
+        return (f"- chunk {p['chunk']} (KV {p['kv_frames']} latent frames), {p['what']}: not measured, "
+                f"the videos have fewer than {p['chunk']} chunks")
+    key = "chunk6_cpu_ms" if summary["device"].startswith("cpu") else "chunk6_ms"
+    times = ", ".join(f"{m} {r[key]:,.2f} ms" for m, r in summary["modes"].items()
+                      if "skipped" not in r and r.get(key) is not None)
+    return f"- chunk {p['chunk']} (KV {p['kv_frames']} latent frames), {p['what']}: {times}"
 
 
 def markdown(summary: dict) -> str:
@@ -125,7 +148,8 @@ def markdown(summary: dict) -> str:
         return f"{v:,.{digits}f}" if isinstance(v, float) else str(v)
 
     cpu = summary["device"].startswith("cpu")
-    head = ["mode", "first chunk ms", "chunk ms p50", "p90"] + (["cpu ms p50", "cpu ms min/med/max"] if cpu else []) + \
+    head = ["mode", "kernels", "first chunk ms", "chunk ms p50", "p90", "chunk 6 ms"] + \
+        (["cpu ms p50", "cpu ms min/med/max", "chunk 6 cpu ms"] if cpu else []) + \
         ["denoise ms", "cache pass ms", "video fps", "host reads/chunk", "graphs", "capture s", "warm capture s",
          "peak MiB steady / capture", "GPU busy", "max err vs reference", "x reference", "x eager"]
     lines = [f"{summary['preset']} on {summary['device']}, torch {summary['torch']}: {c['chunks']} chunks x "
@@ -139,9 +163,11 @@ def markdown(summary: dict) -> str:
         mem = _mem(r, lambda v: f(v, 0))
         busy = None if r["gpu_busy"] is None else f"{100 * r['gpu_busy']:.0f}%"
         spread = r.get("chunk_cpu_ms_spread")
-        cells = [mode, f(r["first_chunk_ms"]), f(r["chunk_ms_median"]), f(r["chunk_ms_p90"])]
+        cells = [mode, kernels_cell(r), f(r["first_chunk_ms"]), f(r["chunk_ms_median"]), f(r["chunk_ms_p90"]),
+                 f(r.get("chunk6_ms"))]
         if cpu:
-            cells += [f(r["chunk_cpu_ms_median"]), "/".join(f(x) for x in spread) if spread else "-"]
+            cells += [f(r["chunk_cpu_ms_median"]), "/".join(f(x) for x in spread) if spread else "-",
+                      f(r.get("chunk6_cpu_ms"))]
         cells += [f(r["denoise_ms_median"]), f(r["cache_pass_ms_median"]), f(r["fps"], 1),
                   f(r["host_reads_per_chunk"], 0), f(r["graphs"]), f(r["capture_s"]), f(r["warm_capture_s"]),
                   mem, busy or "-", f(r["max_err_vs_reference"]), f(r["speedup_vs_reference"]) + "x",
@@ -152,6 +178,9 @@ def markdown(summary: dict) -> str:
     head_notes = [f"- clocks: speedups from {summary['clocks']['speedups']}; threads {summary['threads']}; "
                   f"load average (1/5/15 min, {summary['load_avg']['cpus']} CPUs) {summary['load_avg']['start']} "
                   f"at the start, {summary['load_avg']['end']} at the end"]
+    point = comparison_line(summary)
+    if point:
+        head_notes.append(point)
     head_notes += [f"- {line}" for line in goal_lines(summary)]
     kv = kv_lines(summary)
     return "\n".join(lines + [""] + head_notes + ([""] + kv if kv else []) + ([""] + notes if notes else [])) + "\n"
@@ -249,9 +278,11 @@ def _main(argv) -> int:
                       dtype=opts.dtype, attention=opts.attention, checkpoint=opts.checkpoint, repeats=opts.repeats,
                       seed=opts.seed, threads=opts.threads, kv_dtype=opts.kv_dtype, cache_dir=opts.cache_dir,
                       kv_buckets=opts.kv_buckets, head_to_head=not opts.no_head_to_head,
-                      modes=tuple(m.strip() for m in opts.modes.split(",") if m.strip()), progress=False, sp=opts.sp)
+                      modes=None if opts.modes is None else tuple(m.strip() for m in opts.modes.split(",")
+                                                                  if m.strip()),
+                      progress=False, sp=opts.sp)
     try:
-        cfg.resolve()
+        cfg = cfg.with_modes()
         _check_outputs(opts)
     except GraphrtError as e:
         errors.print(f"error: {one_line(e)}", style="red", markup=False)
@@ -281,6 +312,9 @@ def _main(argv) -> int:
             errors.print(f"error: {one_line(e)}", style="red", markup=False)
             return 2
     console.print(table(summary))
+    point = comparison_line(summary)
+    if point:
+        console.print(point[2:], markup=False)
     for line in goal_lines(summary) + kv_lines(summary):
         console.print(line)
     save(summary)

@@ -11,6 +11,11 @@ Modes (all on the same weights, text context and seeds):
 - ``eager``: the graph-safe ``CausalWan``, eager;
 - ``graphs``: one graph per DiT forward per bucket (CUDA graphs; the CPU emulation on the CPU);
 - ``chunk-graph``: one graph per whole chunk (denoising forwards, scheduler, noise, cache pass);
+- ``graphs+fused``, ``chunk-graph+fused``: ``graphs`` and ``chunk-graph`` on the model built with
+  ``kernels="fused"`` (graphrt's fused custom ops; every other mode uses ``kernels="aten"``, like
+  for like on the same weights). On the CPU their ops run the aten reference (Triton runs on CUDA,
+  or under ``TRITON_INTERPRET=1``), which each mode's ``fused_ops`` says; so the default mode list
+  has them on CUDA only;
 - ``graphs+inductor``: ``graphs`` with each bucket compiled by inductor before capture;
 - ``chunk-graph+inductor``: ``chunk-graph`` with each whole chunk compiled by inductor: on the
   CPU one AOTInductor package per bucket (no Python between kernels), kept in a disk cache; on
@@ -22,9 +27,11 @@ Modes (all on the same weights, text context and seeds):
 Both peers are what a strong user would write; graphrt's graph modes are measured against the
 faster of the two (``summary["goal"]``).
 
-Per mode: first-chunk latency (capture/compile included), steady per-chunk latency (median and
-p90) split into the denoising forwards and the cache pass where the mode exposes the boundary,
-on the CPU the thread CPU time per chunk next to the wall time, the spread of the per-video
+Per mode: its kernel path (``kernel_path``), first-chunk latency (capture/compile included), steady
+per-chunk latency (median and p90) split into the denoising forwards and the cache pass where the
+mode exposes the boundary, the 6th chunk's (``chunk6_ms``: KV 18 latent frames at 480p, the
+published comparison point; the chunk profiled on CUDA), on the CPU the thread CPU time per chunk
+next to the wall time, the spread of the per-video
 medians (min, median, max over the repeats), video frames per second, host reads per chunk
 (counted by the checker; pinned async uploads apart), graphs, capture seconds (cold, and warm:
 a second engine started on the same disk cache), peak memory (in the steady state, and while
@@ -62,7 +69,8 @@ import torch
 
 from graphrt.bench.attention import kv_cache_costs
 from graphrt.bench.driver import Driver, host_reads_per_chunk
-from graphrt.bench.presets import INDUCTOR_MODES, MODES, PEERS, PRESETS, VIDEO_FRAMES_PER_LATENT, BenchConfig, Preset
+from graphrt.bench.presets import (COMPARISON_CHUNK, INDUCTOR_MODES, MODES, PEERS, PRESETS, VIDEO_FRAMES_PER_LATENT,
+                                   BenchConfig, Preset)
 from graphrt.bench.profile import profile_chunk
 from graphrt.bench.result import ModeResult, compare, goal_summary, steady_times
 from graphrt.bench.timing import Clock, clocks, load_average, torch_threads
@@ -77,7 +85,7 @@ __all__ = ["MODES", "PRESETS", "BenchConfig", "ModeResult", "head_to_head", "mea
 
 def measure(driver: Driver, context, chunks: int, repeats: int, seed: int, clock: Clock, chunk_frames: int,
             device: torch.device) -> tuple[ModeResult, torch.Tensor]:
-    res = ModeResult(notes=driver.notes)
+    res = ModeResult(notes=driver.notes, kernel_path=driver.kernel_path, fused_ops=driver.fused_ops)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     marks: dict = {}
@@ -116,6 +124,10 @@ def measure(driver: Driver, context, chunks: int, repeats: int, seed: int, clock
     res.chunk_ms_by_index = [statistics.median(clock.ms(r[2], r[4]) for r in rs) for rs in by_index]
     if not clock.cuda:
         res.chunk_cpu_ms_by_index = [statistics.median(clock.cpu_ms(r[2], r[4]) for r in rs) for rs in by_index]
+    if chunks >= COMPARISON_CHUNK:
+        res.chunk6_ms = res.chunk_ms_by_index[COMPARISON_CHUNK - 1]
+        if res.chunk_cpu_ms_by_index is not None:
+            res.chunk6_cpu_ms = res.chunk_cpu_ms_by_index[COMPARISON_CHUNK - 1]
     res.fps = context.shape[0] * chunk_frames * VIDEO_FRAMES_PER_LATENT / (res.chunk_ms_median / 1000.0)
     stats = driver.graph_stats
     if stats is not None:
@@ -125,11 +137,11 @@ def measure(driver: Driver, context, chunks: int, repeats: int, seed: int, clock
     if device.type == "cuda":
         res.peak_mem_bytes = torch.cuda.max_memory_allocated()
         try:
-            res.gpu_busy, res.kernels = profile_chunk(driver, context, seed)
+            res.gpu_busy, res.kernels = profile_chunk(driver, context, seed, min(chunks, COMPARISON_CHUNK))
             if res.kernels is not None:
                 att = ", ".join(f"{f} {a['ms']:.1f} ms ({100 * a['share']:.0f}%)"
                                 for f, a in res.kernels["attention"].items()) or "none recognised (see kernels.top)"
-                res.notes.append(f"attention kernels in one steady chunk: {att}")
+                res.notes.append(f"attention kernels in chunk {res.kernels['chunk']}: {att}")
         except Exception as e:  # the profiler is optional evidence, not a reason to fail the run
             res.notes.append(f"gpu_busy not measured: {type(e).__name__}: {e}")
     else:
@@ -158,6 +170,7 @@ def run(cfg: BenchConfig, on_mode: Callable[[str, ModeResult, dict], None] | Non
     caller can save partial results of a run that may be cut short. Settings and the model
     (checkpoint included) are checked before any mode runs: those errors raise; a mode that
     fails is recorded as ``skipped`` with its reason."""
+    cfg = cfg.with_modes()
     name, preset, device, dtype = cfg.resolve()
     threads = cfg.threads if cfg.threads is not None else (1 if device.type == "cpu" else None)
     with torch_threads(threads), contextlib.ExitStack() as stack:
@@ -202,7 +215,8 @@ def _run(cfg: BenchConfig, name: str, preset: Preset, device: torch.device, dtyp
     ref = ReferenceWan(wcfg).to(device, dtype).eval()
     if cfg.checkpoint:
         load_checkpoint(ref, cfg.checkpoint)
-    causal = CausalWan(wcfg, attention=cfg.attention).to(device, dtype).eval()
+    # today's modes run kernels="aten"; the fused modes a twin of this model (driver.with_kernels)
+    causal = CausalWan(wcfg, attention=cfg.attention, kernels="aten").to(device, dtype).eval()
     causal.load_state_dict(ref.state_dict(), assign=True)   # one copy of the weights, shared by both models
     if cfg.sp > 1:
         sequence_parallel(causal)              # the reference stays whole on every rank: the error baseline
@@ -228,6 +242,7 @@ def _run(cfg: BenchConfig, name: str, preset: Preset, device: torch.device, dtyp
                    "dtype": str(dtype).removeprefix("torch."), "attention": attention,
                    "repeats": repeats, "seed": cfg.seed, "sp": cfg.sp, "kv_buckets": cfg.kv_buckets,
                    "kv_bytes_per_rank": _kv_bytes(causal, cfg.batch, cfg.kv_dtype)},
+        "comparison_point": comparison_point(wcfg, chunks),
         "clocks": clocks(device),
         "caches": caches,
         "modes": {},
@@ -275,6 +290,16 @@ def _run(cfg: BenchConfig, name: str, preset: Preset, device: torch.device, dtyp
                 target["head_to_head"] = {"skipped": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"}
             summary["load_avg"]["end"] = load_average()
     return summary
+
+
+def comparison_point(wcfg: WanConfig, chunks: int) -> dict:
+    """The published comparison point: the 6th chunk of a video, whose KV holds 6 chunks of
+    latent frames (18 at 480p, 3 per chunk). Each mode's ``chunk6_ms`` is its median there
+    (None when a video has fewer chunks)."""
+    return {"chunk": COMPARISON_CHUNK, "kv_frames": COMPARISON_CHUNK * wcfg.chunk_frames,
+            "measured": chunks >= COMPARISON_CHUNK,
+            "what": "the published comparison point (Wan 1.3B, 480p, one H100: 418 ms for the fastest published "
+                    "system, 4 steps + the clean KV pass; 541 ms for the official code with compile and cuDNN)"}
 
 
 def _kv_summary(wcfg: WanConfig, cfg: BenchConfig, dtype: torch.dtype, device: torch.device, steps: int,

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import os
 from typing import Callable
 
 import torch
 
-from graphrt.bench.presets import INDUCTOR_MODES, PEERS, BenchConfig
+from graphrt.bench.presets import INDUCTOR_MODES, PEERS, BenchConfig, kernels_for
 from graphrt.capture import HostReadRecorder
 from graphrt.models.wan import CausalWan, ReferenceWan
 from graphrt.pipeline import Engine, FlowMatchSchedule, reference_stream
@@ -24,10 +26,19 @@ class Driver:
         self.engine: Engine | None = None
         self.notes: list[str] = []
         self.mark: Callable | None = None
+        self.kernel_path, self.fused_ops = "aten", None      # the reference is upstream Wan's aten ops
         if mode == "reference":
             return
+        causal = self.causal = with_kernels(causal, kernels_for(mode))
+        self.kernel_path = causal.kernel_path
+        if self.kernel_path == "fused":
+            self.fused_ops = fused_ops_run(next(causal.parameters()).device)
+            if self.fused_ops == "aten reference":
+                self.notes.append("fused ops ran their aten reference (Triton runs on CUDA, or on the CPU under "
+                                  "TRITON_INTERPRET=1): the same math as aten, through one custom op per chain")
         engine_mode = {"eager": "eager", "graphs": "forward", "chunk-graph": "chunk", "graphs+inductor": "forward",
-                       "chunk-graph+inductor": "chunk", "compile": "eager", "compile-chunk": "eager"}[mode]
+                       "chunk-graph+inductor": "chunk", "graphs+fused": "forward", "chunk-graph+fused": "chunk",
+                       "compile": "eager", "compile-chunk": "eager"}[mode]
         cuda = next(causal.parameters()).is_cuda
         # each peer as strong as a user would make it: CUDA graphs on CUDA; inductor's C++ wrapper on
         # the CPU (faster than its Python wrapper: bench/results/design-numbers.md)
@@ -104,6 +115,30 @@ class Driver:
     def graph_stats(self):
         g = self.engine.graphs if self.engine is not None else None
         return None if g is None else g.stats
+
+
+def with_kernels(model: CausalWan, kernels: str) -> CausalWan:
+    """``model`` running the ``kernels`` path (``"aten"`` or ``"fused"``): itself when it already
+    does, else a shallow copy sharing its weights and submodules (only ``kernels`` differs), so
+    the modes of one run compare kernel paths on the same weights. Its submodules are the
+    model's own: swap them (``graphrt.quantize``) on the model before any twin is made, once."""
+    if model.kernels == kernels:
+        return model
+    twin = copy.copy(model)
+    twin.kernels = kernels
+    return twin
+
+
+def fused_ops_run(device: torch.device) -> str:
+    """What the fused ops run on ``device``: ``"triton"`` (CUDA), ``"triton interpreter"`` (the
+    CPU under ``TRITON_INTERPRET=1``: a correctness run, not a speed) or ``"aten reference"``."""
+    from graphrt.kernels import triton_available
+
+    if not triton_available():
+        return "aten reference"
+    if device.type == "cuda":
+        return "triton"
+    return "triton interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "aten reference"
 
 
 def host_reads_per_chunk(driver: Driver, context, seed, chunks: int) -> tuple[float, float | None] | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -12,11 +12,27 @@ from graphrt.kv import resolve_kv_dtype
 from graphrt.models.wan import WanConfig
 from graphrt.pipeline.engine import KV_BUCKETS
 
-MODES = ("reference", "eager", "graphs", "chunk-graph", "graphs+inductor", "chunk-graph+inductor", "compile",
-         "compile-chunk")
-GRAPH_MODES = ("graphs", "chunk-graph", "graphs+inductor", "chunk-graph+inductor")
+FUSED_MODES = ("graphs+fused", "chunk-graph+fused")
+MODES = ("reference", "eager", "graphs", "chunk-graph", *FUSED_MODES, "graphs+inductor", "chunk-graph+inductor",
+         "compile", "compile-chunk")
+GRAPH_MODES = ("graphs", "chunk-graph", *FUSED_MODES, "graphs+inductor", "chunk-graph+inductor")
 PEERS = ("compile", "compile-chunk")
 INDUCTOR_MODES = ("graphs+inductor", "chunk-graph+inductor")
+# the published comparison point: the 6th chunk of a video (KV 18 latent frames at 480p, 3 per chunk)
+COMPARISON_CHUNK = 6
+
+
+def kernels_for(mode: str) -> str:
+    """The kernel path a mode builds its model with: ``"fused"`` for the modes named so, ``"aten"``
+    for every other (today's modes, like for like)."""
+    return "fused" if mode in FUSED_MODES else "aten"
+
+
+def default_modes(device: torch.device) -> tuple[str, ...]:
+    """The modes a run without ``--modes`` measures: all of them on CUDA; on the CPU all but the
+    fused ones, whose ops run their aten reference there (Triton runs on CUDA, or under
+    ``TRITON_INTERPRET=1``), so they would time the same math again; ask for them by name."""
+    return MODES if device.type == "cuda" else tuple(m for m in MODES if m not in FUSED_MODES)
 VIDEO_FRAMES_PER_LATENT = 4
 
 
@@ -60,7 +76,7 @@ class BenchConfig:
     layers: int | None = None      # fewer transformer layers than the preset (a slice of the model)
     dtype: str | None = None
     attention: str = "auto"
-    modes: tuple[str, ...] = MODES
+    modes: tuple[str, ...] | None = None   # None: default_modes(device)
     checkpoint: str | None = None
     repeats: int | None = None
     seed: int = 0
@@ -72,21 +88,27 @@ class BenchConfig:
     kv_dtype: str | None = None           # None: the model dtype
     sp: int = 1                # sequence-parallel ranks (under torchrun); every rank runs, rank 0 reports
 
+    def with_modes(self) -> "BenchConfig":
+        """This config checked (:meth:`resolve`), with ``modes`` filled in (:func:`default_modes`) when None."""
+        _, _, device, _ = self.resolve()
+        return self if self.modes is not None else replace(self, modes=default_modes(device))
+
     def resolve(self) -> tuple[str, Preset, torch.device, torch.dtype]:
         """Check every setting up front; raise :class:`ConfigError` naming the first bad one."""
         device = _device(self.device)
         name = self.preset if self.preset != "auto" else ("wan-1.3b-480p" if device.type == "cuda" else "tiny")
         if name not in PRESETS:
             raise ConfigError(f"unknown bench preset {name!r}", expected=sorted(PRESETS) + ["auto"], got=name)
-        if not self.modes:
+        if self.modes is not None and not self.modes:
             raise ConfigError("no mode to run", expected=f"a comma-separated subset of {','.join(MODES)}")
         if not isinstance(self.sp, int) or self.sp < 1:
             raise ConfigError("--sp must be an int >= 1", got=self.sp)
-        unknown = set(self.modes) - set(MODES)
+        modes = self.modes if self.modes is not None else default_modes(device)
+        unknown = set(modes) - set(MODES)
         if unknown:
             raise ConfigError(f"unknown mode(s) {sorted(unknown)}", expected=MODES)
-        if len(set(self.modes)) != len(self.modes):
-            raise ConfigError("a mode is listed twice", got=",".join(self.modes))
+        if len(set(modes)) != len(modes):
+            raise ConfigError("a mode is listed twice", got=",".join(modes))
         for what, value, least in (("batch", self.batch, 1), ("chunks", self.chunks, 1), ("steps", self.steps, 1),
                                    ("layers", self.layers, 1),
                                    ("repeats", self.repeats, 0), ("threads", self.threads, 1)):

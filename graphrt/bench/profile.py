@@ -41,11 +41,14 @@ def kernel_table(kernels: list[tuple[str, float]], top: int = 8) -> dict:
             "attention": attention}
 
 
-def profile_chunk(driver: Driver, context, seed) -> tuple[float | None, dict | None]:
-    """Kernel time / wall time over one steady chunk, and its kernels (:func:`kernel_table`),
-    from the profiler (CUDA only)."""
-    it = driver.stream(context, 2, seed)
-    next(it)                                   # session set-up and the first chunk: not profiled
+def profile_chunk(driver: Driver, context, seed, chunk: int = 6) -> tuple[float | None, dict | None]:
+    """Kernel time / wall time over chunk number ``chunk`` of a video (1-based; the 6th, the
+    published comparison point, by default; at least the 2nd: the first opens the session), and
+    its kernels (:func:`kernel_table`, with ``"chunk"`` naming the chunk), from the profiler (CUDA only)."""
+    chunk = max(chunk, 2)
+    it = driver.stream(context, chunk, seed)
+    for _ in range(chunk - 1):                 # session set-up and the chunks before: not profiled
+        next(it)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         t0 = wall()
@@ -61,5 +64,5 @@ def profile_chunk(driver: Driver, context, seed) -> tuple[float | None, dict | N
     if not kernels or sum(us for _, us in kernels) == 0:
         driver.notes.append("the profiler saw no kernels (graph replays may be invisible to it)")
         return None, None
-    table = kernel_table(kernels)
+    table = dict(kernel_table(kernels), chunk=chunk)
     return table["total_ms"] / 1e3 / seconds, table

@@ -26,6 +26,10 @@ class ModeResult:
     steady_chunks: int | None = None             # samples behind the medians
     chunk_ms_by_index: list | None = None        # median per chunk index (chunk 0 also opens the session)
     chunk_cpu_ms_by_index: list | None = None    # the same in thread CPU time (CPU runs)
+    chunk6_ms: float | None = None               # the 6th chunk (the published comparison point), median
+    chunk6_cpu_ms: float | None = None           # the same in thread CPU time (CPU runs)
+    kernel_path: str | None = None               # "aten" or "fused": the model's kernel_path in this mode
+    fused_ops: str | None = None                 # fused modes: "triton", "triton interpreter" or "aten reference"
     denoise_ms_median: float | None = None
     cache_pass_ms_median: float | None = None
     fps: float | None = None
@@ -49,7 +53,7 @@ class ModeResult:
     skipped: str | None = None
 
     def to_json(self) -> dict:
-        return result_json(self, optional=("max_err_vs_unquantized", "rms_err_vs_unquantized", "kernels"))
+        return result_json(self, optional=("max_err_vs_unquantized", "rms_err_vs_unquantized", "kernels", "fused_ops"))
 
 
 def steady_times(res: ModeResult, clock: Clock, steady: list, videos: list | None = None) -> None:

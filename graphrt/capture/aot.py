@@ -45,6 +45,8 @@ from graphrt.capture.tensors import storage_key
 from graphrt.errors import BackendUnavailableError, CaptureError, InputError
 
 WRAPPERS = ("aoti", "cpp-wrapper", "python")
+# settings that pick inductor's tuning (with the device's default wrapper, as ``True``)
+TUNINGS = ("max-autotune",)
 # options every compile here runs with: freezing folds runtime state (see the module docstring);
 # graphrt's own CUDA graph captures the compiled code, so inductor must not capture its own
 _OPTIONS = {"freezing": False, "triton.cudagraphs": False}
@@ -57,14 +59,29 @@ def resolve_wrapper(inductor, device: torch.device) -> str | None:
     the CPU, "python" on CUDA, where the CUDA graph removes the wrapper's cost); or a name."""
     if inductor is None or inductor is False:
         return None
-    if inductor is True:
+    if inductor is True or inductor in TUNINGS:
         return "aoti" if torch.device(device).type == "cpu" else "python"
     if inductor in WRAPPERS:
         if torch.device(device).type == "cuda" and inductor != "python":
             raise BackendUnavailableError(f"inductor={inductor!r} is a CPU wrapper; on CUDA graphrt's CUDA graph "
                                           "captures torch.compile's kernels", fix="use inductor=True on CUDA")
         return inductor
-    raise InputError(f"unknown inductor setting {inductor!r}", expected=(True, False) + WRAPPERS, got=inductor)
+    raise InputError(f"unknown inductor setting {inductor!r}", expected=(True, False) + WRAPPERS + TUNINGS,
+                     got=inductor)
+
+
+def inductor_options(inductor) -> dict:
+    """The inductor options a compile under the ``inductor`` setting runs with: graphrt's own
+    (freezing and inductor's CUDA graphs off), and for ``"max-autotune"`` what
+    ``torch.compile(mode="max-autotune")`` would set (``torch._inductor.list_mode_options``:
+    GEMM/conv template autotuning, coordinate-descent tuning of the generated kernels), minus
+    inductor's CUDA graphs: graphrt's graph captures the tuned kernels. ``torch.compile`` refuses
+    ``mode`` together with ``options``, so the mode is passed as the options it stands for."""
+    if inductor in TUNINGS:
+        from torch._inductor import list_mode_options
+
+        return {**list_mode_options(inductor), **_OPTIONS}
+    return dict(_OPTIONS)
 
 
 def lift_constants(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[torch.Tensor]]:
@@ -117,13 +134,15 @@ def _meta(t: torch.Tensor) -> list:
     return [list(t.shape), list(t.stride()), t.storage_offset(), str(t.dtype), str(t.device)]
 
 
-def artifact_key(gm: fx.GraphModule, args: list[torch.Tensor], wrapper: str) -> tuple[str, dict]:
-    """The disk-cache key of compiling ``gm`` over ``args``, and its parts (stored next to it)."""
+def artifact_key(gm: fx.GraphModule, args: list[torch.Tensor], wrapper: str,
+                 options: dict | None = None) -> tuple[str, dict]:
+    """The disk-cache key of compiling ``gm`` over ``args`` with inductor ``options`` (default
+    graphrt's own), and its parts (stored next to it)."""
     devices = {t.device for t in args}
     parts = {
         "format": FORMAT,
         "wrapper": wrapper,
-        "options": _OPTIONS,
+        "options": _OPTIONS if options is None else options,
         "passes": PASSES,
         "graph": hashlib.sha256(gm.code.encode()).hexdigest(),
         "inputs": [_meta(t) for t in args],
@@ -140,19 +159,21 @@ class CompiledTrace:
     """A trace compiled by inductor: ``self(*inputs)`` runs it over the live constants.
 
     ``disk_hit`` says whether the artifact came from the disk cache (None: no disk cache for
-    this wrapper; the ``torch.compile`` wrappers use inductor's own cache).
+    this wrapper; the ``torch.compile`` wrappers use inductor's own cache). ``options``: inductor's
+    (:func:`inductor_options`; default graphrt's own).
     """
 
     def __init__(self, gm: fx.GraphModule, inputs: list[torch.Tensor], wrapper: str, disk: DiskCache | None,
-                 where: str = "a graph"):
+                 where: str = "a graph", options: dict | None = None):
         lifted, self.consts = lift_constants(gm)
         args = list(inputs) + self.consts
         _check_no_aliasing(args)
         self.wrapper, self.disk_hit = wrapper, None
+        self.options = dict(_OPTIONS) if options is None else dict(options)
         if wrapper == "aoti":
             self._run = self._aoti(lifted, args, disk, where)
         else:
-            opts = dict(_OPTIONS, cpp_wrapper=wrapper == "cpp-wrapper")
+            opts = dict(self.options, cpp_wrapper=wrapper == "cpp-wrapper")
             compiled = torch.compile(simplify(lifted, args), fullgraph=True, dynamic=False, options=opts)
             self._run = lambda xs: compiled(*xs)
 
@@ -160,7 +181,7 @@ class CompiledTrace:
         return self._run([*inputs, *self.consts])
 
     def _aoti(self, lifted, args, disk: DiskCache | None, where: str) -> Callable:
-        key, parts = artifact_key(lifted, args, "aoti")
+        key, parts = artifact_key(lifted, args, "aoti", self.options)
         if disk is not None:
             path = disk.get(key)
             if path is not None:
@@ -173,7 +194,7 @@ class CompiledTrace:
             self.disk_hit = False
         with tempfile.TemporaryDirectory(prefix="graphrt-aoti-") as tmp:
             path = Path(tmp) / "graph.pt2"
-            _package(lifted, args, path, where)
+            _package(lifted, args, path, where, self.options)
             if disk is not None:
                 path = disk.put(key, path, dict(parts, what=where))
             return _load(path).run
@@ -197,12 +218,13 @@ def simplify(lifted: fx.GraphModule, args: list[torch.Tensor]) -> fx.GraphModule
     return fx.GraphModule(functional, fx_graph_cse(functional.graph))
 
 
-def _package(lifted: fx.GraphModule, args: list[torch.Tensor], path: Path, where: str) -> None:
+def _package(lifted: fx.GraphModule, args: list[torch.Tensor], path: Path, where: str,
+             options: dict | None = None) -> None:
     """torch.export the lifted trace and compile it into an AOTInductor package at ``path``."""
     try:
         program = torch.export.export(simplify(lifted, args), tuple(args), strict=False)
         torch._inductor.aoti_compile_and_package(program, package_path=str(path),
-                                                 inductor_configs=dict(_OPTIONS))
+                                                 inductor_configs=dict(_OPTIONS if options is None else options))
     except Exception as e:
         raise CaptureError(f"AOTInductor could not compile {where}: {type(e).__name__}: {str(e).splitlines()[0]}",
                            fix="compile with inductor='python' (torch.compile of the trace) or without inductor"

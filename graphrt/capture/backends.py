@@ -57,7 +57,8 @@ def _one_fake_mode():
         return contextlib.nullcontext()
 
 
-def trace(flat_fn, inputs, inductor: bool, frozen_on_host=None, sandbox: Sandbox | None = None):
+def trace(flat_fn, inputs, inductor: bool, frozen_on_host=None, sandbox: Sandbox | None = None,
+          options: dict | None = None):
     """The aten ops of one call over ``inputs``, every Python value frozen (``make_fx``, real
     tensors: it runs once), optionally compiled by inductor. Each bucket gets its own GraphModule,
     so compiling many buckets never hits dynamo's recompile limit.
@@ -68,6 +69,7 @@ def trace(flat_fn, inputs, inductor: bool, frozen_on_host=None, sandbox: Sandbox
     at capture, and its value is what every replay uses.
     Inductor's own CUDA graphs stay off: the trace runs inside graphrt's graph; so does freezing,
     which would fold runtime state read as attributes (caches, positions) into constants.
+    ``options``: inductor's (``capture.aot.inductor_options``; default those two off).
     """
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -78,7 +80,8 @@ def trace(flat_fn, inputs, inductor: bool, frozen_on_host=None, sandbox: Sandbox
             if "." not in name and frozen_on_host(t):
                 gm.register_buffer(name, t.clone())
     if inductor:
-        return torch.compile(gm, fullgraph=True, dynamic=False, options={"triton.cudagraphs": False, "freezing": False})
+        opts = {"triton.cudagraphs": False, "freezing": False} if options is None else options
+        return torch.compile(gm, fullgraph=True, dynamic=False, options=opts)
     return gm
 
 
@@ -88,7 +91,7 @@ class CpuGraph:
         self.inputs = inputs
         self.run = trace(flat_fn, inputs, False, frozen_on_host, sandbox)
         if runtime.inductor:
-            self.run = CompiledTrace(self.run, inputs, runtime.inductor, runtime.disk)
+            self.run = CompiledTrace(self.run, inputs, runtime.inductor, runtime.disk, options=runtime.options)
         self.disk_hit = getattr(self.run, "disk_hit", None)       # True/False: loaded from / stored to disk
         first = (sandbox.run_opaque if runtime.inductor else sandbox.run)(self.run, *inputs)   # compiles, if inductor
         self.outputs = runtime.output_slots(first)
@@ -133,7 +136,7 @@ class CudaGraph:
         warm = sandbox.run_opaque if runtime.inductor else sandbox.run
         with torch.cuda.device(self.device):
             # keep the compiled callable: the graph replays its kernels and reads its constants
-            self.fn = trace(flat_fn, inputs, True, None, sandbox) if runtime.inductor else flat_fn
+            self.fn = trace(flat_fn, inputs, True, None, sandbox, runtime.options) if runtime.inductor else flat_fn
             caller = torch.cuda.current_stream()
             stream = runtime.side_stream()
             stream.wait_stream(caller)

@@ -224,6 +224,13 @@ class Engine:
             self._ranks.check_engine(self, window=window, inductor=inductor, backend=backend, verify=verify)
 
     @property
+    def kernel_path(self) -> str:
+        """The kernels around the GEMMs and attention that the model runs: ``"fused"`` (graphrt's
+        custom ops: Triton on CUDA, the default there through ``CausalWan(kernels="auto")``) or
+        ``"aten"``; force one with ``model.kernels = "aten"`` (or ``"fused"``) before capture."""
+        return getattr(self.model, "kernel_path", "aten")
+
+    @property
     def num_graphs(self) -> int:
         """Graphs this engine captures in all (0 in eager mode): batch sizes x KV lengths x exact/masked
     (batch sizes alone with ``kv_buckets="max"``)."""

@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.progress import Progress
 
 from graphrt.capture import mark_internal
-from graphrt.capture.aot import resolve_wrapper
+from graphrt.capture.aot import inductor_options, resolve_wrapper
 from graphrt.capture.backends import BACKENDS
 from graphrt.capture.capture import Captured, Runtime, capture, resolve_backend
 from graphrt.capture.diskcache import DiskCache
@@ -268,7 +268,8 @@ class GraphedModule:
         if self.runtime is None:
             device = self._device(req)
             self.runtime = Runtime(resolve_backend(self.backend, device), check_host_reads=self.check, device=device,
-                                   inductor=resolve_wrapper(self.inductor, device) or False, disk=self._disk)
+                                   inductor=resolve_wrapper(self.inductor, device) or False, disk=self._disk,
+                                   options=inductor_options(self.inductor) if self.inductor else None)
         frozen = dict(key.statics) | dict(key.signature)
         leaves = []
         for path in req.paths:
@@ -462,6 +463,10 @@ def compile(model_or_fn: Callable, *, buckets: Buckets | None = None, backend: s
       Python between kernels), on CUDA ``torch.compile`` (its kernels captured in graphrt's CUDA
       graph, inductor's own CUDA graphs off). ``"cpp-wrapper"`` and ``"python"`` pick
       ``torch.compile`` with inductor's C++ or Python wrapper (see :mod:`graphrt.capture.aot`).
+      ``"max-autotune"``: ``True``'s wrapper with inductor's max-autotune options (what
+      ``torch.compile(mode="max-autotune")`` sets, less its CUDA graphs: graphrt's graph captures
+      the tuned kernels; :func:`graphrt.capture.aot.inductor_options`). Tuning runs in the compile,
+      before the warm-up and the capture; longer first starts, kept by the caches as any compile.
     - ``cache_dir``: where compiled AOTInductor packages are kept across processes (None:
       ``$GRAPHRT_CACHE_DIR`` or ``~/.cache/graphrt``; False: nowhere). A second process that
       compiles the same buckets loads them instead (``stats.disk_hits``).
