@@ -162,4 +162,5 @@ def quantize(model: nn.Module, dtype: str = "fp8", *, include=None, exclude=()) 
                           got=f"{len(report.skipped)} skipped, none matched otherwise",
                           fix="check the include/exclude patterns against model.named_modules()")
     report.bytes_after = weight_bytes(model)
+    model.quantize_report = report          # what the Engine's memory() reports for a model quantized before
     return report
