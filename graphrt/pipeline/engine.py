@@ -578,6 +578,7 @@ def _quantize_linears(model, linear_dtype):
         return None
     from graphrt.quant import Fp8Linear, quantize
 
+    model = getattr(model, "_orig_mod", model)        # torch.compile's wrapper: its model's names
     if any(isinstance(m, Fp8Linear) for m in model.modules()):
         return getattr(model, "quantize_report", None)
     return quantize(model, "fp8")
