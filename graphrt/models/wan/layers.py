@@ -112,10 +112,10 @@ class WanAttention(nn.Module):
         if any(type(m) is not nn.Linear or m.bias is None for m in lins):
             self.unfuse()
             return
-        w = self.fused_weight
-        if w is not None and all(m.weight.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
-                                 and m.weight.dtype == w.dtype and m.weight.device == w.device for m in lins):
-            return          # already views of the buffer
+        adjacent = _adjacent_rows([m.weight for m in lins]), _adjacent_rows([m.bias for m in lins])
+        if all(t is not None for t in adjacent):     # already rows of one tensor (this module's buffer, or
+            self.fused_weight, self.fused_bias = adjacent   # another model's after load_state_dict(assign=True))
+            return
         with torch.no_grad():
             w = torch.cat([m.weight.detach() for m in lins])
             b = torch.cat([m.bias.detach() for m in lins])
@@ -173,6 +173,23 @@ class WanAttention(nn.Module):
 
     def out(self, x):
         return self.o(x.flatten(-2))
+
+
+def _adjacent_rows(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensors stacked along dim 0 as one view of their storage when they already lie there
+    back to back (contiguous, same storage, dtype and device; no copy), else None. Nothing on
+    the meta device has an address: None there."""
+    first = tensors[0]
+    if first.device.type == "meta" or not all(t.is_contiguous() for t in tensors):
+        return None
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for t in tensors:
+        if (t.untyped_storage().data_ptr() != storage or t.storage_offset() != offset or t.dtype != first.dtype
+                or t.shape[1:] != first.shape[1:]):
+            return None
+        offset += t.numel()
+    rows = sum(t.shape[0] for t in tensors)
+    return first.detach().as_strided((rows, *first.shape[1:]), first.stride())
 
 
 class WanBlock(nn.Module):
