@@ -33,6 +33,12 @@ def test_state_dict_is_the_plain_one_and_loads_keep_the_fusion(cfg):
         for b in m.blocks:
             assert _views_of_fused(b.self_attn) and _views_of_fused(b.cross_attn), how
         assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), ref.state_dict().values()))
+    # assign=True from another fused model: its fused rows are adopted, not copied (one copy of the weights)
+    shared = CausalWan(cfg, attention="sdpa")
+    shared.load_state_dict(m.state_dict(), assign=True)
+    for a, b in zip(shared.blocks, m.blocks):
+        assert a.self_attn.fused_weight.data_ptr() == b.self_attn.fused_weight.data_ptr()
+        assert a.cross_attn.fused_bias.data_ptr() == b.cross_attn.fused_bias.data_ptr()
     # an in-place write to a parameter is a write to the fused weight
     with torch.no_grad():
         blk.self_attn.k.weight.mul_(2)
