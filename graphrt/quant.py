@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -128,6 +129,31 @@ def _default_include(model: nn.Module):
     return tuple(getattr(model, "fp8_linears", None) or ("*",))
 
 
+def _quantize_fused_groups(model: nn.Module, selected, report: QuantizeReport) -> None:
+    """Linears that run as one GEMM (a module with ``fused_linears`` and a ``fused_weight``, as Wan's
+    q/k/v): when every member is selected, one :class:`Fp8Linear` over the fused weight (one
+    activation quantization, one GEMM) replaces the members, as the child ``fused_name``; when
+    only some are, the group runs unfused and its members are converted one by one."""
+    groups = [(n, m) for n, m in model.named_modules()
+              if getattr(m, "fused_linears", ()) and getattr(m, "fused_weight", None) is not None]
+    for name, mod in groups:
+        members = [f"{name}.{n}" if name else n for n in mod.fused_linears]
+        picked = [selected(n) for n in members]
+        w = mod.fused_weight
+        if not all(picked) or w.shape[0] % 16 or w.shape[1] % 16:
+            if any(picked):
+                mod.unfuse()
+            continue
+        stacked = SimpleNamespace(in_features=w.shape[1], out_features=w.shape[0], weight=w, bias=mod.fused_bias)
+        with torch.no_grad():
+            fp8 = Fp8Linear(stacked)
+        for n in mod.fused_linears:
+            delattr(mod, n)
+        mod.unfuse()
+        setattr(mod, mod.fused_name, fp8)
+        report.converted.append(f"{name}.{mod.fused_name}" if name else mod.fused_name)
+
+
 def quantize(model: nn.Module, dtype: str = "fp8", *, include=None, exclude=()) -> QuantizeReport:
     """Replace ``model``'s ``nn.Linear`` modules by :class:`Fp8Linear`, in place.
 
@@ -138,7 +164,9 @@ def quantize(model: nn.Module, dtype: str = "fp8", *, include=None, exclude=()) 
     Run it once after the weights are loaded (the fp8 weights and their scales are made here;
     ``load_state_dict`` of an unquantized checkpoint into the quantized model does not fit). A
     linear whose ``in_features`` or ``out_features`` is not a multiple of 16 (what ``_scaled_mm``
-    needs on CUDA) is skipped and listed in the report.
+    needs on CUDA) is skipped and listed in the report. Linears that run as one GEMM (Wan's
+    self-attention q/k/v) become one fp8 GEMM when all of them are included (reported under the
+    group's name, ``blocks.N.self_attn.qkv``).
     """
     if dtype != "fp8":
         raise ConfigError(f"unknown linear dtype {dtype!r}", where="graphrt.quantize", expected="'fp8'", got=dtype,
@@ -146,8 +174,11 @@ def quantize(model: nn.Module, dtype: str = "fp8", *, include=None, exclude=()) 
     include = tuple(_default_include(model) if include is None else ((include,) if isinstance(include, str) else include))
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     report = QuantizeReport(dtype, bytes_before=weight_bytes(model))
-    targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear
-               and any(fnmatch.fnmatchcase(n, p) for p in include) and not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
+    def selected(n):
+        return any(fnmatch.fnmatchcase(n, p) for p in include) and not any(fnmatch.fnmatchcase(n, p) for p in exclude)
+
+    _quantize_fused_groups(model, selected, report)
+    targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and selected(n)]
     for name, lin in targets:
         if lin.in_features % 16 or lin.out_features % 16:
             report.skipped[name] = f"{lin.in_features}x{lin.out_features}: _scaled_mm needs multiples of 16"
@@ -162,4 +193,5 @@ def quantize(model: nn.Module, dtype: str = "fp8", *, include=None, exclude=()) 
                           got=f"{len(report.skipped)} skipped, none matched otherwise",
                           fix="check the include/exclude patterns against model.named_modules()")
     report.bytes_after = weight_bytes(model)
+    model.quantize_report = report          # what the Engine's memory() reports for a model quantized before
     return report

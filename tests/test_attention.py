@@ -42,6 +42,34 @@ def test_kernel_bench_runs_and_checks_errors_on_the_cpu():
     assert all("error" in r for r in res["kernels"]["sdpa-efficient"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_bench_has_fa3_and_sage_rows(dtype):
+    """graphrt's own names in the kernel bench: FA3 skipped on the CPU with the reason, sage (its
+    aten reference here) timed and checked against float32: int8 Q·Kᵀ, close but never exact
+    (measured max rel err 1.1e-2 to 2.3e-2)."""
+    from graphrt.bench.attention import kernels_for, measure
+    from graphrt.models.wan import WanConfig
+
+    assert {"fa3", "sage"} <= set(kernels_for(torch.device("cpu")))
+    res = measure(WanConfig.preset("tiny"), torch.device("cpu"), dtype, iters=2, kernels=["fa3", "sage"],
+                  kv_chunks=[1, 2])
+    assert all("CUDA" in r["skipped"] for r in res["kernels"]["fa3"])
+    assert all(r["ms"] > 0 and 1e-4 < r["max_rel_err"] < 5e-2 and "max_rel_err_vs_cudnn" not in r
+               for r in res["kernels"]["sage"])
+
+
+@pytest.mark.cuda
+def test_kernel_bench_checks_fa3_and_sage_against_cudnn():
+    from graphrt.bench.attention import measure
+    from graphrt.models.wan import WanConfig
+
+    res = measure(WanConfig.preset("tiny"), torch.device("cuda"), torch.bfloat16, iters=2,
+                  kernels=["sdpa-cudnn", "fa3", "sage"], kv_chunks=[1, 2])
+    for name in ("fa3", "sage"):
+        for r in res["kernels"][name]:
+            assert "skipped" in r or (r["max_rel_err"] < 5e-2 and r["max_rel_err_vs_cudnn"] < 5e-2), (name, r)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-auto", "flex"])
 def test_cuda_kernels_match_math_in_bf16(backend):

@@ -19,7 +19,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from graphrt.bench.core import run
-from graphrt.bench.presets import FUSED_MODES, MODES, PRESETS, BenchConfig
+from graphrt.bench.presets import FUSED_MODES, LINEAR_DTYPES, MODES, PRESETS, BenchConfig
 from graphrt.bench.result import ModeResult
 from graphrt.bench.llm import PRESETS as LLM_PRESETS, is_llm_argv, main as llm_main
 from graphrt.bench.output import check_output_path, one_line, save as save_outputs, stops_cleanly
@@ -46,6 +46,8 @@ def _args(argv):
     p.add_argument("--repeats", type=int, help="extra videos timed after the first (steady-state samples)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the preset's")
     p.add_argument("--attention", default="auto", choices=["auto", *BACKENDS, "sdpa-auto"])
+    p.add_argument("--linear-dtype", default="bf16", help=f"one of {', '.join(LINEAR_DTYPES)}; fp8: run each mode also with fp8 linears (Engine(linear_dtype='fp8')), a '<mode>:fp8' row "
+                        "beside it with its error against that mode")
     p.add_argument("--kv-dtype", choices=sorted(KV_DTYPES),
                    help="store K/V quantized (default: the model dtype); reports bytes per session and the "
                         "error against the unquantized run")
@@ -97,7 +99,8 @@ def table(summary: dict) -> Table:
             ("denoise", "right"), ("cache pass", "right"), ("fps", "right"), ("host reads", "right"),
             ("graphs", "right"), ("capture s", "right"), ("warm s", "right"), ("peak MiB steady/capture", "right"),
             ("GPU busy", "right"),
-            ("err vs ref", "right"), ("x ref", "right"), ("x eager", "right")]
+            ("err vs ref", "right"), ("x ref", "right"), ("x eager", "right"), ("attention kernel", "left"),
+            ("fp8 err vs bf16 rms", "right")]
     for name, just in cols:
         t.add_column(name, justify=just)
     for mode, r in summary["modes"].items():
@@ -112,7 +115,7 @@ def table(summary: dict) -> Table:
                   _fmt(r["host_reads_per_chunk"]), _fmt(r["graphs"]), _fmt(r["capture_s"]), _fmt(r["warm_capture_s"]),
                   mem, busy or "-",
                   _fmt(r["max_err_vs_reference"]), _fmt(r["speedup_vs_reference"], "x"),
-                  _fmt(r["speedup_vs_eager"], "x"))
+                  _fmt(r["speedup_vs_eager"], "x"), r.get("attention_kernel") or "-", _fmt(r.get("rms_err_vs_bf16")))
     return t
 
 
@@ -151,7 +154,8 @@ def markdown(summary: dict) -> str:
     head = ["mode", "kernels", "first chunk ms", "chunk ms p50", "p90", "chunk 6 ms"] + \
         (["cpu ms p50", "cpu ms min/med/max", "chunk 6 cpu ms"] if cpu else []) + \
         ["denoise ms", "cache pass ms", "video fps", "host reads/chunk", "graphs", "capture s", "warm capture s",
-         "peak MiB steady / capture", "GPU busy", "max err vs reference", "x reference", "x eager"]
+         "peak MiB steady / capture", "GPU busy", "max err vs reference", "x reference", "x eager",
+         "attention kernel", "fp8 err vs bf16 (rms / max)"]
     lines = [f"{summary['preset']} on {summary['device']}, torch {summary['torch']}: {c['chunks']} chunks x "
              f"({c['steps']} steps + cache pass), batch {c['batch']}, {c['dtype']}, attention {c['attention']}, K/V {c.get('kv_dtype', c['dtype'])}",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -171,7 +175,8 @@ def markdown(summary: dict) -> str:
         cells += [f(r["denoise_ms_median"]), f(r["cache_pass_ms_median"]), f(r["fps"], 1),
                   f(r["host_reads_per_chunk"], 0), f(r["graphs"]), f(r["capture_s"]), f(r["warm_capture_s"]),
                   mem, busy or "-", f(r["max_err_vs_reference"]), f(r["speedup_vs_reference"]) + "x",
-                  f(r["speedup_vs_eager"]) + "x"]
+                  f(r["speedup_vs_eager"]) + "x", r.get("attention_kernel") or "-",
+                  "-" if r.get("rms_err_vs_bf16") is None else f"{f(r['rms_err_vs_bf16'])} / {f(r['max_err_vs_bf16'])}"]
         lines.append("| " + " | ".join(cells) + " |")
         notes += [f"- {mode}: {n}" for n in r.get("notes", [])]
         notes += [f"- {mode}: warning: {n}" for n in r.get("warnings", [])]
@@ -277,6 +282,7 @@ def _main(argv) -> int:
                       layers=opts.layers,
                       dtype=opts.dtype, attention=opts.attention, checkpoint=opts.checkpoint, repeats=opts.repeats,
                       seed=opts.seed, threads=opts.threads, kv_dtype=opts.kv_dtype, cache_dir=opts.cache_dir,
+                      linear_dtype=opts.linear_dtype,
                       kv_buckets=opts.kv_buckets, head_to_head=not opts.no_head_to_head,
                       modes=None if opts.modes is None else tuple(m.strip() for m in opts.modes.split(",")
                                                                   if m.strip()),
@@ -292,7 +298,7 @@ def _main(argv) -> int:
         save_outputs(summary, opts.json_path, opts.md, markdown)
 
     with Progress(console=console, transient=True, disable=opts.no_progress) as bar:
-        task = bar.add_task("bench", total=len(cfg.modes))
+        task = bar.add_task("bench", total=len(cfg.rows))
         bar.update(task, description=f"mode {cfg.modes[0]}")
 
         def on_mode(mode: str, r: ModeResult, partial: dict):
@@ -302,9 +308,9 @@ def _main(argv) -> int:
                 bar.console.print(f"  {mode}: warning: {w}", style="yellow", markup=False)
             save(partial)                    # a run cut short keeps the modes it finished
             bar.advance(task)
-            i = cfg.modes.index(mode) + 1
-            if i < len(cfg.modes):
-                bar.update(task, description=f"mode {cfg.modes[i]}")
+            i = cfg.rows.index(mode) + 1
+            if i < len(cfg.rows):
+                bar.update(task, description=f"mode {cfg.rows[i]}")
 
         try:
             summary = run(cfg, on_mode)
@@ -322,7 +328,7 @@ def _main(argv) -> int:
         plot(summary, opts.plot)
     failed = {m: r["skipped"] for m, r in summary["modes"].items() if "skipped" in r}
     if failed and not quiet:
-        errors.print(f"error: {len(failed)} of {len(cfg.modes)} mode(s) did not run: "
+        errors.print(f"error: {len(failed)} of {len(cfg.rows)} mode(s) did not run: "
                      + "; ".join(f"{m} ({why})" for m, why in failed.items()), style="red", markup=False)
     if not quiet:
         sys.stdout.write(json.dumps(summary) + "\n")

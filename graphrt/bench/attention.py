@@ -2,8 +2,9 @@
 
 For each KV length of a preset's video (one chunk of queries against 1..N chunks of keys), times
 SDPA pinned to each of its kernels (flash, cuDNN, memory-efficient, math), FlexAttention (compiled
-on CUDA), and the K/V gather the static cache does per layer (``index_select`` of the slab), and
-checks each kernel's output against a float32 math reference. The fastest correct kernel is what
+on CUDA), FA3 and int8-QK ``sage`` (graphrt's ``attention=`` names; skipped, with the reason, where
+they cannot run), and the K/V gather the static cache does per layer (``index_select`` of the slab),
+and checks each kernel's output against a float32 math reference and, on CUDA, against cuDNN. The fastest correct kernel is what
 ``attention="auto"`` should pick on that device. With ``--kv-dtype`` it also times one layer's
 cache write (quantize + ``index_copy_``) and read (gather + dequantize) against the plain cache's
 (:func:`kv_cache_costs`). The last line printed is JSON.
@@ -18,6 +19,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from graphrt import attention as attn_mod
 from graphrt.bench.presets import PRESETS
 from graphrt.bench.timing import time_fn
 from graphrt.kv import KV_DTYPES, StaticKVCache
@@ -27,14 +29,25 @@ SDPA_KERNELS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION"
                 "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-math": "MATH"}
 
 
+# graphrt's own attention names, run through graphrt.attention.attend ([B, L, H, D] layout)
+GRAPHRT_KERNELS = ("fa3", "sage")
+
+
 def kernels_for(device: torch.device) -> list[str]:
-    names = ["sdpa-math", "sdpa-efficient", "flex"]
+    names = ["sdpa-math", "sdpa-efficient", "flex", *GRAPHRT_KERNELS]
     if device.type == "cuda":
         names = ["sdpa-flash", "sdpa-cudnn", *names]
     return names
 
 
+def _rel_err(got, want) -> float:
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+
+
 def _call(name, q, k, v):
+    if name in GRAPHRT_KERNELS:
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        return lambda: attn_mod.attend(qt, kt, vt, backend=name).transpose(1, 2)
     if name == "flex":
         from torch.nn.attention.flex_attention import flex_attention
 
@@ -52,7 +65,9 @@ def _call(name, q, k, v):
 
 def measure(cfg: WanConfig, device: torch.device, dtype: torch.dtype, batch: int = 1, iters: int = 20,
             kv_chunks: list[int] | None = None, kernels: list[str] | None = None) -> dict:
-    """Milliseconds and max relative error per kernel per KV length ([B, H, L, D] layout)."""
+    """Milliseconds and max relative error per kernel per KV length ([B, H, L, D] layout): against
+    float32 (``max_rel_err``) and against cuDNN where it ran (``max_rel_err_vs_cudnn``). A kernel
+    that cannot run here (:func:`graphrt.attention.unavailable_reason`) gets ``{"skipped": why}``."""
     heads, hd = cfg.num_heads, cfg.head_dim
     q_len = cfg.chunk_frames * cfg.frame_tokens
     n = cfg.max_frames // cfg.chunk_frames
@@ -64,13 +79,25 @@ def measure(cfg: WanConfig, device: torch.device, dtype: torch.dtype, batch: int
         q, k, v = (torch.randn(batch, heads, L, hd, generator=g).to(device, dtype) for L in (q_len, kv_len, kv_len))
         want = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
         out["kv_tokens"].append(kv_len)
+        cudnn = None
+        if device.type == "cuda" and attn_mod.unavailable_reason("sdpa-cudnn", device, dtype) is None:
+            try:
+                cudnn = _call("sdpa-cudnn", q, k, v)()
+            except Exception:  # noqa: BLE001 -- cuDNN refused this shape: its own row says why
+                cudnn = None
         for name in kernels or kernels_for(device):
             row = out["kernels"].setdefault(name, [])
+            why = attn_mod.unavailable_reason(name, device, dtype) if name in GRAPHRT_KERNELS else None
+            if why:
+                row.append({"skipped": why})
+                continue
             try:
                 fn = _call(name, q, k, v)
                 got = fn()
-                err = ((got.float() - want).abs().max() / want.abs().max()).item()
-                row.append({"ms": time_fn(fn, iters, device), "max_rel_err": err})
+                cell = {"max_rel_err": _rel_err(got, want)}
+                if cudnn is not None:
+                    cell["max_rel_err_vs_cudnn"] = _rel_err(got, cudnn)
+                row.append({"ms": time_fn(fn, iters, device), **cell})
             except Exception as e:  # a kernel that cannot take this shape/dtype/device says why
                 row.append({"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
         # the static cache gathers each layer's K and V for the bucket's KV length
@@ -140,7 +167,8 @@ def main(argv=None) -> int:
                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                layers=cfg.num_layers, heads=cfg.num_heads, head_dim=cfg.head_dim)
     for name, rows in res["kernels"].items():
-        cells = [f"{r['ms']:8.3f} ms ({r['max_rel_err']:.1e})" if "ms" in r else r["error"][:60] for r in rows]
+        cells = [f"{r['ms']:8.3f} ms ({r['max_rel_err']:.1e})" if "ms" in r
+                 else "skipped: " + r["skipped"][:60] if "skipped" in r else r["error"][:60] for r in rows]
         print(f"{name:15s} " + " | ".join(cells))
     print(f"{'kv gather':15s} " + " | ".join(f"{ms:8.3f} ms" for ms in res["kv_gather_ms"]))
     if o.kv_dtype:

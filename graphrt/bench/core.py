@@ -69,8 +69,10 @@ import torch
 
 from graphrt.bench.attention import kv_cache_costs
 from graphrt.bench.driver import Driver, host_reads_per_chunk
-from graphrt.bench.presets import (COMPARISON_CHUNK, INDUCTOR_MODES, MODES, PEERS, PRESETS, VIDEO_FRAMES_PER_LATENT,
-                                   BenchConfig, Preset)
+from graphrt.attention import kernel_name
+from graphrt.bench.output import one_line
+from graphrt.bench.presets import (COMPARISON_CHUNK, FP8_SUFFIX, INDUCTOR_MODES, MODES, PEERS, PRESETS,
+                                   VIDEO_FRAMES_PER_LATENT, BenchConfig, Preset)
 from graphrt.bench.profile import profile_chunk
 from graphrt.bench.result import ModeResult, compare, goal_summary, steady_times
 from graphrt.bench.timing import Clock, clocks, load_average, torch_threads
@@ -79,6 +81,7 @@ from graphrt.kv import StaticKVCache, resolve_kv_dtype
 from graphrt.models.wan import CausalWan, ReferenceWan, WanConfig, load_checkpoint
 from graphrt.parallel import init_distributed, sequence_parallel
 from graphrt.pipeline import FlowMatchSchedule
+from graphrt.quant import quantize
 
 __all__ = ["MODES", "PRESETS", "BenchConfig", "ModeResult", "head_to_head", "measure", "run"]
 
@@ -259,18 +262,23 @@ def _run(cfg: BenchConfig, name: str, preset: Preset, device: torch.device, dtyp
             plain = Driver("eager", causal, ref, schedule, cfg)
             videos["unquantized"] = torch.cat(list(plain.stream(context, chunks, cfg.seed)), dim=2)
             plain = None
-        for mode in cfg.modes:
+        causal8 = _fp8_model(causal, ref, wcfg, cfg, device, dtype) if cfg.linear_dtype == "fp8" else None
+        for mode in cfg.rows:        # with fp8: each mode beside its fp8 run, on the same preset and video
+            how = mode.removesuffix(FP8_SUFFIX)
+            model, linear_dtype = (causal8, "fp8") if how != mode else (causal, None)
             try:
-                driver = Driver(mode, causal, ref, schedule, cfg, None if mode == "reference" else cfg.kv_dtype)
+                driver = Driver(how, model, ref, schedule, cfg, None if how == "reference" else cfg.kv_dtype,
+                                linear_dtype=linear_dtype)
                 with driver.context():
                     results[mode], videos[mode] = measure(driver, context, chunks, repeats, cfg.seed, clock,
                                                           wcfg.chunk_frames, device)
+                results[mode].attention_kernel = attention_kernel(driver, model, wcfg, cfg.batch, chunks)
             except Exception as e:
                 traceback.print_exc()    # the whole story on stderr; the summary keeps one line
                 results[mode] = ModeResult(skipped=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
             driver = None                # free this mode's cache and graphs before the next one
             gc.collect()
-            if mode in PEERS + INDUCTOR_MODES:
+            if how in PEERS + INDUCTOR_MODES:
                 torch._dynamo.reset()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -300,6 +308,34 @@ def comparison_point(wcfg: WanConfig, chunks: int) -> dict:
             "measured": chunks >= COMPARISON_CHUNK,
             "what": "the published comparison point (Wan 1.3B, 480p, one H100: 418 ms for the fastest published "
                     "system, 4 steps + the clean KV pass; 541 ms for the official code with compile and cuDNN)"}
+
+
+def attention_kernel(driver: Driver, causal: CausalWan, wcfg: WanConfig, batch: int, chunks: int) -> str | None:
+    """The attention kernel a mode runs at the comparison chunk's shapes
+    (:func:`graphrt.attention.kernel_name`: one chunk of queries against its KV length, masked
+    under ``kv_buckets="max"``); the reference runs SDPA's own choice."""
+    tokens = wcfg.chunk_frames * wcfg.frame_tokens
+    kv_len = min(min(COMPARISON_CHUNK, chunks) * wcfg.chunk_frames, wcfg.max_frames) * wcfg.frame_tokens
+    masked = driver.engine is not None and driver.engine.kv_buckets == "max"
+    p = causal.patch_embedding.weight
+    try:
+        return kernel_name("sdpa" if driver.mode == "reference" else causal.attention, p.device, p.dtype,
+                           q_shape=(batch, tokens, causal.kv_heads, wcfg.head_dim), kv_len=kv_len, masked=masked)
+    except GraphrtError as e:
+        return f"unavailable: {one_line(e)}"
+
+
+def _fp8_model(causal: CausalWan, ref: ReferenceWan, wcfg: WanConfig, cfg: BenchConfig, device, dtype) -> CausalWan:
+    """A CausalWan on the same weights (shared, not copied) with its linears quantized to fp8."""
+    with torch.device("meta"):
+        model = CausalWan(wcfg, attention=cfg.attention)
+    model.load_state_dict(ref.state_dict(), assign=True)
+    model.rope_tables(device)
+    model.eval()
+    if cfg.sp > 1:
+        sequence_parallel(model)
+    quantize(model, "fp8")
+    return model
 
 
 def _kv_summary(wcfg: WanConfig, cfg: BenchConfig, dtype: torch.dtype, device: torch.device, steps: int,

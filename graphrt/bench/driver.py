@@ -20,9 +20,9 @@ class Driver:
     """One mode: how to prepare it (capture) and how to stream a video, chunk by chunk."""
 
     def __init__(self, mode: str, causal: CausalWan, ref: ReferenceWan, schedule: FlowMatchSchedule,
-                 cfg: BenchConfig, kv_dtype: str | None = None):
+                 cfg: BenchConfig, kv_dtype: str | None = None, linear_dtype: str | None = None):
         self.mode, self.ref, self.schedule, self.causal, self.cfg = mode, ref, schedule, causal, cfg
-        self.kv_dtype = kv_dtype
+        self.kv_dtype, self.linear_dtype = kv_dtype, linear_dtype
         self.engine: Engine | None = None
         self.notes: list[str] = []
         self.mark: Callable | None = None
@@ -76,7 +76,7 @@ class Driver:
         batch = self.cfg.batch
         return Engine(model, max_sessions=batch, batch_sizes=(batch,), mode=engine_mode, schedule=self.schedule,
                       inductor=self.mode in INDUCTOR_MODES, progress=self.cfg.progress, kv_dtype=self.kv_dtype,
-                      cache_dir=self.cfg.cache_dir, kv_buckets=self.cfg.kv_buckets)
+                      cache_dir=self.cfg.cache_dir, kv_buckets=self.cfg.kv_buckets, linear_dtype=self.linear_dtype)
 
     def warm_start(self, context, seed) -> tuple[float, int, torch.Tensor]:
         """Start a second engine of this mode on the same disk cache, as a second process would:

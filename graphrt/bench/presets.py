@@ -12,6 +12,9 @@ from graphrt.kv import resolve_kv_dtype
 from graphrt.models.wan import WanConfig
 from graphrt.pipeline.engine import KV_BUCKETS
 
+LINEAR_DTYPES = ("bf16", "fp8")      # --linear-dtype: "fp8" adds a "<mode>:fp8" row beside each mode
+FP8_SUFFIX = ":fp8"
+
 FUSED_MODES = ("graphs+fused", "chunk-graph+fused")
 MODES = ("reference", "eager", "graphs", "chunk-graph", *FUSED_MODES, "graphs+inductor", "chunk-graph+inductor",
          "compile", "compile-chunk")
@@ -86,12 +89,21 @@ class BenchConfig:
     head_to_head: bool = True      # CPU: rerun the goal's two modes in turn (the same load for both)
     progress: bool = True
     kv_dtype: str | None = None           # None: the model dtype
+    linear_dtype: str = "bf16"            # "fp8": each mode also runs with fp8 linears (a "<mode>:fp8" row)
     sp: int = 1                # sequence-parallel ranks (under torchrun); every rank runs, rank 0 reports
 
     def with_modes(self) -> "BenchConfig":
         """This config checked (:meth:`resolve`), with ``modes`` filled in (:func:`default_modes`) when None."""
         _, _, device, _ = self.resolve()
         return self if self.modes is not None else replace(self, modes=default_modes(device))
+
+    @property
+    def rows(self) -> tuple[str, ...]:
+        """The modes as run: each followed by its ``"<mode>:fp8"`` row with ``linear_dtype="fp8"``
+        (the reference has none: it is the unquantized baseline)."""
+        if self.linear_dtype != "fp8":
+            return tuple(self.modes)
+        return tuple(r for m in self.modes for r in ((m,) if m == "reference" else (m, m + FP8_SUFFIX)))
 
     def resolve(self) -> tuple[str, Preset, torch.device, torch.dtype]:
         """Check every setting up front; raise :class:`ConfigError` naming the first bad one."""
@@ -117,6 +129,9 @@ class BenchConfig:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= 2 ** 63 - self.batch:
             raise ConfigError("--seed must be an int in [0, 2**63 - batch] (row i of the batch gets seed + i)",
                               got=self.seed)
+        if self.linear_dtype not in LINEAR_DTYPES:
+            raise ConfigError(f"unknown --linear-dtype {self.linear_dtype!r}", expected=LINEAR_DTYPES,
+                              got=self.linear_dtype)
         if self.kv_buckets not in KV_BUCKETS:
             raise ConfigError(f"unknown --kv-buckets {self.kv_buckets!r}", expected=KV_BUCKETS)
         if self.cache_dir is not None and not os.path.isdir(self.cache_dir):

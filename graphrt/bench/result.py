@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from graphrt.bench.output import result_json
-from graphrt.bench.presets import GRAPH_MODES, PEERS
+from graphrt.bench.presets import FP8_SUFFIX, GRAPH_MODES, PEERS
 from graphrt.bench.timing import Clock, busy_warning, noisy_warning, percentile, spread
 from graphrt.tolerance import max_rel_err, rms_rel_err
 
@@ -46,6 +46,9 @@ class ModeResult:
     max_err_vs_reference: float | None = None
     max_err_vs_unquantized: float | None = None
     rms_err_vs_unquantized: float | None = None
+    attention_kernel: str | None = None          # graphrt.attention.kernel_name at the comparison chunk's shapes
+    max_err_vs_bf16: float | None = None         # a "<mode>:fp8" row against "<mode>" (linears in the model dtype)
+    rms_err_vs_bf16: float | None = None
     speedup_vs_reference: float | None = None
     speedup_vs_eager: float | None = None
     notes: list[str] = field(default_factory=list)
@@ -53,7 +56,8 @@ class ModeResult:
     skipped: str | None = None
 
     def to_json(self) -> dict:
-        return result_json(self, optional=("max_err_vs_unquantized", "rms_err_vs_unquantized", "kernels", "fused_ops"))
+        return result_json(self, optional=("max_err_vs_unquantized", "rms_err_vs_unquantized", "kernels", "fused_ops",
+                                           "max_err_vs_bf16", "rms_err_vs_bf16"))
 
 
 def steady_times(res: ModeResult, clock: Clock, steady: list, videos: list | None = None) -> None:
@@ -96,6 +100,10 @@ def compare(results: dict[str, ModeResult], videos: dict[str, torch.Tensor]) -> 
             continue
         if "reference" in videos:
             r.max_err_vs_reference = max_rel_err(videos[mode].float(), videos["reference"].float())
+        base8 = mode.removesuffix(FP8_SUFFIX)
+        if base8 != mode and base8 in videos:
+            r.max_err_vs_bf16 = max_rel_err(videos[mode].float(), videos[base8].float())
+            r.rms_err_vs_bf16 = rms_rel_err(videos[mode].float(), videos[base8].float())
         if "unquantized" in videos and mode != "reference":
             r.max_err_vs_unquantized = max_rel_err(videos[mode].float(), videos["unquantized"].float())
             r.rms_err_vs_unquantized = rms_rel_err(videos[mode].float(), videos["unquantized"].float())

@@ -45,6 +45,7 @@ from graphrt.threads import OneThread, one_thread
 
 MODES = ("eager", "forward", "chunk")
 KV_BUCKETS = ("auto", "per-length", "max")
+LINEAR_DTYPES = (None, "bf16", "fp8")
 
 
 @dataclass(eq=False)
@@ -145,13 +146,20 @@ class Engine:
     refused with :class:`~graphrt.errors.ConcurrentCallError` (it never waits, and nothing is mixed
     silently). Drive it from one thread, e.g. a worker that owns it (as ``graphrt.serve`` does);
     the thread may change from one call to the next.
+
+    ``linear_dtype="fp8"`` runs the model's linears in float8 (:func:`graphrt.quantize`: e4m3
+    weights with per-channel scales, per-token activation scales on the device): the model is
+    quantized in place here, after its weights are loaded and before any graph is captured, so
+    every mode (and inductor) runs the fp8 forward. None or ``"bf16"`` leaves the linears as they
+    are. :meth:`memory` reports the weight bytes before and after (fp8 halves the converted
+    linears' bytes of a bf16 model).
     """
 
     def __init__(self, model, *, max_sessions: int | None = None, batch_sizes: Sequence[int] | None = None,
                  mode: str = "chunk", schedule: FlowMatchSchedule | None = None, window: tuple[int, int] | None = None,
                  backend: str = "auto", inductor: bool | str = False, verify: int = 0, progress: bool = True,
                  kv_dtype: str | torch.dtype | None = None, memory_budget: int | float | None = None,
-                 cache_dir=None, kv_buckets: str = "auto", prompt_cache: int = 256):
+                 cache_dir=None, kv_buckets: str = "auto", prompt_cache: int = 256, linear_dtype: str | None = None):
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r}", expected=MODES, got=mode)
         if kv_buckets not in KV_BUCKETS:
@@ -162,6 +170,8 @@ class Engine:
                              f"no {' or '.join(missing) or 'parameters'}",
                              expected="a model with .cfg (WanConfig), .encode_prompt(context) and parameters",
                              got=type(model).__name__, fix="build the model with CausalWan(cfg) (or torch.compile it)")
+        self.linear_dtype = linear_dtype
+        self.quantized = _quantize_linears(model, linear_dtype)
         cfg = self.cfg = model.cfg
         self.model, self.mode = model, mode
         self._one_thread = OneThread("Engine")
@@ -590,13 +600,33 @@ class Engine:
         g = self.graphs
         pool = g.stats.pool_bytes if g is not None and self.device.type == "cuda" else None
         prompt_bytes = sum(t.nbytes for entry in self._prompts.values() for t in entry)
+        q = self.quantized
         return EngineMemory(weight_bytes(self.model), self.cache.memory(), pool, self._suspended.nbytes,
-                            len(self._suspended), len(self._prompts), prompt_bytes)
+                            len(self._suspended), len(self._prompts), prompt_bytes,
+                            linear_dtype=self.linear_dtype or "bf16",
+                            weights_unquantized=None if q is None else q.bytes_before)
 
     @property
     def graphs(self):
         """The GraphedModule serving this engine (None in eager mode)."""
         return self._chunk_fn if self.mode == "chunk" else self._forward if self.mode == "forward" else None
+
+
+def _quantize_linears(model, linear_dtype):
+    """Quantize ``model``'s linears for ``linear_dtype`` (in place, once: a model already quantized
+    keeps its fp8 linears and the report of that time); the :class:`~graphrt.quant.QuantizeReport`, or None."""
+    if linear_dtype not in LINEAR_DTYPES:
+        raise ConfigError(f"unknown linear_dtype {linear_dtype!r}", where="Engine(linear_dtype=...)",
+                          expected=LINEAR_DTYPES, got=linear_dtype,
+                          fix="pass linear_dtype='fp8' for float8 linears, or None / 'bf16' for the model's own")
+    if linear_dtype != "fp8":
+        return None
+    from graphrt.quant import Fp8Linear, quantize
+
+    model = getattr(model, "_orig_mod", model)        # torch.compile's wrapper: its model's names
+    if any(isinstance(m, Fp8Linear) for m in model.modules()):
+        return getattr(model, "quantize_report", None)
+    return quantize(model, "fp8")
 
 
 def _session_groups(sessions, size):

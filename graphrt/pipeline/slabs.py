@@ -22,7 +22,10 @@ from graphrt.offload import HostCopy
 @dataclass(frozen=True)
 class EngineMemory:
     """Where an engine's bytes are: weights, the K/V cache (see :class:`~graphrt.kv.KVMemory`),
-    the graph pool (CUDA graphs only; None elsewhere) and the suspended sessions' host copies."""
+    the graph pool (CUDA graphs only; None elsewhere) and the suspended sessions' host copies.
+
+    ``linear_dtype`` is the Engine's (``"bf16"``: the model's own dtype); with ``"fp8"``,
+    ``weights_unquantized`` is the weights' bytes before :func:`graphrt.quantize` (None otherwise)."""
 
     weights: int
     kv: KVMemory
@@ -31,6 +34,8 @@ class EngineMemory:
     suspended_sessions: int
     prompts: int = 0                     # prompts in the prompt cache (cross-attention K/V kept on the device)
     prompt_bytes: int = 0
+    linear_dtype: str = "bf16"
+    weights_unquantized: int | None = None
 
     @property
     def device_total(self) -> int:
@@ -39,7 +44,9 @@ class EngineMemory:
     def __str__(self) -> str:
         mib = 2 ** 20
         pool = "-" if self.graph_pool is None else f"{self.graph_pool / mib:,.1f} MiB"
-        return (f"weights {self.weights / mib:,.1f} MiB | K/V ({self.kv.kv_dtype}) {self.kv.slabs} slabs x "
+        fp8 = "" if self.weights_unquantized is None else \
+            f" ({self.linear_dtype} linears; {self.weights_unquantized / mib:,.1f} MiB unquantized)"
+        return (f"weights {self.weights / mib:,.1f} MiB{fp8} | K/V ({self.kv.kv_dtype}) {self.kv.slabs} slabs x "
                 f"{self.kv.per_session / mib:,.1f} MiB per session + scratch {self.kv.scratch / mib:,.1f} MiB | "
                 f"graph pool {pool} | prompt cache {self.prompts} x "
                 f"{self.prompt_bytes / max(self.prompts, 1) / mib:,.1f} MiB | host: {self.suspended_sessions} suspended, "

@@ -98,13 +98,13 @@ class CausalWan(WanModelBase):
     # -- attention -------------------------------------------------------------------------------
     def _self_attn(self, layer, attn, h, rope, cache: SlabKVCache | None, step: CacheStep | None, backend):
         if self.kernel_path == "fused" and isinstance(attn.norm_q, WanRMSNorm):
-            q, k = (fused_ops.rms_norm_rope(lin(h), norm.weight, *rope, attn.num_heads, norm.eps)
-                    for lin, norm in ((attn.q, attn.norm_q), (attn.k, attn.norm_k)))
-            v = attn.v(h).unflatten(-1, (attn.num_heads, attn.head_dim))
+            q, k, v = attn.projections(h, ("q", "k", "v"))
+            q, k = (fused_ops.rms_norm_rope(y, norm.weight, *rope, attn.num_heads, norm.eps)
+                    for y, norm in ((q, attn.norm_q), (k, attn.norm_k)))
+            v = v.unflatten(-1, (attn.num_heads, attn.head_dim))
         else:
-            q = apply_rope(attn.project_q(h), *rope)
-            k, v = attn.project_kv(h)
-            k = apply_rope(k, *rope)
+            q, k, v = attn.project_qkv(h)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         sp = self.parallel
         if sp is not None:                  # Ulysses: every token of this rank's heads
             q, k, v = sp.to_heads(q, k, v)
@@ -197,5 +197,5 @@ def _fused_project_q(attn: WanAttention, h):
     """``attn.project_q`` with the RMS norm as one fused op."""
     if not isinstance(attn.norm_q, WanRMSNorm):
         return attn.project_q(h)
-    return fused_ops.rms_norm(attn.q(h), attn.norm_q.weight, attn.norm_q.eps).unflatten(
+    return fused_ops.rms_norm(attn.projections(h, ("q",))[0], attn.norm_q.weight, attn.norm_q.eps).unflatten(
         -1, (attn.num_heads, attn.head_dim))

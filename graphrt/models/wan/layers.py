@@ -71,9 +71,17 @@ class WanAttention(nn.Module):
 
     The attention itself is done by the model that owns the block: the reference and the
     graph-safe model differ exactly there.
+
+    ``fused`` names projections that run as one GEMM (``("q", "k", "v")`` for self-attention,
+    ``("k", "v")`` for cross-attention): their weights and biases live in one buffer each
+    (``fused_weight`` [n * dim, dim], ``fused_bias``; not in the state dict) and the linears'
+    parameters are views of its rows, so the state dict (keys, shapes, values) is the plain
+    one, ``load_state_dict`` (in place or ``assign=True``), ``.to()``, ``to_empty`` and
+    ``deepcopy`` keep the two in step, and :func:`graphrt.quantize` turns the group into one fp8
+    GEMM (a child named ``"".join(fused)``, the members removed). :meth:`projections` runs them.
     """
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float, fused: tuple[str, ...] = ()):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -83,17 +91,105 @@ class WanAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
         self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        self.fused_linears = tuple(fused)
+        self.register_buffer("fused_weight", None, persistent=False)
+        self.register_buffer("fused_bias", None, persistent=False)
+        self.fuse()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.fuse())
+
+    @property
+    def fused_name(self) -> str:
+        """The child a quantized group becomes (``"qkv"``, ``"kv"``)."""
+        return "".join(self.fused_linears)
+
+    def fuse(self) -> None:
+        """Put the ``fused`` linears' weights and biases in one buffer each, the linears' parameters
+        views of its rows (values unchanged). A no-op without a group or once it is quantized."""
+        names = self.fused_linears
+        if not names or self.fused_name in self._modules:
+            return
+        lins = [self._modules[n] for n in names]
+        if any(type(m) is not nn.Linear or m.bias is None for m in lins):
+            self.unfuse()
+            return
+        adjacent = _adjacent_rows([m.weight for m in lins]), _adjacent_rows([m.bias for m in lins])
+        if all(t is not None for t in adjacent):     # already rows of one tensor (this module's buffer, or
+            self.fused_weight, self.fused_bias = adjacent   # another model's after load_state_dict(assign=True))
+            return
+        with torch.no_grad():
+            w = torch.cat([m.weight.detach() for m in lins])
+            b = torch.cat([m.bias.detach() for m in lins])
+            rows = [m.out_features for m in lins]
+            for m, ws, bs in zip(lins, w.split(rows), b.split(rows)):
+                m.weight.data, m.bias.data = ws, bs
+        self.fused_weight, self.fused_bias = w, b
+
+    def unfuse(self) -> None:
+        """Run the group as separate GEMMs again (the parameters keep their values)."""
+        self.fused_weight = self.fused_bias = None
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)       # parameters and the buffer are converted apart:
+        self.fuse()                             # make the parameters views of one buffer again
+        return out
+
+    def __setstate__(self, state):
+        super().__setstate__(state)             # deepcopy / unpickle copy each parameter apart
+        self.fuse()
+
+    def projections(self, x, names: tuple[str, ...]) -> list[torch.Tensor]:
+        """Outputs of the linears ``names`` on ``x`` (before any norm), in order: one GEMM when
+        ``names`` is the fused group (views of its [.., n * dim] output), else one each."""
+        names = tuple(names)
+        fused = self.fused_linears
+        if fused and set(names) <= set(fused):
+            fp8 = self._modules.get(self.fused_name)
+            if names == fused or fp8 is not None:
+                if fp8 is not None:
+                    y = fp8(x)
+                elif self.fused_weight is not None:
+                    y = nn.functional.linear(x, self.fused_weight, self.fused_bias)
+                else:
+                    return [self._modules[n](x) for n in names]
+                parts = dict(zip(fused, y.chunk(len(fused), dim=-1)))
+                return [parts[n] for n in names]
+        return [self._modules[n](x) for n in names]
 
     def project_q(self, x):
-        return self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, self.head_dim))
+        q, = self.projections(x, ("q",))
+        return self.norm_q(q).unflatten(-1, (self.num_heads, self.head_dim))
 
     def project_kv(self, x):
-        k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, self.head_dim))
-        v = self.v(x).unflatten(-1, (self.num_heads, self.head_dim))
+        k, v = self.projections(x, ("k", "v"))
+        k = self.norm_k(k).unflatten(-1, (self.num_heads, self.head_dim))
+        v = v.unflatten(-1, (self.num_heads, self.head_dim))
         return k, v
+
+    def project_qkv(self, x):
+        """``project_q`` and ``project_kv`` of the same ``x`` (self-attention), one GEMM when fused."""
+        q, k, v = self.projections(x, ("q", "k", "v"))
+        h = (self.num_heads, self.head_dim)
+        return self.norm_q(q).unflatten(-1, h), self.norm_k(k).unflatten(-1, h), v.unflatten(-1, h)
 
     def out(self, x):
         return self.o(x.flatten(-2))
+
+
+def _adjacent_rows(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensors stacked along dim 0 as one view of their storage when they already lie there
+    back to back (contiguous, same storage, dtype and device; no copy), else None. Nothing on
+    the meta device has an address: None there."""
+    first = tensors[0]
+    if first.device.type == "meta" or not all(t.is_contiguous() for t in tensors):
+        return None
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for t in tensors:
+        if (t.untyped_storage().data_ptr() != storage or t.storage_offset() != offset or t.dtype != first.dtype
+                or t.shape[1:] != first.shape[1:]):
+            return None
+        offset += t.numel()
+    rows = sum(t.shape[0] for t in tensors)
+    return first.detach().as_strided((rows, *first.shape[1:]), first.stride())
 
 
 class WanBlock(nn.Module):
@@ -107,9 +203,9 @@ class WanBlock(nn.Module):
         super().__init__()
         dim = cfg.dim
         self.norm1 = WanLayerNorm(dim, cfg.eps)
-        self.self_attn = WanAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.self_attn = WanAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps, fused=("q", "k", "v"))
         self.norm3 = WanLayerNorm(dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
-        self.cross_attn = WanAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.cross_attn = WanAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps, fused=("k", "v"))
         self.norm2 = WanLayerNorm(dim, cfg.eps)
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(cfg.ffn_dim, dim))
