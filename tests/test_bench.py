@@ -57,10 +57,11 @@ def test_bench_cli_all_modes(tmp_path):
     assert "| chunk-graph |" in md and "max err vs reference" in md
 
 
-def test_fused_modes_run_like_for_like_and_name_their_kernel_path():
+def test_fused_modes_run_like_for_like_and_name_their_kernel_path(monkeypatch):
     """graphs+fused / chunk-graph+fused build the model with kernels="fused", today's modes with
     "aten", on the same weights; each mode names its kernel path, and the 6th chunk (the published
     comparison point) is reported beside the median."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)    # set by tests/test_kernels.py at import
     modes = ("eager", "graphs", "graphs+fused", "chunk-graph+fused")
     summary = run(BenchConfig(preset="tiny", chunks=6, steps=1, layers=1, repeats=0, modes=modes, progress=False,
                               head_to_head=False))
