@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 import torch
 
 from graphrt.errors import ConfigError, InputError
-from graphrt.pipeline.vae import DecodeQueue, DecoderState, VAEDecoder, WanVAEDecoder
+from graphrt.pipeline.vae import DecodeQueue, DecoderState, VAEDecoder, WanVAEDecoder, WanVAEEncoder
 from graphrt.pipeline.engine import Engine, Session
 from graphrt.pipeline.text import TextEncoder, clean_prompt
 from graphrt.pipeline.weights import VideoShape, WanComponents, load_wan
@@ -51,14 +51,15 @@ class VideoPipeline:
     the last call: it closes every session and stops the decode worker.
     """
 
-    def __init__(self, engine: Engine, text: TextEncoder, decoder: VAEDecoder, *, overlap: bool = True):
+    def __init__(self, engine: Engine, text: TextEncoder, decoder: VAEDecoder, *, overlap: bool = True,
+                 encoder: WanVAEEncoder | None = None):
         cfg = engine.cfg
         if text.dim != cfg.text_dim:
             raise ConfigError(f"the text encoder gives {text.dim}-dim states but the DiT reads {cfg.text_dim}")
         z_dim = getattr(decoder, "z_dim", cfg.out_dim)
         if z_dim != cfg.out_dim:
             raise ConfigError(f"the DiT outputs {cfg.out_dim} latent channels but the decoder takes {z_dim}")
-        self.engine, self.text, self.decoder = engine, text, decoder
+        self.engine, self.text, self.decoder, self.encoder = engine, text, decoder, encoder
         self.queue = DecodeQueue(decoder, overlap=overlap)
         # kept off the Session: the Engine's captures can reach its sessions, and the decode worker
         # changes these states while the DiT runs (a capture would see a rebind it cannot replay)
@@ -72,7 +73,7 @@ class VideoPipeline:
         engine = Engine(parts.dit, **engine_kwargs)
         text = TextEncoder(parts.text_encoder, parts.tokenizer, max_length=parts.dit.cfg.text_len,
                            cache_size=text_cache)
-        return cls(engine, text, WanVAEDecoder(parts.vae), overlap=overlap)
+        return cls(engine, text, WanVAEDecoder(parts.vae), overlap=overlap, encoder=WanVAEEncoder(parts.vae))
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, checkpoint: str | Path | None = None, *,
@@ -87,14 +88,59 @@ class VideoPipeline:
         return cls.from_components(parts, overlap=overlap, **engine_kwargs)
 
     # -- sessions -------------------------------------------------------------------------------
-    def open(self, prompt: str, *, seed: int = 0, num_chunks: int | None = None) -> Session:
+    def open(self, prompt: str, *, seed: int = 0, num_chunks: int | None = None, image: torch.Tensor | None = None,
+             video: torch.Tensor | None = None) -> Session:
         """Start a video for ``prompt``; a prompt seen before skips the text encoder and the
-        cross-attention projections. The session gets its own decoder state."""
+        cross-attention projections. The session gets its own decoder state.
+
+        ``image`` (uint8 [H, W, 3]) or ``video`` (uint8 [T, H, W, 3], T = 1 + 4 * (n * chunk_frames
+        - 1) for n whole chunks, at the decoder's frame size) start it from given frames: the
+        Wan VAE encoder turns them into the session's first n chunks (an image is held still for
+        one chunk), the Engine writes their K/V (``Engine.open(init_latents=...)``) and the
+        decoder state is primed with them, so the first chunk :meth:`step` delivers is the first
+        new one. ``num_chunks`` counts the given chunks."""
         self._check_running("open()")
+        init = None
+        if image is not None or video is not None:
+            init = self._encode_frames(image, video)
         ctx = self.text(prompt)
-        session = self.engine.open(ctx, seed=seed, prompt=clean_prompt(prompt), num_chunks=num_chunks)
-        self._states[session] = self.decoder.new_state()
+        session = self.engine.open(ctx, seed=seed, prompt=clean_prompt(prompt), num_chunks=num_chunks,
+                                   init_latents=init)
+        state = self.decoder.new_state()
+        if init is not None:
+            self.queue.submit(init, state).result()      # primes the causal feature cache; the frames are given
+        self._states[session] = state
         return session
+
+    def _encode_frames(self, image, video) -> torch.Tensor:
+        if image is not None and video is not None:
+            raise InputError("open() starts from an image or a video, not both", fix="pass one of image=, video=")
+        if self.encoder is None:
+            raise ConfigError("this pipeline has no VAE encoder to start from frames",
+                              fix="build it with VideoPipeline(..., encoder=WanVAEEncoder(vae)) or from_components")
+        cfg = self.engine.cfg
+        need = self.encoder.frames_for(cfg.chunk_frames)
+        if image is not None:
+            if not isinstance(image, torch.Tensor) or image.dim() != 3:
+                raise InputError("image must be uint8 [H, W, 3]", got=getattr(image, "shape", type(image).__name__))
+            video = image[None].expand(need, *image.shape)     # held still for one chunk
+        size = (cfg.height * self.encoder.space_scale, cfg.width * self.encoder.space_scale)
+        if isinstance(video, torch.Tensor) and video.dim() == 4 and tuple(video.shape[1:3]) != size:
+            raise InputError("frames of the wrong size", expected=f"[T, {size[0]}, {size[1]}, 3]",
+                             got=list(video.shape), fix="resize the frames to the video size the pipeline makes")
+        if isinstance(video, torch.Tensor) and video.dim() == 4:
+            step = cfg.chunk_frames * self.encoder.time_scale
+            if (video.shape[0] - need) % step or video.shape[0] < need:
+                raise InputError(f"{video.shape[0]} frames are not a whole number of chunks",
+                                 expected=f"{need} + k * {step} frames (1 + 4 * (n * {cfg.chunk_frames} - 1))",
+                                 got=video.shape[0], fix="trim or pad the clip to a whole number of chunks")
+        return self.encoder.encode(video).to(self.engine.device, self.engine.dtype)
+
+    def set_prompt(self, session: Session, text: str) -> None:
+        """Switch a session's prompt from its next chunk, through the text encoder and the prompt
+        cache, with the KV re-cache (:meth:`Engine.set_prompt`)."""
+        self._check_running("set_prompt()")
+        self.engine.set_prompt(session, self.text(text), prompt=clean_prompt(text))
 
     def close(self, session: Session) -> None:
         """End a video: its slab and its decoder state (a captured decoder's slot) are freed."""
