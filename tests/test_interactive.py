@@ -282,3 +282,21 @@ def test_pipeline_starts_from_a_video_or_an_image(parts):
         pipe.open("a red fox", video=clip, image=clip[0])
     with pytest.raises(InputError, match="wrong size"):
         pipe.open("a red fox", video=clip[:, :32])
+
+
+@pytest.mark.slow           # two rank processes: about 90 s of wall time on a loaded 2-core machine
+def test_a_switch_under_sequence_parallelism_equals_one_process(tmp_path):
+    """2 gloo ranks (``--sp 2``): the same videos on both ranks, within tolerance of one process
+    (eager and whole-chunk graphs in float32, an int8 cache in bfloat16); the switch lands after
+    the ring wrapped."""
+    from test_parallel import launch
+    from graphrt.tolerance import max_rel_err, tolerance
+
+    codes, errs, _ = launch(tmp_path, "interactive", timeout=480.0)
+    assert codes == [0, 0], "\n".join(e[-3000:] for e in errs)
+    videos = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for key in ("float32.eager", "float32.chunk", "bfloat16.eager+int8"):
+        assert torch.equal(videos[0][key], videos[1][key]), key
+        dtype, mode = key.split(".")
+        single = videos[0][f"{dtype}.{mode if mode != 'chunk' else 'eager'}+single"]
+        assert max_rel_err(videos[0][key], single) <= tolerance(getattr(torch, dtype)), key
