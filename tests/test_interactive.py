@@ -81,6 +81,10 @@ def test_recache_equals_the_clean_pass_over_the_kept_latents(cfg, ctx, dtype, wi
         assert a.recache
         got[mode] = [engine.step([a])[a] for _ in range(2)]
         assert not a.recache and a.chunk == before + 2
+        if mode != "eager" and window is None:     # prewarm(recache=True): every pass bucket, then sealed
+            assert engine.recache_graphs.stats.captures == 2          # passes of 3 and 6 frames, lazily
+            engine.prewarm(recache=True)
+            assert engine.recache_graphs.sealed and engine.recache_graphs.stats.captures == cfg.num_chunks
     want = _reference(model, ctx[1:2], 5, torch.cat(lat, 2), window, kv_dtype, 2)
     assert all(torch.equal(g, w) for g, w in zip(got["eager"], want))
     assert all(torch.equal(g, w) for g, w in zip(got.get(graphs, got["eager"]), got["eager"]))

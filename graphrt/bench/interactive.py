@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -22,7 +23,6 @@ import time
 import torch
 
 from graphrt.bench.presets import PRESETS
-from graphrt.bench.timing import clocks
 from graphrt.errors import ConfigError
 from graphrt.models.wan import CausalWan
 from graphrt.pipeline import Engine
@@ -93,7 +93,7 @@ def switch_cost(preset: str = "tiny", *, mode: str = "eager", sessions: int = 1,
         "kept_latent_bytes_per_session": mem.kv.latents, "kv_bytes_per_session": mem.kv.per_session,
         "kept_latents_share": mem.kv.latents / mem.kv.per_session,
         "staging_bytes_per_engine": engine._recache.nbytes,
-        "clocks": clocks(dev),
+        "load_average": list(os.getloadavg()),
     }
 
 

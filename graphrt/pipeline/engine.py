@@ -547,11 +547,15 @@ class Engine:
         return torch.cat(list(self.stream(context, num_chunks, seed, prompt)), dim=2)
 
     @torch.no_grad()
-    def prewarm(self) -> "Engine":
+    def prewarm(self, recache: bool = False) -> "Engine":
         """Capture every bucket now (:attr:`num_graphs` graphs: batch sizes x KV lengths x
-        exact/masked, with a progress bar), then seal. See the class docstring for the cost."""
+        exact/masked, with a progress bar), then seal. See the class docstring for the cost.
+        ``recache`` also captures the re-cache passes of :meth:`set_prompt` and ``init_latents``
+        (batch sizes x chunks per slab more graphs); else each is captured on its first use."""
         if self.mode == "eager":
             return self
+        if recache:
+            self._recache.prewarm()
         b = self.batch_sizes[-1]
         cond = None if self.cfg.cond_dim == 0 else torch.zeros(b, self.cfg.chunk_frames, self.cfg.cond_dim,
                                                                 device=self.device, dtype=self.dtype)
@@ -609,6 +613,11 @@ class Engine:
         prompt_bytes = sum(t.nbytes for entry in self._prompts.values() for t in entry)
         return EngineMemory(weight_bytes(self.model), self.cache.memory(), pool, self._suspended.nbytes,
                             len(self._suspended), len(self._prompts), prompt_bytes)
+
+    @property
+    def recache_graphs(self):
+        """The GraphedModule of the re-cache passes (None in eager mode)."""
+        return self._recache.graphs
 
     @property
     def graphs(self):

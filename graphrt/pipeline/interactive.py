@@ -76,9 +76,20 @@ class Recache:
         self.positions = torch.zeros(b, self.chunks, dtype=torch.long, device=dev)
         self.choices = tuple((j + 1) * F for j in range(self.chunks))
         self.fn = self.pass_function
+        self._graphed = graph_opts is not None
         if graph_opts is not None:
             self.fn = compile_graphs(self.pass_function, states=[cache], buckets=Buckets(
                 static_args={"batch": engine.batch_sizes, "kv_frames": self.choices}), **graph_opts)
+
+    @property
+    def graphs(self):
+        """The GraphedModule of the passes (None in eager mode)."""
+        return self.fn if self._graphed else None
+
+    def prewarm(self) -> None:
+        """Capture every pass bucket now (batch sizes x slab chunks graphs), then seal."""
+        if self.graphs is not None:
+            self.graphs.prewarm(batch=self.engine.batch_sizes[-1], kv_frames=self.choices[0])
 
     @property
     def nbytes(self) -> int:

@@ -172,8 +172,9 @@ class VideoPipeline:
         if missing:
             raise InputError(f"session(s) {missing} have no decoder state",
                              fix="open sessions with VideoPipeline.open(), not Engine.open()")
-        graphs = self.engine.graphs
-        if graphs is not None and not graphs.sealed:
+        graphs, recache = self.engine.graphs, self.engine.recache_graphs
+        if graphs is not None and not graphs.sealed or \
+                recache is not None and not recache.sealed and any(getattr(s, "recache", False) for s in pool):
             self.queue.drain()            # this step may capture: no decode may run beside it
         latents = self.engine.step(sessions)
         return {s: self.queue.submit(lat, self._states[s]) for s, lat in latents.items()}
@@ -240,13 +241,14 @@ class VideoPipeline:
         """The whole video: uint8 ``[T, H, W, 3]`` (``[B, T, H, W, 3]`` for a list of prompts)."""
         return torch.cat(list(self.stream(prompt, num_chunks, seed)), dim=0 if isinstance(prompt, str) else 1)
 
-    def prewarm(self, decoder_graphs: bool = False) -> "VideoPipeline":
-        """Capture the engine's graphs now (see :meth:`Engine.prewarm`); with ``decoder_graphs``
+    def prewarm(self, decoder_graphs: bool = False, recache: bool = False) -> "VideoPipeline":
+        """Capture the engine's graphs now (see :meth:`Engine.prewarm`; ``recache``: the re-cache
+        passes of prompt switches and starts from frames too); with ``decoder_graphs``
         also the decoder's steady frame, one static feature cache per engine slab
         (:meth:`WanVAEDecoder.capture`)."""
         self._check_running("prewarm()")
         self.queue.drain()                # a capture may not run beside a decode
-        self.engine.prewarm()
+        self.engine.prewarm(recache=recache)
         if decoder_graphs:
             if not hasattr(self.decoder, "capture"):
                 raise ConfigError(f"{type(self.decoder).__name__} cannot be captured")
