@@ -22,6 +22,10 @@ Memory: ``kv_dtype`` stores K/V as int8 or float8 codes with per-token-head scal
 the bytes of bf16); ``memory_budget`` sizes the number of slabs (resident sessions) from the
 config; :meth:`Engine.suspend` moves a session's slab to host memory so that more sessions can be
 open than there are slabs, and :meth:`Engine.resume` brings it back into any free slab.
+
+Interactive sessions (:mod:`graphrt.pipeline.interactive`): :meth:`Engine.set_prompt` switches a
+session's prompt, with a KV re-cache from the clean latents each slab keeps; ``open(init_latents=...)``
+starts a session from given latents.
 """
 from __future__ import annotations
 
@@ -315,7 +319,8 @@ class Engine:
             raise InputError("num_chunks must be an int >= 1 (or None for an open-ended video)", got=num_chunks)
         self._check_video(num_chunks, [seed])
         if init_latents is not None:
-            interactive.check_geometry(self.cfg, self.cache, "open(init_latents=...)")
+            interactive.check_geometry(self.cfg, self.cache, "open(init_latents=...)",
+                                       fix="open the session without init_latents")
             init_latents = interactive.check_init_latents(self.cfg, self, init_latents, num_chunks)
         schedule = schedule or self.schedule
         if len(schedule.steps) != len(self.schedule.steps):
@@ -355,7 +360,8 @@ class Engine:
         :mod:`graphrt.pipeline.interactive`); sessions switched before the same :meth:`step` are
         re-cached batched, one captured graph per (batch, length) bucket in the graph modes.
         Without it only cross-attention changes. Other sessions are not touched. The session
-        must be open, resident (not suspended) and not finished.
+        must be open, resident (not suspended) and not finished. On a sequence-parallel model
+        every rank must switch alike (same session, context and arguments).
         """
         self._check_open([session], "set_prompt()")
         if session.suspended:

@@ -25,19 +25,18 @@ from graphrt.replay import Buckets
 from graphrt.replay import compile as compile_graphs
 
 
-def check_geometry(cfg, cache, where: str) -> None:
+def check_geometry(cfg, cache, where: str, fix: str = "pass recache=False (only cross-attention changes)") -> None:
     """A re-cache works on whole chunks: the sink and the ring of a rolling cache must hold whole
     chunks, and a model with per-chunk ``cond`` would need the kept chunks' conditioning."""
     if cfg.cond_dim:
         raise ConfigError(f"{where}: the re-cache of a model with per-chunk cond (cond_dim={cfg.cond_dim}) is not "
-                          "supported: the kept chunks' conditioning is not kept",
-                          fix="pass recache=False (only cross-attention changes)")
+                          "supported: the kept chunks' conditioning is not kept", fix=fix)
     F = cfg.chunk_frames
     if isinstance(cache, RollingKVCache) and (cache.sink_frames % F or (cache.window_frames - cache.sink_frames) % F):
         raise CacheError(f"{where}: a re-cache needs a window of whole chunks: sink {cache.sink_frames} and ring "
                          f"{cache.window_frames - cache.sink_frames} frames are not multiples of {F}",
                          fix=f"build the Engine with window=(frames, sink_frames) both multiples of {F}, "
-                             "or pass recache=False")
+                             f"or {fix}")
 
 
 def kept_chunks(cache, frames: int, chunk_frames: int) -> list[int]:
@@ -117,17 +116,23 @@ class Recache:
         for start in range(0, len(sessions), size):
             group = sessions[start:start + size]
             kept = [kept_chunks(cache, s.chunk * F, F) for s in group]
-            pos = torch.zeros(size, self.chunks, dtype=torch.long)
+            # host-side index rows, uploaded in one async copy (pinned on CUDA): the host never waits
+            host = torch.zeros(size, 1 + self.chunks + self.chunks * F, dtype=torch.long)
             for r, (s, ks) in enumerate(zip(group, kept)):
-                pos[r, :len(ks)] = torch.tensor(ks)
-                frames = (torch.tensor(ks)[:, None] + torch.arange(F)).flatten().to(engine.device)
-                slab = torch.full((1,), s.slab, dtype=torch.int32, device=engine.device)
-                rows = cache.latent_index(slab, frames[None])[0]
-                data = cache.latents.index_select(0, rows)                # [n, C, H, W] in the old layout
+                host[r, 0] = s.slab
+                host[r, 1:1 + len(ks)] = torch.tensor(ks)
+                host[r, 1 + self.chunks:1 + self.chunks + len(ks) * F] = \
+                    (torch.tensor(ks)[:, None] + torch.arange(F)).flatten()
+            if engine.device.type == "cuda":
+                host = host.pin_memory()
+            dev = host.to(engine.device, non_blocking=True)
+            self.positions.copy_(dev[:, 1:1 + self.chunks])
+            for r, (s, ks) in enumerate(zip(group, kept)):
+                slab, frames = dev[r, :1], dev[r:r + 1, 1 + self.chunks:1 + self.chunks + len(ks) * F]
+                data = cache.latents.index_select(0, cache.latent_index(slab, frames)[0])   # the old layout
                 cache.offset[s.slab:s.slab + 1].fill_(ring_offset(cache, s.chunk * F))
-                cache.latents.index_copy_(0, cache.latent_index(slab, frames[None])[0], data)
-                self.latents[r, :, :len(frames)].copy_(data.transpose(0, 1))
-            self.positions.copy_(pos.to(engine.device, non_blocking=True))
+                cache.latents.index_copy_(0, cache.latent_index(slab, frames)[0], data)      # oldest first
+                self.latents[r, :, :data.shape[0]].copy_(data.transpose(0, 1))
             for j in range(len(kept[0])):
                 rows = [s.slab for s, ks in zip(group, kept) if len(ks) > j]
                 batch = next(b for b in engine.batch_sizes if b >= len(rows))
