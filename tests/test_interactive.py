@@ -180,7 +180,10 @@ def test_suspend_and_resume_keep_the_kept_latents(cfg, ctx):
     want, _ = run(False)
     got, engine = run(True)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
-    assert engine.memory().kv.latents == 9 * cfg.out_dim * cfg.height * cfg.width * 2      # bf16, per session
+    m = engine.memory()
+    assert m.kv.latents == 9 * cfg.out_dim * cfg.height * cfg.width * 2      # bf16, per session
+    assert m.recache_bytes == 2 * 9 * cfg.out_dim * cfg.height * cfg.width * 2 + 2 * 3 * 8   # staging: 2 rows
+    assert m.device_total == m.weights + m.kv.total + m.prompt_bytes + m.recache_bytes
 
 
 @torch.no_grad()

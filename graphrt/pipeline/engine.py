@@ -613,12 +613,14 @@ class Engine:
         session.slab = slab
 
     def memory(self) -> EngineMemory:
-        """Bytes of weights, K/V cache (per slab, scratch), graph pool and suspended host copies."""
+        """Bytes of weights, K/V cache (per slab, scratch; ``kv.latents``: the clean latents each
+        session keeps for a re-cache), graph pool, prompt cache, the re-cache's staging rows and
+        suspended host copies."""
         g = self.graphs
         pool = g.stats.pool_bytes if g is not None and self.device.type == "cuda" else None
         prompt_bytes = sum(t.nbytes for entry in self._prompts.values() for t in entry)
         return EngineMemory(weight_bytes(self.model), self.cache.memory(), pool, self._suspended.nbytes,
-                            len(self._suspended), len(self._prompts), prompt_bytes)
+                            len(self._suspended), len(self._prompts), prompt_bytes, self._recache.nbytes)
 
     @property
     def recache_graphs(self):

@@ -31,10 +31,11 @@ class EngineMemory:
     suspended_sessions: int
     prompts: int = 0                     # prompts in the prompt cache (cross-attention K/V kept on the device)
     prompt_bytes: int = 0
+    recache_bytes: int = 0               # the re-cache's staging rows (one set per engine; kept latents: kv.latents)
 
     @property
     def device_total(self) -> int:
-        return self.weights + self.kv.total + (self.graph_pool or 0) + self.prompt_bytes
+        return self.weights + self.kv.total + (self.graph_pool or 0) + self.prompt_bytes + self.recache_bytes
 
     def __str__(self) -> str:
         mib = 2 ** 20
