@@ -235,8 +235,8 @@ class SlabKVCache:
                    frame_tokens: int | None = None, **kw):
         """A cache shaped for a Wan config. ``device="meta"`` builds it without memory (for sizing:
         see :meth:`memory`). ``keep_latents=True`` keeps each session's clean latents beside its K/V
-        (``cfg.out_dim`` x ``cfg.height`` x ``cfg.width`` per frame). The scratch region holds one chunk (``cfg.chunk_frames``); pass
-        ``scratch_frames`` for forwards that write more frames at once (a prefill). ``num_heads``
+        (``cfg.out_dim`` x ``cfg.height`` x ``cfg.width`` per frame). The scratch region holds one
+        chunk (``cfg.chunk_frames``); pass ``scratch_frames`` for forwards that write more frames at once (a prefill). ``num_heads``
         may be a shard of the config's heads (a rank-local cache of N sequence-parallel ranks keeps
         H/N); the cross-attention K/V keep all of them (``cross_heads``, default the config's)."""
         kw.setdefault("scratch_frames", cfg.chunk_frames)

@@ -70,7 +70,8 @@ CASES = [(torch.float32, None, None, 2, "chunk"), (torch.bfloat16, None, "int8",
 @torch.no_grad()
 def test_recache_equals_the_clean_pass_over_the_kept_latents(cfg, ctx, dtype, window, kv_dtype, before, graphs):
     """A switch with re-cache, then 2 chunks: bit for bit the written-out reference (eager), and
-    (two cases, to keep captures few) the whole-chunk graphs, or the graphs of one forward, bit for bit the eager Engine."""
+    (two cases, to keep captures few) the whole-chunk graphs, or the graphs of one forward, bit for
+    bit the eager Engine."""
     model = _model(cfg, dtype)
     got = {}
     for mode in ("eager", graphs) if graphs else ("eager",):

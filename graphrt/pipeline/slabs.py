@@ -41,7 +41,8 @@ class EngineMemory:
         mib = 2 ** 20
         pool = "-" if self.graph_pool is None else f"{self.graph_pool / mib:,.1f} MiB"
         return (f"weights {self.weights / mib:,.1f} MiB | K/V ({self.kv.kv_dtype}) {self.kv.slabs} slabs x "
-                f"{self.kv.per_session / mib:,.1f} MiB per session (kept latents {self.kv.latents / mib:,.2f} MiB) + scratch {self.kv.scratch / mib:,.1f} MiB | "
+                f"{self.kv.per_session / mib:,.1f} MiB per session (kept latents {self.kv.latents / mib:,.2f} MiB) "
+                f"+ scratch {self.kv.scratch / mib:,.1f} MiB | "
                 f"graph pool {pool} | prompt cache {self.prompts} x "
                 f"{self.prompt_bytes / max(self.prompts, 1) / mib:,.1f} MiB | host: {self.suspended_sessions} suspended, "
                 f"{self.host_suspended / mib:,.1f} MiB")
