@@ -15,6 +15,11 @@ A cache owns every tensor that changes from chunk to chunk, all on the device:
   and leave without copying caches.
 - ``frames`` int32 [slabs + 1]: committed latent frames per slab (the session's position).
 - ``seqlens`` int32 [max_batch]: valid tokens per row after the latest write.
+- ``offset`` int32 [slabs + 1]: frames a slab's ring is turned by (a rolling cache after a re-cache
+  lays the kept frames out oldest first; 0 otherwise).
+- ``latents`` [(slabs + 1) * slab_frames, C, H, W] (with ``keep_latents``): each session's clean
+  latents of the frames its slab holds, frame by frame at the same slots as their K/V, so the K/V
+  can be recomputed from them (a prompt switch's re-cache).
 - ``cross_k``/``cross_v`` [layers, slabs + 1, text_len, H, D]: the text context's K/V, computed
   once per session (per prompt). They stay in the model dtype whatever ``kv_dtype`` is: a few
   percent of a session's bytes at 480p, read by every forward, and never re-encoded.
@@ -128,6 +133,7 @@ class KVMemory:
     per_session: int
     scratch: int
     state: int
+    latents: int = 0                 # of per_session: the kept clean latents (``keep_latents``)
 
     @property
     def total(self) -> int:
@@ -158,7 +164,8 @@ class SlabKVCache:
     def __init__(self, *, num_layers: int, num_heads: int, head_dim: int, frame_tokens: int,
                  slab_frames: int, num_slabs: int = 1, max_batch: int | None = None, text_len: int = 0,
                  device=None, dtype=torch.float32, kv_dtype=None, align: int = 1,
-                 scratch_frames: int | None = None, cross_heads: int | None = None):
+                 scratch_frames: int | None = None, cross_heads: int | None = None,
+                 keep_latents: tuple[int, int, int] | None = None):
         if num_slabs < 1:
             raise CacheError("a cache needs at least one slab", got=num_slabs)
         self.num_layers, self.num_heads, self.head_dim = num_layers, num_heads, head_dim
@@ -195,6 +202,10 @@ class SlabKVCache:
         ikw = dict(device=self.device, dtype=torch.int32)
         self.block_table = torch.full((self.max_batch,), self.scratch, **ikw)
         self.frames = torch.zeros(num_slabs + 1, **ikw)
+        self.offset = torch.zeros(num_slabs + 1, **ikw)
+        # keep_latents=(C, H, W): a frame ring of clean latents per slab (and scratch), slots as the K/V's
+        self.latents = None if keep_latents is None else \
+            torch.zeros(((num_slabs + 1) * slab_frames, *keep_latents), **kw)
         self.seqlens = torch.zeros(self.max_batch, **ikw)
         self._ones = torch.ones(self.max_batch, **ikw)
         self._saved_rows = torch.zeros(self.max_batch, **ikw)
@@ -223,13 +234,15 @@ class SlabKVCache:
     def for_config(cls, cfg, *, dtype: torch.dtype, num_slabs: int = 1, max_batch: int | None = None,
                    frame_tokens: int | None = None, **kw):
         """A cache shaped for a Wan config. ``device="meta"`` builds it without memory (for sizing:
-        see :meth:`memory`). The scratch region holds one chunk (``cfg.chunk_frames``); pass
-        ``scratch_frames`` for forwards that write more frames at once (a prefill). ``num_heads``
+        see :meth:`memory`). ``keep_latents=True`` keeps each session's clean latents beside its K/V
+        (``cfg.out_dim`` x ``cfg.height`` x ``cfg.width`` per frame). The scratch region holds one
+        chunk (``cfg.chunk_frames``); pass ``scratch_frames`` for forwards that write more frames at once (a prefill). ``num_heads``
         may be a shard of the config's heads (a rank-local cache of N sequence-parallel ranks keeps
         H/N); the cross-attention K/V keep all of them (``cross_heads``, default the config's)."""
         kw.setdefault("scratch_frames", cfg.chunk_frames)
         kw.setdefault("num_heads", cfg.num_heads)
         kw.setdefault("cross_heads", cfg.num_heads)
+        kw["keep_latents"] = (cfg.out_dim, cfg.height, cfg.width) if kw.get("keep_latents") else None
         if kw["num_heads"] < 1 or cfg.num_heads % kw["num_heads"]:
             raise ConfigError(f"num_heads={kw['num_heads']} is not a shard of the config's {cfg.num_heads} heads",
                               expected=f"H/N for N ranks that divide {cfg.num_heads}",
@@ -260,24 +273,30 @@ class SlabKVCache:
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor this cache owns, by name (for static-address marking and byte counts)."""
         out = {f"{kind}.{i}": t for kind in ("k", "v", "k_scale", "v_scale") for i, t in enumerate(getattr(self, kind))}
+        if self.latents is not None:
+            out.update(latents=self.latents)
         out.update(cross_k=self.cross_k, cross_v=self.cross_v, **self.state(), _ones=self._ones,
                    _saved_rows=self._saved_rows, _arange=self._arange)
         return out
 
     def memory(self) -> KVMemory:
         """Bytes held, per session and in all (see :class:`KVMemory`)."""
-        per_session = sum(t.nbytes for t in self.slab_tensors(0).values())
-        scratch = sum(t.nbytes for t in self._scratch_views()) + 2 * self.cross_k[:, self.scratch].nbytes
+        views = self.slab_tensors(0)
+        per_session = sum(t.nbytes for t in views.values())
+        latents = views["latents"].nbytes if "latents" in views else 0
+        scratch = sum(t.nbytes for t in self._scratch_views()) + 2 * self.cross_k[:, self.scratch].nbytes + latents
         total = sum(t.nbytes for t in self.tensors().values())
         state = total - self.num_slabs * per_session - scratch
-        return KVMemory(str(self.kv_dtype).removeprefix("torch."), self.num_slabs, per_session, scratch, state)
+        return KVMemory(str(self.kv_dtype).removeprefix("torch."), self.num_slabs, per_session, scratch, state,
+                        latents)
 
     def _scratch_views(self) -> list[torch.Tensor]:
         rows = slice(self.scratch_base, None)
         return [t[rows] for t in self.k + self.v + self.k_scale + self.v_scale]
 
     # -- where tokens land -----------------------------------------------------------------
-    def _slot(self, p: torch.Tensor) -> torch.Tensor:
+    def _slot(self, p: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """Slab slot of token position ``p`` for rows whose ring is turned by ``offset`` tokens."""
         raise NotImplementedError
 
     def _filled(self, end_tokens: torch.Tensor) -> torch.Tensor:
@@ -304,6 +323,7 @@ class SlabKVCache:
         if wiped is not None:          # the device waits for the wipe; the host does not
             torch.cuda.current_stream(self.device).wait_event(wiped)
         self.frames[slab:slab + 1].zero_()      # a kernel: indexing with a host int would sync
+        self.offset[slab:slab + 1].zero_()
         return slab
 
     def release(self, slab: int, wipe: bool = True, stream: torch.cuda.Stream | None = None) -> None:
@@ -344,13 +364,17 @@ class SlabKVCache:
 
     def slab_tensors(self, slab: int) -> dict[str, torch.Tensor]:
         """Every view that belongs to one session's slab, by name: its K/V (and scales) in every
-        layer, its cross-attention K/V and its position. What suspend copies out and resume in."""
+        layer, its cross-attention K/V, its position, its ring's :attr:`offset` and its kept latents (with
+        ``keep_latents``). What suspend copies out and resume in."""
         if not 0 <= slab < self.num_slabs:
             raise CacheError(f"slab {slab} out of range", expected=f"0..{self.num_slabs - 1}")
         rows = slice(slab * self.stride, (slab + 1) * self.stride)
         out = {f"{kind}.{i}": t[rows] for kind in ("k", "v", "k_scale", "v_scale")
                for i, t in enumerate(getattr(self, kind))}
-        out.update(cross_k=self.cross_k[:, slab], cross_v=self.cross_v[:, slab], frames=self.frames[slab:slab + 1])
+        out.update(cross_k=self.cross_k[:, slab], cross_v=self.cross_v[:, slab], frames=self.frames[slab:slab + 1],
+                   offset=self.offset[slab:slab + 1])
+        if self.latents is not None:
+            out.update(latents=self.latents[slab * self.slab_frames:(slab + 1) * self.slab_frames])
         return out
 
     def paged(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -407,7 +431,7 @@ class SlabKVCache:
         base = rows * self.stride                     # the scratch row's base is scratch_base
         scratch_row = rows == self.scratch
         start = pos.long()[:, None] * T
-        slot = self._slot(start + self._arange[:query_frames * T])
+        slot = self._slot(start + self._arange[:query_frames * T], self.offset.index_select(0, bt).long()[:, None] * T)
         # padding rows, and a row past the end of its slab, write to scratch: never into a neighbour
         write_index = torch.where(scratch_row | (slot >= self.slab_tokens),
                                   self.scratch_base + slot % self.scratch_tokens, base + slot).flatten()
@@ -415,7 +439,10 @@ class SlabKVCache:
         span = self._arange[:kv_tokens]
         read_index = torch.where(scratch_row, self.scratch_base + span % self.scratch_tokens, base + span).flatten()
         seqlens = self.seqlens[:batch]
-        seqlens.copy_(self._filled(start[:, 0] + query_frames * T))
+        if kv_exact:                                  # the promise: every row holds exactly kv_tokens
+            seqlens.fill_(kv_tokens)
+        else:
+            seqlens.copy_(self._filled(start[:, 0] + query_frames * T))
         return CacheStep(batch, kv_tokens, write_index, read_index, bt, pos, seqlens, kv_exact)
 
     def write(self, layer: int, step: CacheStep, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -448,6 +475,27 @@ class SlabKVCache:
         return (self.cross_k[layer].index_select(0, step.block_table),
                 self.cross_v[layer].index_select(0, step.block_table))
 
+    def latent_index(self, slabs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rows of :attr:`latents` (int64 [B, n]) holding frame ``positions`` (int [B, n], on the
+        device) of ``slabs`` (int [B]); scratch rows, and frames past a static slab, go to scratch."""
+        T = self.frame_tokens
+        rows = slabs.long()[:, None]
+        slot = self._slot(positions.long() * T, self.offset.index_select(0, slabs.int()).long()[:, None] * T) // T
+        scratch = (rows == self.scratch) | (slot >= self.slab_frames)
+        return torch.where(scratch, self.scratch * self.slab_frames + slot % self.slab_frames,
+                           rows * self.slab_frames + slot)
+
+    def keep(self, batch: int, latents: torch.Tensor) -> None:
+        """Keep the clean ``latents`` [B, C, F, H, W] of the chunk rows ``0..batch`` are writing (at
+        their slabs' positions, before :meth:`commit`) in :attr:`latents`. Device-only."""
+        if self.latents is None:
+            return
+        bt = self.block_table[:batch]
+        f = latents.shape[2]
+        pos = self.frames.index_select(0, bt).long()[:, None] + self._arange[:f]
+        self.latents.index_copy_(0, self.latent_index(bt, pos).flatten(),
+                                 latents.transpose(1, 2).reshape(-1, *self.latents.shape[1:]).to(self.dtype))
+
     def commit(self, batch: int, frames: int) -> None:
         """Advance the rows' slabs by ``frames`` (the chunk just written is now context)."""
         self.frames.index_add_(0, self.block_table[:batch], self._ones[:batch], alpha=frames)
@@ -456,7 +504,7 @@ class SlabKVCache:
     # -- runtime state ------------------------------------------------------------------------
     def state(self) -> dict[str, torch.Tensor]:
         """The small tensors that say where every session stands (not the K/V data)."""
-        return {"block_table": self.block_table, "frames": self.frames, "seqlens": self.seqlens}
+        return {"block_table": self.block_table, "frames": self.frames, "seqlens": self.seqlens, "offset": self.offset}
 
     def snapshot(self, data: bool = False) -> dict[str, torch.Tensor]:
         """Clones of the state; ``data=True`` adds the K/V pool (costly: used to verify replays)."""
@@ -490,6 +538,7 @@ class SlabKVCache:
         """Empty every session (positions, lengths, block table) for new videos; keeps the memory."""
         self.frames.zero_()
         self.seqlens.zero_()
+        self.offset.zero_()
         self.block_table.fill_(self.scratch)
         self._free = list(range(self.num_slabs))
 
@@ -521,7 +570,7 @@ class StaticKVCache(SlabKVCache):
     def _model_kw(cfg, kw):
         return {"max_frames": cfg.max_frames, **kw}
 
-    def _slot(self, p):
+    def _slot(self, p, offset):
         return p
 
     def _filled(self, end_tokens):
@@ -552,8 +601,9 @@ class RollingKVCache(SlabKVCache):
     def _ring_tokens(self):
         return self.ring_tokens
 
-    def _slot(self, p):
-        return torch.where(p < self.sink_tokens, p, self.sink_tokens + (p - self.sink_tokens) % self.ring_tokens)
+    def _slot(self, p, offset):
+        return torch.where(p < self.sink_tokens, p,
+                           self.sink_tokens + (p - self.sink_tokens + offset) % self.ring_tokens)
 
     def _filled(self, end_tokens):
         return end_tokens.clamp(max=self.slab_tokens).to(torch.int32)

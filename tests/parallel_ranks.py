@@ -12,6 +12,9 @@ Launched N times by ``tests/test_parallel.py`` with the variables torchrun sets 
   (plain and quantized).
 - ``generate``: the generation only (any number of ranks, also 1: one GPU's NCCL in CUDA graphs).
 - ``fail``: rank 1 fails inside the handshake, then rank 1 dies before reaching it.
+- ``interactive``: two batched sessions on a rolling cache; one switches its prompt (with the KV
+  re-cache) after its ring has wrapped, in eager and chunk-graph modes (float32) and eager on an
+  int8 cache (bfloat16); rank 0 also runs the same on one process.
 """
 from __future__ import annotations
 
@@ -166,6 +169,29 @@ def fail(rank, world, device, out):
     sequence_parallel(build(cfg, device, torch.float32))
 
 
+def interactive(rank, world, device, out, videos):
+    gen = torch.Generator().manual_seed(2)
+    cfg = config()
+    for dtype, modes in ((torch.float32, ("eager", "chunk")), (torch.bfloat16, ("eager+int8",))):
+        name = str(dtype).removeprefix("torch.")
+        ctx = torch.randn(3, cfg.text_len, cfg.text_dim, generator=gen).to(device, dtype)
+        runs = [(m, sequence_parallel(build(cfg, device, dtype))) for m in modes]
+        if rank == 0:
+            runs += [(m + "+single", build(cfg, device, dtype)) for m in modes if m.startswith("eager")]
+        for mode, model in runs:
+            engine_mode, _, kv_dtype = mode.removesuffix("+single").partition("+")
+            engine = Engine(model, max_sessions=2, batch_sizes=(2,), mode=engine_mode, schedule=SCHEDULE,
+                            window=(9, 3), kv_dtype=kv_dtype or None, progress=False)
+            a, b = engine.open(ctx[:1], seed=SEED), engine.open(ctx[1:2], seed=SEED + 1)
+            parts = []
+            for c in range(6):
+                if c == 4:
+                    engine.set_prompt(a, ctx[2:3])
+                outs = engine.step()
+                parts.append(torch.cat([outs[a], outs[b]]))
+            videos[f"{name}.{mode}"] = torch.cat(parts, dim=2).cpu()
+
+
 def _write(out):
     with open(os.path.join(out["dir"], f"rank{out['rank']}.json"), "w") as f:
         json.dump(out, f, indent=1)
@@ -185,6 +211,8 @@ def main(scenario: str, outdir: str, device: str = "cpu") -> int:
                 generate(rank, world, device, out, videos)
             elif scenario == "generate":
                 generate(rank, world, device, out, videos)
+            elif scenario == "interactive":
+                interactive(rank, world, device, out, videos)
             elif scenario == "fail":
                 fail(rank, world, device, out)
             else:

@@ -84,13 +84,13 @@ def test_scales_are_exact_in_the_model_dtype_before_the_cast(dtype):
 def _closed_form(cfg, dtype, kv_dtype, window=None, heads=None):
     """Bytes of one session, written out: K and V codes (+ scales) per token, head and layer for
     the ``heads`` this cache keeps (all, or a rank's shard), cross-attention K/V of every head in
-    the model dtype, one int32 position."""
+    the model dtype, one int32 position and one int32 ring offset."""
     tokens = (window or cfg.max_frames) * cfg.frame_tokens
     item = torch.empty(0, dtype=dtype).element_size()
     code = item if kv_dtype is None else 1
     scale = 0 if kv_dtype is None else item
     self_kv = cfg.num_layers * 2 * tokens * (heads or cfg.num_heads) * (cfg.head_dim * code + scale)
-    return self_kv + cfg.num_layers * 2 * cfg.text_len * cfg.num_heads * cfg.head_dim * item + 4
+    return self_kv + cfg.num_layers * 2 * cfg.text_len * cfg.num_heads * cfg.head_dim * item + 8
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
@@ -126,11 +126,11 @@ def test_full_size_sessions_take_about_half_the_bf16_bytes(preset, heads):
         assert m.per_session == _closed_form(cfg, torch.bfloat16, kv)
         assert m.per_session / plain <= 0.52, (kv, m.per_session / plain)
     # a rank-local cache holding a shard of the heads holds that share of the self-attention bytes;
-    # the cross-attention K/V (every head) and the position (4 bytes) are per slab, not per head
+    # the cross-attention K/V (every head) and the position and ring offset (4 bytes each) are per slab, not per head
     shard = StaticKVCache.for_config(cfg, dtype=torch.bfloat16, kv_dtype="int8", device="meta",
                                      num_heads=heads // 4).memory()
     assert shard.per_session == _closed_form(cfg, torch.bfloat16, "int8", heads=heads // 4)
-    per_slab = 2 * cfg.num_layers * cfg.text_len * heads * cfg.head_dim * 2 + 4
+    per_slab = 2 * cfg.num_layers * cfg.text_len * heads * cfg.head_dim * 2 + 8
     assert (shard.per_session - per_slab) * 4 == m.per_session - per_slab
 
 

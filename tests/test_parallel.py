@@ -297,7 +297,7 @@ def test_kv_bytes_per_rank_divides_self_attention_by_ranks():
     assert int8[1]["self_attention"] == (21 + 3) * 1560 * 40 * 2 * 40 * (128 + 2)
     assert int8[4]["self_attention"] * 4 == int8[1]["self_attention"]
     assert int8[4]["cross_attention"] == sizes[4]["cross_attention"]        # cross K/V stay in bf16
-    assert int8[4]["per_session"] == 21 * 1560 * 10 * 2 * 40 * (128 + 2) + 2 * 512 * 40 * 2 * 40 * 128 + 4
+    assert int8[4]["per_session"] == 21 * 1560 * 10 * 2 * 40 * (128 + 2) + 2 * 512 * 40 * 2 * 40 * 128 + 8
     with pytest.raises(ConfigError, match="does not divide among 3 ranks"):
         kv_bytes_per_rank(cfg, 3)
 

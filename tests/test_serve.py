@@ -21,7 +21,6 @@ from PIL import Image  # noqa: E402
 from serve_util import Server, read_all, read_chunk, tiny_pipeline  # noqa: E402
 from websockets.exceptions import ConnectionClosed, InvalidStatus  # noqa: E402
 
-from graphrt.pipeline import VideoPipeline  # noqa: E402
 from graphrt.serve import encode_jpeg  # noqa: E402
 
 KEY = "test-key"
@@ -243,8 +242,6 @@ def test_idle_session_is_freed(server):
     assert server.http("GET", "/v1/models")[2]["free_sessions"] == 2
 
 
-@pytest.mark.skipif(not hasattr(VideoPipeline, "set_prompt"),
-                    reason="VideoPipeline.set_prompt (switching a live session's prompt) is not in this graphrt yet")
 def test_prompt_switch_applies_from_the_next_chunk(server):
     sid = server.open("a red fox", 51, 3)
 

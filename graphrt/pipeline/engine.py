@@ -22,6 +22,10 @@ Memory: ``kv_dtype`` stores K/V as int8 or float8 codes with per-token-head scal
 the bytes of bf16); ``memory_budget`` sizes the number of slabs (resident sessions) from the
 config; :meth:`Engine.suspend` moves a session's slab to host memory so that more sessions can be
 open than there are slabs, and :meth:`Engine.resume` brings it back into any free slab.
+
+Interactive sessions (:mod:`graphrt.pipeline.interactive`): :meth:`Engine.set_prompt` switches a
+session's prompt, with a KV re-cache from the clean latents each slab keeps; ``open(init_latents=...)``
+starts a session from given latents.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ from graphrt.replay import Buckets
 from graphrt.replay import compile as compile_graphs
 from graphrt.errors import CacheError, ConfigError, InputError
 from graphrt.kv import RollingKVCache, StaticKVCache
-from graphrt.pipeline import checks
+from graphrt.pipeline import checks, interactive
 from graphrt.pipeline.schedule import FlowMatchSchedule, denoise_chunk
 from graphrt.pipeline.slabs import (EngineMemory, HostSlabs, num_slabs, powers_of_two, refuse_static_over_budget,
                                    weight_bytes)
@@ -62,6 +66,7 @@ class Session:
     seed: int
     num_chunks: int | None
     chunk: int = 0                       # chunks done
+    recache: bool = False                # its K/V are recomputed from its kept latents before its next chunk
 
     @property
     def done(self) -> bool:
@@ -187,10 +192,11 @@ class Engine:
             raise CacheError(f"window={window}: the ring (window minus sink frames) must hold a whole chunk "
                              f"of {cfg.chunk_frames} frames", fix="use a larger window or a smaller sink")
         if window is None:
-            self._new_cache = lambda **kw: StaticKVCache.for_model(model, kv_dtype=kv_dtype, **kw)
+            self._new_cache = lambda **kw: StaticKVCache.for_model(model, kv_dtype=kv_dtype, keep_latents=True, **kw)
         else:
             self._new_cache = lambda **kw: RollingKVCache.for_model(model, window_frames=window[0],
-                                                                    sink_frames=window[1], kv_dtype=kv_dtype, **kw)
+                                                                    sink_frames=window[1], kv_dtype=kv_dtype,
+                                                                    keep_latents=True, **kw)
         batch_sizes = checks.batch_sizes(batch_sizes)
         if window is None:            # the whole video reserved up front: refused, naming the most, when over the budget
             refuse_static_over_budget(self._new_cache, cfg, self.device, memory_budget,
@@ -229,6 +235,7 @@ class Engine:
         elif mode == "chunk":
             self._chunk_fn = compile_graphs(self._chunk, states=[self.cache], buckets=Buckets(
                 static_args={"batch": self.batch_sizes, "kv_frames": self.kv_choices, "kv_exact": kv_exact}), **opts)
+        self._recache = interactive.Recache(self, None if mode == "eager" else opts)
         self._ranks = getattr(model, "parallel", None)     # sequence-parallel: every rank must run the same engine
         if self._ranks is not None:
             self._ranks.check_engine(self, window=window, inductor=inductor, backend=backend, verify=verify)
@@ -286,6 +293,7 @@ class Engine:
         x0 = denoise_chunk(forward, self.seeds.index_select(0, bt), pos, self.t_table.index_select(0, bt),
                            self.sigma_table.index_select(0, bt), self.shape, mark)
         clean = x0.to(self.dtype)
+        cache.keep(batch, clean)                                # the clean latents, for a re-cache
         self._forward(clean, self.context_t[:batch], **kw)      # writes the clean K/V
         cache.commit(batch, self.cfg.chunk_frames)
         return clean
@@ -322,7 +330,8 @@ class Engine:
     @one_thread("open()")
     @torch.no_grad()
     def open(self, context: torch.Tensor | None = None, *, seed: int = 0, prompt: str | None = None,
-             num_chunks: int | None = None, schedule: FlowMatchSchedule | None = None) -> Session:
+             num_chunks: int | None = None, schedule: FlowMatchSchedule | None = None,
+             init_latents: torch.Tensor | None = None) -> Session:
         """Start a video and return its :class:`Session`.
 
         ``context``: text-encoder embeddings [1, L, text_dim] (or [L, text_dim]), L <= ``cfg.text_len``.
@@ -332,6 +341,13 @@ class Engine:
         (slab, prompt key, counters) when ``open`` raises. On a sequence-parallel model every
         rank must open the same session (same arguments, same context): checked first, on every
         rank, with one small host collective.
+
+        ``init_latents`` [1, C, n * chunk_frames, H, W] (the layout :meth:`step` returns, in the model
+        dtype) start the video from given frames: they count as its first n chunks (positions and
+        the next chunk's noise are those the session would have drawn had it made them, and
+        ``num_chunks`` counts them), and the clean pass writes their K/V (a re-cache, batched
+        with the others, before the session's next chunk). The first chunk :meth:`step` returns is
+        the first new one. Checked before anything is written.
         """
         if self._ranks is not None:      # first, on the raw arguments, so every check below fails alike on every rank
             self._ranks.check_open(context, seed=seed, prompt=prompt, num_chunks=num_chunks, schedule=schedule)
@@ -348,6 +364,10 @@ class Engine:
         if num_chunks is not None and (not checks.is_int(num_chunks) or num_chunks < 1):
             raise InputError("num_chunks must be an int >= 1 (or None for an open-ended video)", got=num_chunks)
         self._check_video(num_chunks, [seed])
+        if init_latents is not None:
+            interactive.check_geometry(self.cfg, self.cache, "open(init_latents=...)",
+                                       fix="open the session without init_latents")
+            init_latents = interactive.check_init_latents(self.cfg, self, init_latents, num_chunks)
         schedule = schedule or self.schedule
         if len(schedule.steps) != len(self.schedule.steps):
             raise InputError("every session must take the same number of denoising steps",
@@ -363,6 +383,59 @@ class Engine:
         except BaseException:
             self.cache.release(slab)
             raise
+        self._remember_prompt(prompt, new)
+        self.seeds[slab] = seed
+        self.t_table[slab] = self._upload(torch.tensor(schedule.timesteps))
+        self.sigma_table[slab] = self._upload(torch.tensor(schedule.sigmas))
+        s = Session(next(self._ids), slab, seed, num_chunks)
+        if init_latents is not None:
+            interactive.start_from(self, s, init_latents)
+        self.sessions[s.id] = s
+        return s
+
+    @one_thread("set_prompt()")
+    @torch.no_grad()
+    def set_prompt(self, session: Session, context: torch.Tensor | None, *, prompt: str | None = None,
+                   recache: bool = True) -> None:
+        """Switch a session's prompt: from its next chunk its cross-attention reads ``context``
+        ([1, L, text_dim], or [L, text_dim]; None with a ``prompt`` key seen before), through the
+        prompt cache under ``prompt`` as in :meth:`open`.
+
+        With ``recache`` the self-attention K/V of the frames the session still attends (its sink
+        and window; every frame of a static cache) are recomputed under the new prompt before its
+        next chunk, from its kept clean latents (LongLive's KV re-cache: see
+        :mod:`graphrt.pipeline.interactive`); sessions switched before the same :meth:`step` are
+        re-cached batched, one captured graph per (batch, length) bucket in the graph modes.
+        Without it only cross-attention changes. Other sessions are not touched. The session
+        must be open, resident (not suspended) and not finished. On a sequence-parallel model
+        every rank must switch alike (same session, context and arguments).
+        """
+        self._check_open([session], "set_prompt()")
+        if session.suspended:
+            raise CacheError(f"set_prompt(): session {session.id} is suspended to host memory",
+                             fix="engine.resume(session) first, then switch its prompt")
+        if session.done:
+            raise InputError(f"set_prompt(): session {session.id} is finished ({session.chunk} of "
+                             f"{session.num_chunks} chunks): no chunk is left to take the prompt",
+                             fix="open a new session (or open with num_chunks=None for an open-ended video)")
+        if prompt is not None and not isinstance(prompt, str):
+            raise InputError("set_prompt(): prompt must be a str key (or None)", got=type(prompt).__name__)
+        if context is None and (prompt is None or prompt not in self._prompts):
+            raise InputError("set_prompt() needs a text context (or a prompt key seen before)")
+        if context is not None:
+            context = self._context(context, "set_prompt()")
+            checks.finite_context(context, "set_prompt()")
+            if context.shape[0] != 1:
+                raise InputError("set_prompt() switches one session: one context row", expected="[1, L, text_dim]",
+                                 got=list(context.shape))
+        if recache:
+            interactive.check_geometry(self.cfg, self.cache, "set_prompt(recache=True)")
+        k, v, new = self._prompt_kv(context, prompt)
+        self.cache.set_cross(session.slab, k, v)
+        self._remember_prompt(prompt, new)
+        session.recache = session.recache or (recache and session.chunk > 0)
+
+    def _remember_prompt(self, prompt, new) -> None:
         if new is None:
             self.stats.prompt_hits += 1
         else:
@@ -371,12 +444,6 @@ class Engine:
                 self._prompts[prompt] = new      # the slab holds its own copy: evicting is safe
                 while len(self._prompts) > self.prompt_cache:
                     self._prompts.popitem(last=False)
-        self.seeds[slab] = seed
-        self.t_table[slab] = self._upload(torch.tensor(schedule.timesteps))
-        self.sigma_table[slab] = self._upload(torch.tensor(schedule.sigmas))
-        s = Session(next(self._ids), slab, seed, num_chunks)
-        self.sessions[s.id] = s
-        return s
 
     def _check_video(self, num_chunks: int | None, seeds: list) -> None:
         checks.video(self.cfg, isinstance(self.cache, RollingKVCache), num_chunks, seeds)
@@ -441,6 +508,9 @@ class Engine:
             return {}
         groups = _session_groups(active, self.batch_sizes[-1])
         inputs = [self._cond(g, cond) for g in groups]
+        switched = [s for s in active if s.recache]
+        if switched:                             # prompt switches and starts from latents: their clean pass
+            self.stats.dispatches += self._recache.run(switched)
         out: dict[Session, torch.Tensor] = {}
         for group, cond_t in zip(groups, inputs):
             out.update(self._step_group(group, cond_t))
@@ -537,11 +607,15 @@ class Engine:
 
     @one_thread("prewarm()")
     @torch.no_grad()
-    def prewarm(self) -> "Engine":
+    def prewarm(self, recache: bool = False) -> "Engine":
         """Capture every bucket now (:attr:`num_graphs` graphs: batch sizes x KV lengths x
-        exact/masked, with a progress bar), then seal. See the class docstring for the cost."""
+        exact/masked, with a progress bar), then seal. See the class docstring for the cost.
+        ``recache`` also captures the re-cache passes of :meth:`set_prompt` and ``init_latents``
+        (batch sizes x chunks per slab more graphs); else each is captured on its first use."""
         if self.mode == "eager":
             return self
+        if recache:
+            self._recache.prewarm()
         b = self.batch_sizes[-1]
         cond = None if self.cfg.cond_dim == 0 else torch.zeros(b, self.cfg.chunk_frames, self.cfg.cond_dim,
                                                                 device=self.device, dtype=self.dtype)
@@ -596,15 +670,22 @@ class Engine:
         session.slab = slab
 
     def memory(self) -> EngineMemory:
-        """Bytes of weights, K/V cache (per slab, scratch), graph pool and suspended host copies."""
+        """Bytes of weights, K/V cache (per slab, scratch; ``kv.latents``: the clean latents each
+        session keeps for a re-cache), graph pool, prompt cache, the re-cache's staging rows and
+        suspended host copies."""
         g = self.graphs
         pool = g.stats.pool_bytes if g is not None and self.device.type == "cuda" else None
         prompt_bytes = sum(t.nbytes for entry in self._prompts.values() for t in entry)
         q = self.quantized
         return EngineMemory(weight_bytes(self.model), self.cache.memory(), pool, self._suspended.nbytes,
-                            len(self._suspended), len(self._prompts), prompt_bytes,
+                            len(self._suspended), len(self._prompts), prompt_bytes, self._recache.nbytes,
                             linear_dtype=self.linear_dtype or "bf16",
                             weights_unquantized=None if q is None else q.bytes_before)
+
+    @property
+    def recache_graphs(self):
+        """The GraphedModule of the re-cache passes (None in eager mode)."""
+        return self._recache.graphs
 
     @property
     def graphs(self):

@@ -34,12 +34,13 @@ class EngineMemory:
     suspended_sessions: int
     prompts: int = 0                     # prompts in the prompt cache (cross-attention K/V kept on the device)
     prompt_bytes: int = 0
+    recache_bytes: int = 0               # the re-cache's staging rows (one set per engine; kept latents: kv.latents)
     linear_dtype: str = "bf16"
     weights_unquantized: int | None = None
 
     @property
     def device_total(self) -> int:
-        return self.weights + self.kv.total + (self.graph_pool or 0) + self.prompt_bytes
+        return self.weights + self.kv.total + (self.graph_pool or 0) + self.prompt_bytes + self.recache_bytes
 
     def __str__(self) -> str:
         mib = 2 ** 20
@@ -47,7 +48,8 @@ class EngineMemory:
         fp8 = "" if self.weights_unquantized is None else \
             f" ({self.linear_dtype} linears; {self.weights_unquantized / mib:,.1f} MiB unquantized)"
         return (f"weights {self.weights / mib:,.1f} MiB{fp8} | K/V ({self.kv.kv_dtype}) {self.kv.slabs} slabs x "
-                f"{self.kv.per_session / mib:,.1f} MiB per session + scratch {self.kv.scratch / mib:,.1f} MiB | "
+                f"{self.kv.per_session / mib:,.1f} MiB per session (kept latents {self.kv.latents / mib:,.2f} MiB) "
+                f"+ scratch {self.kv.scratch / mib:,.1f} MiB | "
                 f"graph pool {pool} | prompt cache {self.prompts} x "
                 f"{self.prompt_bytes / max(self.prompts, 1) / mib:,.1f} MiB | host: {self.suspended_sessions} suspended, "
                 f"{self.host_suspended / mib:,.1f} MiB")

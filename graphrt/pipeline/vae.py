@@ -287,3 +287,52 @@ class DecodeQueue:
             self._pool.shutdown(wait=True, cancel_futures=cancel)
             self._pool = None
         self.closed = True
+
+
+@dataclass
+class WanVAEEncoder:
+    """The encoder half of diffusers' ``AutoencoderKLWan``: frames to the DiT's latents.
+
+    >>> enc = WanVAEEncoder(vae)
+    >>> latents = enc.encode(frames)          # uint8 [T, H, W, 3] -> [1, z_dim, 1 + (T - 1) / 4, h, w]
+
+    Causal in time, as the decoder: the first frame gives one latent frame, every later
+    ``time_scale`` frames one more (diffusers' own chunked encode with its feature cache). The
+    latents are the distribution's mode, normalized by the VAE's ``latents_mean``/``latents_std``
+    as the DiT outputs them, so :meth:`WanVAEDecoder.decode` takes them back.
+    """
+
+    vae: torch.nn.Module
+
+    def __post_init__(self):
+        cfg = self.vae.config
+        p = next(self.vae.parameters())
+        self.z_dim = cfg.z_dim
+        self.time_scale = 2 ** sum(cfg.temperal_downsample)
+        self.space_scale = 2 ** (len(cfg.dim_mult) - 1) * (cfg.patch_size or 1)
+        mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self._scale = (std.to(p.device, p.dtype), mean.to(p.device, p.dtype))
+
+    def frames_for(self, latent_frames: int) -> int:
+        """Frames that encode to ``latent_frames`` latent frames (the first of a video alone)."""
+        return 1 + (latent_frames - 1) * self.time_scale
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 frames ``[T, H, W, 3]`` (T = 1 + k * time_scale) -> latents ``[1, z_dim, 1 + k, h, w]``."""
+        if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8 or frames.dim() != 4 \
+                or frames.shape[3] != 3:
+            raise InputError("the encoder takes uint8 frames [T, H, W, 3]", expected="uint8 [T, H, W, 3]",
+                             got=f"{getattr(frames, 'dtype', type(frames).__name__)} "
+                                 f"{list(getattr(frames, 'shape', []))}",
+                             fix="pass frames as VideoPipeline returns them (uint8, RGB last)")
+        t, h, w = frames.shape[:3]
+        if (t - 1) % self.time_scale or h % self.space_scale or w % self.space_scale:
+            raise InputError(f"frames do not fit the VAE's {self.time_scale}x time and {self.space_scale}x space "
+                             "scale", expected=f"T = 1 + k * {self.time_scale}, H and W multiples of "
+                             f"{self.space_scale}", got=[t, h, w])
+        std, mean = self._scale
+        x = frames.to(std.device).permute(3, 0, 1, 2)[None].to(std.dtype) / 127.5 - 1
+        z = self.vae.encode(x).latent_dist.mode()
+        return (z - mean) / std

@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 import torch
 
 from graphrt.errors import ConfigError, InputError
-from graphrt.pipeline.vae import DecodeQueue, DecoderState, VAEDecoder, WanVAEDecoder
+from graphrt.pipeline.vae import DecodeQueue, DecoderState, VAEDecoder, WanVAEDecoder, WanVAEEncoder
 from graphrt.pipeline.engine import Engine, Session
 from graphrt.pipeline.taehv import TinyDecoder, load_tiny_decoder
 from graphrt.pipeline.text import TextEncoder, clean_prompt
@@ -62,9 +62,10 @@ class VideoPipeline:
     """
 
     def __init__(self, engine: Engine, text: TextEncoder, decoder: VAEDecoder | str, *, overlap: bool = True,
-                 decoder_weights: str | Path | None = None):
+                 decoder_weights: str | Path | None = None, encoder: WanVAEEncoder | None = None):
         """``decoder``: a decoder object (:class:`WanVAEDecoder`, :class:`TinyDecoder`), or
-        ``"tiny"`` with ``decoder_weights`` (a taew2_1 file; ``"random"``: tests and benchmarks only)."""
+        ``"tiny"`` with ``decoder_weights`` (a taew2_1 file; ``"random"``: tests and benchmarks only).
+        ``encoder``: the VAE encoder that :meth:`open` uses to start from an image or a video."""
         cfg = engine.cfg
         if isinstance(decoder, str):
             if decoder != "tiny":
@@ -83,7 +84,7 @@ class VideoPipeline:
                               f"({type(decoder).__name__}) takes {z_dim}", expected=z_dim, got=cfg.out_dim,
                               fix="pair the decoder with a DiT of its latent space (the tiny decoder, taew2_1: "
                                   "Wan 2.1's 16 channels)")
-        self.engine, self.text, self.decoder = engine, text, decoder
+        self.engine, self.text, self.decoder, self.encoder = engine, text, decoder, encoder
         self._one_thread = OneThread("VideoPipeline")
         self.queue = DecodeQueue(decoder, overlap=overlap)
         # kept off the Session: the Engine's captures can reach its sessions, and the decode worker
@@ -103,7 +104,8 @@ class VideoPipeline:
         engine = Engine(parts.dit, **engine_kwargs)
         text = TextEncoder(parts.text_encoder, parts.tokenizer, max_length=parts.dit.cfg.text_len,
                            cache_size=text_cache)
-        return cls(engine, text, make_decoder(parts, decoder, decoder_weights), overlap=overlap)
+        return cls(engine, text, make_decoder(parts, decoder, decoder_weights), overlap=overlap,
+                   encoder=WanVAEEncoder(parts.vae))
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, checkpoint: str | Path | None = None, *,
@@ -122,14 +124,60 @@ class VideoPipeline:
 
     # -- sessions -------------------------------------------------------------------------------
     @one_thread("open()")
-    def open(self, prompt: str, *, seed: int = 0, num_chunks: int | None = None) -> Session:
+    def open(self, prompt: str, *, seed: int = 0, num_chunks: int | None = None, image: torch.Tensor | None = None,
+             video: torch.Tensor | None = None) -> Session:
         """Start a video for ``prompt``; a prompt seen before skips the text encoder and the
-        cross-attention projections. The session gets its own decoder state."""
+        cross-attention projections. The session gets its own decoder state.
+
+        ``image`` (uint8 [H, W, 3]) or ``video`` (uint8 [T, H, W, 3], T = 1 + 4 * (n * chunk_frames
+        - 1) for n whole chunks, at the decoder's frame size) start it from given frames: the
+        Wan VAE encoder turns them into the session's first n chunks (an image is held still for
+        one chunk), the Engine writes their K/V (``Engine.open(init_latents=...)``) and the
+        decoder state is primed with them, so the first chunk :meth:`step` delivers is the first
+        new one. ``num_chunks`` counts the given chunks."""
         self._check_running("open()")
+        init = None
+        if image is not None or video is not None:
+            init = self._encode_frames(image, video)
         ctx = self.text(prompt)
-        session = self.engine.open(ctx, seed=seed, prompt=clean_prompt(prompt), num_chunks=num_chunks)
-        self._states[session] = self.decoder.new_state()
+        session = self.engine.open(ctx, seed=seed, prompt=clean_prompt(prompt), num_chunks=num_chunks,
+                                   init_latents=init)
+        state = self.decoder.new_state()
+        if init is not None:
+            self.queue.submit(init, state).result()      # primes the causal feature cache; the frames are given
+        self._states[session] = state
         return session
+
+    def _encode_frames(self, image, video) -> torch.Tensor:
+        if image is not None and video is not None:
+            raise InputError("open() starts from an image or a video, not both", fix="pass one of image=, video=")
+        if self.encoder is None:
+            raise ConfigError("this pipeline has no VAE encoder to start from frames",
+                              fix="build it with VideoPipeline(..., encoder=WanVAEEncoder(vae)) or from_components")
+        cfg = self.engine.cfg
+        need = self.encoder.frames_for(cfg.chunk_frames)
+        if image is not None:
+            if not isinstance(image, torch.Tensor) or image.dim() != 3:
+                raise InputError("image must be uint8 [H, W, 3]", got=getattr(image, "shape", type(image).__name__))
+            video = image[None].expand(need, *image.shape)     # held still for one chunk
+        size = (cfg.height * self.encoder.space_scale, cfg.width * self.encoder.space_scale)
+        if isinstance(video, torch.Tensor) and video.dim() == 4 and tuple(video.shape[1:3]) != size:
+            raise InputError("frames of the wrong size", expected=f"[T, {size[0]}, {size[1]}, 3]",
+                             got=list(video.shape), fix="resize the frames to the video size the pipeline makes")
+        if isinstance(video, torch.Tensor) and video.dim() == 4:
+            step = cfg.chunk_frames * self.encoder.time_scale
+            if (video.shape[0] - need) % step or video.shape[0] < need:
+                raise InputError(f"{video.shape[0]} frames are not a whole number of chunks",
+                                 expected=f"{need} + k * {step} frames (1 + 4 * (n * {cfg.chunk_frames} - 1))",
+                                 got=video.shape[0], fix="trim or pad the clip to a whole number of chunks")
+        return self.encoder.encode(video).to(self.engine.device, self.engine.dtype)
+
+    @one_thread("set_prompt()")
+    def set_prompt(self, session: Session, text: str) -> None:
+        """Switch a session's prompt from its next chunk, through the text encoder and the prompt
+        cache, with the KV re-cache (:meth:`Engine.set_prompt`)."""
+        self._check_running("set_prompt()")
+        self.engine.set_prompt(session, self.text(text), prompt=clean_prompt(text))
 
     @one_thread("close()")
     def close(self, session: Session) -> None:
@@ -163,8 +211,9 @@ class VideoPipeline:
         if missing:
             raise InputError(f"session(s) {missing} have no decoder state",
                              fix="open sessions with VideoPipeline.open(), not Engine.open()")
-        graphs = self.engine.graphs
-        if graphs is not None and not graphs.sealed:
+        graphs, recache = self.engine.graphs, self.engine.recache_graphs
+        if graphs is not None and not graphs.sealed or \
+                recache is not None and not recache.sealed and any(getattr(s, "recache", False) for s in pool):
             self.queue.drain()            # this step may capture: no decode may run beside it
         latents = self.engine.step(sessions)
         return {s: self.queue.submit(lat, self._states[s]) for s, lat in latents.items()}
@@ -232,13 +281,14 @@ class VideoPipeline:
         return torch.cat(list(self.stream(prompt, num_chunks, seed)), dim=0 if isinstance(prompt, str) else 1)
 
     @one_thread("prewarm()")
-    def prewarm(self, decoder_graphs: bool = False) -> "VideoPipeline":
-        """Capture the engine's graphs now (see :meth:`Engine.prewarm`); with ``decoder_graphs``
+    def prewarm(self, decoder_graphs: bool = False, recache: bool = False) -> "VideoPipeline":
+        """Capture the engine's graphs now (see :meth:`Engine.prewarm`; ``recache``: the re-cache
+        passes of prompt switches and starts from frames too); with ``decoder_graphs``
         also the decoder's steady frame, one static feature cache per engine slab
         (:meth:`WanVAEDecoder.capture`; the tiny decoder: a whole chunk, :meth:`TinyDecoder.capture`)."""
         self._check_running("prewarm()")
         self.queue.drain()                # a capture may not run beside a decode
-        self.engine.prewarm()
+        self.engine.prewarm(recache=recache)
         if decoder_graphs:
             if not hasattr(self.decoder, "capture"):
                 raise ConfigError(f"{type(self.decoder).__name__} cannot be captured")
