@@ -306,7 +306,8 @@ def kv_bytes_per_rank(cfg, ranks: int = 1, *, dtype: torch.dtype = torch.bfloat1
     self-attention heads (and, quantized, their scales) and all H cross-attention heads, so this
     is what :meth:`~graphrt.kv.SlabKVCache.memory` reports for a rank's Engine. ``kw`` goes to
     :meth:`~graphrt.kv.SlabKVCache.for_config`: ``kv_dtype``, ``max_batch``, ``scratch_frames``,
-    ``align`` (flash-attn pads each slab to pages of 256 tokens).
+    ``align`` (flash-attn pads each slab to pages of 256 tokens), ``keep_latents`` (default True,
+    as the Engine keeps each session's clean latents for prompt switches).
 
     Returns ``self_attention`` (K/V and scales of every slab and the scratch region),
     ``cross_attention`` (one text K/V per slab plus scratch), ``per_session`` (one slab, as
@@ -314,6 +315,7 @@ def kv_bytes_per_rank(cfg, ranks: int = 1, *, dtype: torch.dtype = torch.bfloat1
     if not isinstance(ranks, int) or ranks < 1 or cfg.num_heads % ranks:
         raise ConfigError(f"num_heads={cfg.num_heads} does not divide among {ranks} ranks",
                           expected=f"a rank count that divides {cfg.num_heads}: {_divisors(cfg.num_heads)}", got=ranks)
+    kw.setdefault("keep_latents", True)
     cache = StaticKVCache.for_config(cfg, dtype=dtype, num_slabs=sessions, num_heads=cfg.num_heads // ranks,
                                      device="meta", **kw)
     mem = cache.memory()

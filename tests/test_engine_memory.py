@@ -114,9 +114,14 @@ def test_memory_budget_sizes_the_slabs(cfg):
 
     for kv in (None, "int8"):
         exact = cache_bytes(3, kv)
-        assert Engine(model, memory_budget=exact, batch_sizes=(4,), kv_dtype=kv, mode="eager",
+        assert Engine(model, memory_budget=exact, batch_sizes=(4,), kv_dtype=kv, mode="eager", prompt_cache_bytes=0,
                       progress=False).cache.num_slabs == 3
         assert Engine(model, memory_budget=exact - 1, batch_sizes=(4,), kv_dtype=kv, mode="eager",
+                      prompt_cache_bytes=0, progress=False).cache.num_slabs == 2
+        # by default an eighth of the budget is the prompt cache's: the slabs get the rest
+        assert Engine(model, memory_budget=exact * 8 // 7 + 8, batch_sizes=(4,), kv_dtype=kv, mode="eager",
+                      progress=False).cache.num_slabs == 3
+        assert Engine(model, memory_budget=exact, batch_sizes=(4,), kv_dtype=kv, mode="eager",
                       progress=False).cache.num_slabs == 2
     budget = cache_bytes(4)
     plain = Engine(model, memory_budget=budget, mode="eager", progress=False)
@@ -125,6 +130,7 @@ def test_memory_budget_sizes_the_slabs(cfg):
     assert quant.cache.num_slabs >= 2 * plain.cache.num_slabs   # fp32 model: 4 bytes -> 1 byte + scales
     assert plain.batch_sizes[-1] == plain.cache.num_slabs        # the default buckets follow the slabs
     capped = Engine(model, memory_budget=budget, max_sessions=2, mode="eager", progress=False)
+    assert plain.prompt_cache_bytes == budget // 8 and plain.cache.memory().total <= budget - budget // 8
     assert capped.cache.num_slabs == 2
     # a fraction of the free memory: half the host's is plenty for two tiny slabs, 1e-12 of it none
     assert Engine(model, memory_budget=0.5, max_sessions=2, mode="eager", progress=False).cache.num_slabs == 2
@@ -134,6 +140,36 @@ def test_memory_budget_sizes_the_slabs(cfg):
     for bad in (0, -5, 1.5, True, "1GB"):
         with pytest.raises(InputError, match="memory_budget must be"):
             Engine(model, memory_budget=bad, mode="eager", progress=False)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_prompt_cache_is_bounded_in_bytes(cfg, dtype):
+    """The prompts kept (their cross-attention K/V on the device) never pass prompt_cache_bytes:
+    the least recently used goes first, whatever the count bound allows."""
+    model = CausalWan(cfg, attention="sdpa").to(dtype).eval()
+    ctxs = [torch.randn(1, cfg.text_len, cfg.text_dim, generator=torch.Generator().manual_seed(i)).to(dtype)
+            for i in range(5)]
+    probe = Engine(model, mode="eager", progress=False, max_sessions=1)
+    probe.close(probe.open(ctxs[0], prompt="p0"))
+    one = probe.memory().prompt_bytes                     # one prompt's bytes
+    assert one > 0 and probe.prompt_cache_bytes > 0       # no budget: a share of the free memory
+    engine = Engine(model, mode="eager", progress=False, max_sessions=1, prompt_cache_bytes=2 * one + one // 2)
+    for i, ctx in enumerate(ctxs):
+        engine.close(engine.open(ctx, prompt=f"p{i}"))
+        assert engine.memory().prompt_bytes <= engine.prompt_cache_bytes
+    assert list(engine._prompts) == ["p3", "p4"] and engine.memory().prompts == 2
+    engine.close(engine.open(None, prompt="p4"))          # kept: no encode
+    assert engine.stats.prompt_hits == 1
+    with pytest.raises(InputError, match="a prompt key seen before"):
+        engine.open(None, prompt="p0")                    # dropped by bytes
+    none = Engine(model, mode="eager", progress=False, max_sessions=1, prompt_cache_bytes=one - 1)
+    none.close(none.open(ctxs[0], prompt="p0"))
+    assert none.memory().prompts == 0
+    with pytest.raises(InputError, match="prompt_cache_bytes must be"):
+        Engine(model, mode="eager", progress=False, prompt_cache_bytes=-1)
+    with pytest.raises(InputError, match="leaves nothing of memory_budget"):
+        Engine(model, mode="eager", progress=False, memory_budget=1000, prompt_cache_bytes=1000)
 
 
 @torch.no_grad()

@@ -293,7 +293,7 @@ def test_kv_bytes_per_rank_divides_self_attention_by_ranks():
     assert sizes[2]["self_attention"] * 2 == sizes[4]["self_attention"] * 4 == sizes[1]["self_attention"]
     assert sizes[1]["cross_attention"] == sizes[4]["cross_attention"] == 2 * 512 * 40 * per_token_head
     # int8 codes (1 byte) plus one bf16 scale per token and head: H/N heads of both on each rank
-    int8 = {n: kv_bytes_per_rank(cfg, n, dtype=torch.bfloat16, kv_dtype="int8") for n in (1, 4)}
+    int8 = {n: kv_bytes_per_rank(cfg, n, dtype=torch.bfloat16, kv_dtype="int8", keep_latents=False) for n in (1, 4)}
     assert int8[1]["self_attention"] == (21 + 3) * 1560 * 40 * 2 * 40 * (128 + 2)
     assert int8[4]["self_attention"] * 4 == int8[1]["self_attention"]
     assert int8[4]["cross_attention"] == sizes[4]["cross_attention"]        # cross K/V stay in bf16
@@ -315,11 +315,11 @@ def test_kv_bytes_per_rank_is_what_the_cache_allocates(cfg, kv_dtype):
                                                         max_batch=engine.cache.max_batch, kv_dtype=kv_dtype)["total"]
     rank = graphrt.StaticKVCache.for_config(cfg, dtype=torch.float32, num_heads=cfg.num_heads // 2, num_slabs=2,
                                             kv_dtype=kv_dtype)
-    got = kv_bytes_per_rank(cfg, 2, dtype=torch.float32, sessions=2, kv_dtype=kv_dtype)
+    got = kv_bytes_per_rank(cfg, 2, dtype=torch.float32, sessions=2, kv_dtype=kv_dtype, keep_latents=False)
     assert allocated(rank) == got["total"] and rank.memory().per_session == got["per_session"]
     assert got["cross_attention"] == rank.cross_k.nbytes * 2 and rank.cross_k.shape[3] == cfg.num_heads
     paged = graphrt.StaticKVCache.for_model(model, align=256)      # flash-attn's pages of 256 tokens
-    assert allocated(paged) == kv_bytes_per_rank(cfg, 1, dtype=torch.float32, align=256)["total"]
+    assert allocated(paged) == kv_bytes_per_rank(cfg, 1, dtype=torch.float32, align=256, keep_latents=False)["total"]
 
 
 def test_sequence_parallel_needs_an_initialized_process_group(cfg, monkeypatch):
@@ -354,7 +354,8 @@ def test_memory_budget_counts_a_rank_local_cache(cfg, monkeypatch):
     whole = kv_bytes_per_rank(cfg, 1, dtype=torch.float32, kv_dtype="int8", max_batch=2)
     budget = rank["total"] + 3 * rank["per_session"]       # 4 sessions of a rank, 2 of a whole model
     assert whole["total"] + whole["per_session"] <= budget < whole["total"] + 2 * whole["per_session"]
-    engine = Engine(model, batch_sizes=(1, 2), mode="eager", kv_dtype="int8", memory_budget=budget, progress=False)
+    engine = Engine(model, batch_sizes=(1, 2), mode="eager", kv_dtype="int8", memory_budget=budget, progress=False,
+                    prompt_cache_bytes=0)
     m = engine.memory().kv
     assert engine.cache.num_slabs == 4 and m.total == kv_bytes_per_rank(
         cfg, 2, dtype=torch.float32, sessions=4, kv_dtype="int8", max_batch=2)["total"] <= budget

@@ -43,8 +43,8 @@ from graphrt.errors import CacheError, ConfigError, InputError
 from graphrt.kv import RollingKVCache, StaticKVCache
 from graphrt.pipeline import checks, interactive
 from graphrt.pipeline.schedule import FlowMatchSchedule, denoise_chunk
-from graphrt.pipeline.slabs import (EngineMemory, HostSlabs, num_slabs, powers_of_two, refuse_static_over_budget,
-                                   weight_bytes)
+from graphrt.pipeline.slabs import (EngineMemory, HostSlabs, num_slabs, powers_of_two, prompt_share,
+                                    refuse_static_over_budget, weight_bytes)
 from graphrt.threads import OneThread, one_thread
 
 MODES = ("eager", "forward", "chunk")
@@ -141,9 +141,12 @@ class Engine:
     be open: :meth:`suspend` and :meth:`resume` move them between host and device.
 
     ``prompt_cache`` (default 256, 0 keeps none) bounds the prompts whose cross-attention K/V
-    :meth:`open` keeps on the device under their key (a 1.3B model in bf16: about 94 MiB each);
-    the least recently used is dropped first. An open session holds its own copy in its slab,
-    so dropping a prompt only means its next :meth:`open` encodes it again.
+    :meth:`open` keeps on the device under their key (a 1.3B model in bf16: about 94 MiB each),
+    and ``prompt_cache_bytes`` their bytes: by default an eighth of ``memory_budget``, which the
+    slabs then do not use (without a budget, an eighth of the device's free memory at start), so
+    the prompts kept count inside the budget. The least recently used is dropped first when
+    either bound is passed. An open session holds its own copy in its slab, so dropping a prompt
+    only means its next :meth:`open` encodes it again.
 
     Threads: one at a time. The cache, its block table and the graphs' static buffers are one set
     per engine, so a call that changes it (``open``, ``step``, ``close``, ``suspend``, ``resume``,
@@ -164,7 +167,8 @@ class Engine:
                  mode: str = "chunk", schedule: FlowMatchSchedule | None = None, window: tuple[int, int] | None = None,
                  backend: str = "auto", inductor: bool | str = False, verify: int = 0, progress: bool = True,
                  kv_dtype: str | torch.dtype | None = None, memory_budget: int | float | None = None,
-                 cache_dir=None, kv_buckets: str = "auto", prompt_cache: int = 256, linear_dtype: str | None = None):
+                 cache_dir=None, kv_buckets: str = "auto", prompt_cache: int = 256, linear_dtype: str | None = None,
+                 prompt_cache_bytes: int | None = None):
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r}", expected=MODES, got=mode)
         if kv_buckets not in KV_BUCKETS:
@@ -198,6 +202,7 @@ class Engine:
                                                                     sink_frames=window[1], kv_dtype=kv_dtype,
                                                                     keep_latents=True, **kw)
         batch_sizes = checks.batch_sizes(batch_sizes)
+        memory_budget, self.prompt_cache_bytes = prompt_share(memory_budget, prompt_cache_bytes, self.device)
         if window is None:            # the whole video reserved up front: refused, naming the most, when over the budget
             refuse_static_over_budget(self._new_cache, cfg, self.device, memory_budget,
                                       batch_sizes[-1] if batch_sizes else 1)
@@ -442,8 +447,11 @@ class Engine:
             self.stats.prompt_misses += 1
             if prompt is not None and self.prompt_cache:
                 self._prompts[prompt] = new      # the slab holds its own copy: evicting is safe
-                while len(self._prompts) > self.prompt_cache:
+                while len(self._prompts) > self.prompt_cache or self._prompt_bytes() > self.prompt_cache_bytes:
                     self._prompts.popitem(last=False)
+
+    def _prompt_bytes(self) -> int:
+        return sum(t.nbytes for entry in self._prompts.values() for t in entry)
 
     def _check_video(self, num_chunks: int | None, seeds: list) -> None:
         checks.video(self.cfg, isinstance(self.cache, RollingKVCache), num_chunks, seeds)
@@ -675,7 +683,7 @@ class Engine:
         suspended host copies."""
         g = self.graphs
         pool = g.stats.pool_bytes if g is not None and self.device.type == "cuda" else None
-        prompt_bytes = sum(t.nbytes for entry in self._prompts.values() for t in entry)
+        prompt_bytes = self._prompt_bytes()
         q = self.quantized
         return EngineMemory(weight_bytes(self.model), self.cache.memory(), pool, self._suspended.nbytes,
                             len(self._suspended), len(self._prompts), prompt_bytes, self._recache.nbytes,

@@ -119,6 +119,31 @@ def refuse_static_over_budget(new_cache: Callable, cfg, device: torch.device, bu
             "raise the budget, use kv_dtype='int8' or 'float8_e4m3fn', or a smaller model")
 
 
+PROMPT_SHARE = 8          # the prompt cache's bytes by default: 1/8 of the memory budget (or of free memory)
+
+
+def prompt_share(budget: int | float | None, prompt_cache_bytes: int | None,
+                 device: torch.device) -> tuple[int | None, int]:
+    """The memory budget left for the slabs, and the prompt cache's byte bound. By default the
+    prompt cache gets 1/:data:`PROMPT_SHARE` of ``budget`` and the slabs the rest; without a budget
+    1/:data:`PROMPT_SHARE` of the device's free memory now. ``prompt_cache_bytes`` given: that bound,
+    taken from the budget too."""
+    if prompt_cache_bytes is not None and (isinstance(prompt_cache_bytes, bool) or
+                                           not isinstance(prompt_cache_bytes, int) or prompt_cache_bytes < 0):
+        raise InputError("prompt_cache_bytes must be an int >= 0 (bytes of prompts kept; None: a share of the "
+                         "memory budget)", got=prompt_cache_bytes)
+    if budget is None:
+        return None, prompt_cache_bytes if prompt_cache_bytes is not None else free_memory(device) // PROMPT_SHARE
+    nbytes = budget_bytes(budget, device)
+    if nbytes == 0:                       # a fraction of nothing: the slabs' own check says it holds no session
+        return budget, 0
+    limit = prompt_cache_bytes if prompt_cache_bytes is not None else nbytes // PROMPT_SHARE
+    if limit and limit >= nbytes:
+        raise InputError(f"prompt_cache_bytes={limit:,} leaves nothing of memory_budget ({nbytes:,} bytes) "
+                         "for the K/V slabs", fix="a smaller prompt_cache_bytes, or a larger memory_budget")
+    return nbytes - limit, limit
+
+
 def num_slabs(new_cache: Callable, device: torch.device, max_sessions: int | None, budget: int | float | None,
               batch_sizes: tuple[int, ...] | None) -> int:
     """Slabs to allocate: ``max_sessions``, or as many as the K/V cache fits in ``budget`` (bytes, or a
