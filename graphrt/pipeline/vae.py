@@ -80,6 +80,17 @@ class StaticFeatureCache:
                 b.zero_()
 
 
+def vae_geometry(vae) -> tuple[int, int, int, tuple[torch.Tensor, torch.Tensor]]:
+    """What a diffusers ``AutoencoderKLWan`` config says of its latents: channels, frames per latent
+    frame, pixels per latent pixel, and the (std, mean) that normalize them, on its device and dtype."""
+    cfg = vae.config
+    p = next(vae.parameters())
+    mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+    std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+    return (cfg.z_dim, 2 ** sum(cfg.temperal_downsample), 2 ** (len(cfg.dim_mult) - 1) * (cfg.patch_size or 1),
+            (std.to(p.device, p.dtype), mean.to(p.device, p.dtype)))
+
+
 class VAEDecoder(Protocol):
     """What the pipeline needs of a decoder (the Wan VAE, or any causal video decoder)."""
 
@@ -109,15 +120,8 @@ class WanVAEDecoder:
     def __post_init__(self):
         from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
-        cfg = self.vae.config
-        p = next(self.vae.parameters())
-        self.z_dim = cfg.z_dim
-        self.time_scale = 2 ** sum(cfg.temperal_downsample)
-        self.space_scale = 2 ** (len(cfg.dim_mult) - 1) * (cfg.patch_size or 1)
+        self.z_dim, self.time_scale, self.space_scale, self._scale = vae_geometry(self.vae)
         self._convs = sum(isinstance(m, WanCausalConv3d) for m in self.vae.decoder.modules())
-        mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
-        std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
-        self._scale = (std.to(p.device, p.dtype), mean.to(p.device, p.dtype))
 
     def new_state(self) -> DecoderState:
         """The state of a video not yet begun (an empty feature cache)."""
@@ -305,14 +309,7 @@ class WanVAEEncoder:
     vae: torch.nn.Module
 
     def __post_init__(self):
-        cfg = self.vae.config
-        p = next(self.vae.parameters())
-        self.z_dim = cfg.z_dim
-        self.time_scale = 2 ** sum(cfg.temperal_downsample)
-        self.space_scale = 2 ** (len(cfg.dim_mult) - 1) * (cfg.patch_size or 1)
-        mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
-        std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
-        self._scale = (std.to(p.device, p.dtype), mean.to(p.device, p.dtype))
+        self.z_dim, self.time_scale, self.space_scale, self._scale = vae_geometry(self.vae)
 
     def frames_for(self, latent_frames: int) -> int:
         """Frames that encode to ``latent_frames`` latent frames (the first of a video alone)."""
