@@ -189,7 +189,7 @@ def test_disk_cache_drops_a_bad_file_and_compiles_again(tmp_path, monkeypatch):
         def run(self, tensors):
             return [tensors[0] + 1]
 
-    monkeypatch.setattr(aot, "_package", lambda lifted, args, path, where: (packaged.append(1),
+    monkeypatch.setattr(aot, "_package", lambda lifted, args, path, where, *options: (packaged.append(1),
                                                                             Path(path).write_bytes(b"package")))
     monkeypatch.setattr(aot, "_load", Runner)
     x = torch.zeros(2)
@@ -236,7 +236,7 @@ def test_disk_cache_never_loads_a_file_with_flipped_bytes(tmp_path, monkeypatch)
     """A stored package whose bytes changed (not only truncated) is dropped before any loader
     sees it: loading a corrupt compiled package can crash the process."""
     loaded = []
-    monkeypatch.setattr(aot, "_package", lambda lifted, args, path, where: Path(path).write_bytes(b"package-v1"))
+    monkeypatch.setattr(aot, "_package", lambda lifted, args, path, where, *options: Path(path).write_bytes(b"package-v1"))
     monkeypatch.setattr(aot, "_load", lambda path: (loaded.append(Path(path).read_bytes()),
                                                     type("R", (), {"run": staticmethod(lambda xs: [xs[0] + 1])})())[1])
     x = torch.zeros(2)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from graphrt.capture import call_unwatched
+
 from graphrt.errors import CacheError, ConfigError, InputError
 
 
@@ -53,12 +55,16 @@ def text_context(cfg, context, where: str) -> torch.Tensor:
 
 
 def finite_context(context: torch.Tensor, where: str) -> None:
-    """Refuse a context holding NaN or inf (every frame of its video would be NaN). Checked where
-    the context is, before it is uploaded: free of device syncs for a host context (the usual
-    case); for a device context reading the answer costs one host read, once per video at open,
-    outside any graph."""
-    if not bool(torch.isfinite(context).all()):      # host-read-ok: once per video at open, outside any graph
-        rows = (~torch.isfinite(context)).flatten(1).any(1).nonzero().flatten().tolist()   # host-read-ok: the error
+    """Refuse a host context holding NaN or inf (every frame of its video would be NaN). Checked
+    where the context is, before it is uploaded, so it waits for no device work. A context already
+    on a device (a text encoder's output on CUDA) is not checked: reading the answer would wait for
+    the chunks in flight on that device, the stall ``open()`` must not add. On the CPU the check
+    runs with graphrt's host-read checker paused: it reads host memory, not a device's."""
+    if context.device.type != "cpu":
+        return
+    finite = call_unwatched(lambda c: bool(torch.isfinite(c).all()), context)   # host-read-ok: a host tensor
+    if not finite:
+        rows = call_unwatched(lambda c: (~torch.isfinite(c)).flatten(1).any(1).nonzero().flatten().tolist(), context)
         raise InputError(f"{where}: the text context holds NaN or inf (row(s) {rows}): its video would be NaN",
                          expected="finite embeddings", got="non-finite values",
                          fix="check the text encoder's output (its dtype: fp16 overflows; its weights)")

@@ -390,8 +390,8 @@ class Engine:
             raise
         self._remember_prompt(prompt, new)
         self.seeds[slab] = seed
-        self.t_table[slab] = self._upload(torch.tensor(schedule.timesteps))
-        self.sigma_table[slab] = self._upload(torch.tensor(schedule.sigmas))
+        self.t_table[slab] = self._upload(torch.tensor(schedule.timesteps, device="cpu"))
+        self.sigma_table[slab] = self._upload(torch.tensor(schedule.sigmas, device="cpu"))
         s = Session(next(self._ids), slab, seed, num_chunks)
         if init_latents is not None:
             interactive.start_from(self, s, init_latents)
