@@ -433,7 +433,8 @@ def test_a_killed_bench_removes_its_temporary_folders(tmp_path, sig):
                PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     proc = subprocess.Popen([sys.executable, "-m", "graphrt.bench", "--preset", "tiny", "--modes",
                              "chunk-graph+inductor", "--no-progress", "--repeats", "0"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))   # as in a terminal
     try:
         deadline = time.monotonic() + 120
         while not list(tmp_path.glob("graphrt-*")):

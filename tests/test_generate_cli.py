@@ -17,6 +17,12 @@ import graphrt.generate as generate
 PROMPT = "a red fox runs through the snow"
 
 
+def ctrl_c_as_in_a_terminal():
+    """In the child before exec: SIGINT back to its default, as in a terminal (a shell's background
+    job starts with it ignored, and Python then never raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture
 def no_build(monkeypatch):
     def build(opts):
@@ -82,7 +88,7 @@ def test_a_stopped_run_exits_quickly_with_a_playable_file(tmp_path, sig, code, w
     env = dict(os.environ, PYTHONPATH=str(Path(generate.__file__).parents[1]))
     proc = subprocess.Popen([sys.executable, "-m", "graphrt.generate", "--prompt", PROMPT, "--chunks", "400",
                              "--out", str(out), "--threads", "1", "--no-progress"],
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=ctrl_c_as_in_a_terminal)
     try:
         deadline = time.monotonic() + 240
         while not (out.exists() and out.stat().st_size > 0) and time.monotonic() < deadline:

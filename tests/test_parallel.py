@@ -246,7 +246,7 @@ def test_torchrun_bench_two_ranks_runs_every_default_mode(tmp_path):
     and equal to the reference: the inductor modes and the ``torch.compile`` peers compile with
     inductor's Python wrapper there (an AOTInductor package hung in its all-to-all; cpp_wrapper
     refused the collectives). Minutes: four inductor compiles on each rank."""
-    from graphrt.bench import MODES as BENCH_MODES
+    from graphrt.bench.presets import default_modes
 
     out = tmp_path / "sp.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
@@ -258,7 +258,7 @@ def test_torchrun_bench_two_ranks_runs_every_default_mode(tmp_path):
         pytest.fail("torchrun did not finish within 1200 s (a hang)")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(out.read_text())
-    assert tuple(summary["modes"]) == BENCH_MODES
+    assert tuple(summary["modes"]) == default_modes(torch.device("cpu"))
     for mode, r in summary["modes"].items():
         assert "skipped" not in r, (mode, r)
         assert r["max_err_vs_reference"] <= tolerance(torch.float32), mode

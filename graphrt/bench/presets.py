@@ -36,6 +36,8 @@ def default_modes(device: torch.device) -> tuple[str, ...]:
     fused ones, whose ops run their aten reference there (Triton runs on CUDA, or under
     ``TRITON_INTERPRET=1``), so they would time the same math again; ask for them by name."""
     return MODES if device.type == "cuda" else tuple(m for m in MODES if m not in FUSED_MODES)
+
+
 VIDEO_FRAMES_PER_LATENT = 4
 
 
