@@ -343,8 +343,8 @@ def _kv_summary(wcfg: WanConfig, cfg: BenchConfig, dtype: torch.dtype, device: t
     """Bytes per session, plain and quantized, and the cache's write/read cost per layer, for a
     cache of ``heads`` self-attention heads (H/N on each of N sequence-parallel ranks)."""
     def per_session(kv_dtype):
-        return StaticKVCache.for_config(wcfg, dtype=dtype, kv_dtype=kv_dtype, num_heads=heads,
-                                        device="meta").memory().per_session
+        return StaticKVCache.for_config(wcfg, dtype=dtype, kv_dtype=kv_dtype, num_heads=heads, device="meta",
+                                        keep_latents=True).memory().per_session   # as the Engine allocates
 
     plain, quant = per_session(None), per_session(cfg.kv_dtype)
     costs = kv_cache_costs(wcfg, device, dtype, cfg.kv_dtype, cfg.batch, forwards_per_chunk=steps + 1,
@@ -368,7 +368,8 @@ def _kv_bytes(causal: CausalWan, batch: int, kv_dtype: str | None) -> int | None
     device (H/N heads on N ranks, kv_dtype, flash-attn's pages). None when it cannot be built
     (an attention backend that is unavailable here: every mode says why)."""
     try:
-        return StaticKVCache.for_model(causal, num_slabs=batch, kv_dtype=kv_dtype, device="meta").memory().total
+        return StaticKVCache.for_model(causal, num_slabs=batch, kv_dtype=kv_dtype, device="meta",
+                                       keep_latents=True).memory().total      # the Engine keeps clean latents
     except GraphrtError:
         return None
 
