@@ -227,8 +227,10 @@ def test_torchrun_bench_two_ranks_rank_zero_reports(tmp_path, kv_dtype):
     assert summary["config"]["kv_bytes_per_rank"] == kv["total"]
     assert summary["config"]["kv_dtype"] == (kv_dtype or "float32")
     if kv_dtype:
-        assert summary["kv"]["bytes_per_session"] == kv["per_session"]
-        assert summary["kv"]["bytes_per_session_plain"] == kv_bytes_per_rank(cfg, 2, dtype=torch.float32)["per_session"]
+        kv_alone = kv_bytes_per_rank(cfg, 2, dtype=torch.float32, kv_dtype=kv_dtype, keep_latents=False)
+        assert summary["kv"]["bytes_per_session"] == kv_alone["per_session"]     # the K/V, without the kept latents
+        assert summary["kv"]["bytes_per_session_plain"] == kv_bytes_per_rank(cfg, 2, dtype=torch.float32,
+                                                                             keep_latents=False)["per_session"]
     for mode in ("eager", "graphs"):
         r = summary["modes"][mode]
         assert "skipped" not in r, r

@@ -343,8 +343,8 @@ def _kv_summary(wcfg: WanConfig, cfg: BenchConfig, dtype: torch.dtype, device: t
     """Bytes per session, plain and quantized, and the cache's write/read cost per layer, for a
     cache of ``heads`` self-attention heads (H/N on each of N sequence-parallel ranks)."""
     def per_session(kv_dtype):
-        return StaticKVCache.for_config(wcfg, dtype=dtype, kv_dtype=kv_dtype, num_heads=heads, device="meta",
-                                        keep_latents=True).memory().per_session   # as the Engine allocates
+        return StaticKVCache.for_config(wcfg, dtype=dtype, kv_dtype=kv_dtype, num_heads=heads,
+                                        device="meta").memory().per_session     # the K/V alone
 
     plain, quant = per_session(None), per_session(cfg.kv_dtype)
     costs = kv_cache_costs(wcfg, device, dtype, cfg.kv_dtype, cfg.batch, forwards_per_chunk=steps + 1,
