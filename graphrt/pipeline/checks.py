@@ -64,7 +64,8 @@ def finite_context(context: torch.Tensor, where: str) -> None:
         return
     finite = call_unwatched(lambda c: bool(torch.isfinite(c).all()), context)   # host-read-ok: a host tensor
     if not finite:
-        rows = call_unwatched(lambda c: (~torch.isfinite(c)).flatten(1).any(1).nonzero().flatten().tolist(), context)
+        rows = call_unwatched(lambda c: (~torch.isfinite(c)).flatten(1).any(1).nonzero().flatten().tolist(),
+                              context)     # host-read-ok: a host tensor, for the error message
         raise InputError(f"{where}: the text context holds NaN or inf (row(s) {rows}): its video would be NaN",
                          expected="finite embeddings", got="non-finite values",
                          fix="check the text encoder's output (its dtype: fp16 overflows; its weights)")

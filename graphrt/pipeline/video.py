@@ -13,8 +13,10 @@ from graphrt.errors import BackendUnavailableError, InputError
 def _as_frames(frames):
     import numpy as np                  # PyAV's frames are numpy arrays
 
-    # host-read-ok: frames leave the device to be encoded into the file, after the DiT and the decoder
-    arr = frames.detach().cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+    if isinstance(frames, torch.Tensor):
+        arr = frames.detach().cpu().numpy()    # host-read-ok: frames leave the device for the file, after DiT and decoder
+    else:
+        arr = np.asarray(frames)
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
         raise InputError("video frames must be uint8 [T, H, W, 3] (RGB)", got=f"{arr.dtype} {list(arr.shape)}",
                          fix="decode with the pipeline's decoder, or convert: ((x + 1) * 127.5).round().to(torch.uint8)")
