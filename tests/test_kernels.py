@@ -279,6 +279,33 @@ def test_torch_compile_sees_one_node_per_fused_op(cfg):
     assert "aten.native_layer_norm.default" not in ops     # (the text K's RMS norm stays aten: per prompt)
 
 
+@DTYPES
+@torch.no_grad()
+def test_cpu_inductor_traces_see_through_the_fused_ops(cfg, dtype, monkeypatch):
+    """What a CPU inductor build compiles: the fused forward traced with every graphrt op replaced
+    by its aten reference (so inductor can fuse the chain), which runs bit for bit like the
+    reference path; without inductor the trace keeps one node per op."""
+    from graphrt.capture.backends import CPU_DECOMPOSITIONS, trace
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)     # the ops' CPU kernel: their reference
+    _, fused = _pair(cfg, dtype)
+    cache = _prompt_cache(fused, cfg)
+    x = torch.randn(1, cfg.in_dim, cfg.chunk_frames, cfg.height, cfg.width).to(dtype)
+    args = (x, torch.tensor([500.0]))
+
+    def fn(x, t):
+        return fused(x, t, cache=cache, kv_frames=cfg.chunk_frames, kv_exact=True)
+
+    ops = {op.name() for op in CPU_DECOMPOSITIONS}
+    assert {"graphrt::rms_norm_rope", "graphrt::layer_norm_mod", "graphrt::gate_residual_norm"} <= ops
+    seen = trace(fn, args, False, decompositions=CPU_DECOMPOSITIONS)
+    kept = trace(fn, args, False)
+    names = [[str(n.target) for n in gm.graph.nodes if n.op == "call_function"] for gm in (seen, kept)]
+    assert not any(o.startswith("graphrt.") for o in names[0])
+    assert sum(o.startswith("graphrt.") for o in names[1]) == 1 + 6 * cfg.num_layers
+    assert torch.equal(seen(*args), fn(*args))
+
+
 @torch.no_grad()
 def test_fused_forward_reads_nothing_on_the_host(cfg):
     _, fused = _pair(cfg, torch.float32)

@@ -1,12 +1,14 @@
 """The fused kernel path against today's modes on the CPU, 1 thread, thread CPU time per steady chunk.
 
-On the CPU the fused ops run their aten reference (Triton runs on CUDA, or on the CPU under
-TRITON_INTERPRET=1): this measures what the fused path costs where it cannot fuse (one custom op
-per chain around the same aten math), not what it gains on a GPU. The interpreter run at the end
-is a correctness check only (the interpreter is Python, orders of magnitude slower).
+The fused modes (``graphs+fused``, ``chunk-graph+fused``) compile with inductor; on the CPU
+inductor traces each fused op as its aten reference and fuses it itself (their Triton kernels run
+on CUDA), so this measures whether the fused path keeps up with today's best CPU mode, not what
+fusion gains on a GPU. The interpreter run at the end is a correctness check only (the interpreter
+is Python, orders of magnitude slower).
 
     PYTHONPATH=. python bench/results/fused-cpu.py bench/results/fused-cpu.json
-    PYTHONPATH=. python bench/results/fused-cpu.py bench/results/fused-cpu-width.json wan-1.3b-width-cpu no-inductor
+    PYTHONPATH=. python bench/results/fused-cpu.py bench/results/fused-cpu-best.json best-only tiny 8
+    PYTHONPATH=. python bench/results/fused-cpu.py bench/results/fused-cpu-width-best.json best-only wan-1.3b-width-cpu 4
 """
 import json
 import os
@@ -119,7 +121,8 @@ if __name__ == "__main__":
                   "command": "PYTHONPATH=. python " + " ".join(sys.argv), "torch": torch.__version__,
                   "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "load_average_start": list(os.getloadavg()),
-                  "in_turn": in_turn(preset, PRESETS[preset].chunks, (PAIRS[-1],), cfg, 4),
+                  "in_turn": in_turn(preset, CHUNKS if preset == "tiny" else PRESETS[preset].chunks, (PAIRS[-1],),
+                                     cfg, int((sys.argv[4:5] or ["4"])[0])),
                   "load_average_end": list(os.getloadavg())}
         with open(sys.argv[1], "w") as f:
             json.dump(result, f, indent=2)

@@ -11,11 +11,12 @@ Modes (all on the same weights, text context and seeds):
 - ``eager``: the graph-safe ``CausalWan``, eager;
 - ``graphs``: one graph per DiT forward per bucket (CUDA graphs; the CPU emulation on the CPU);
 - ``chunk-graph``: one graph per whole chunk (denoising forwards, scheduler, noise, cache pass);
-- ``graphs+fused``, ``chunk-graph+fused``: ``graphs`` and ``chunk-graph`` on the model built with
-  ``kernels="fused"`` (graphrt's fused custom ops; every other mode uses ``kernels="aten"``, like
-  for like on the same weights). On the CPU their ops run the aten reference (Triton runs on CUDA,
-  or under ``TRITON_INTERPRET=1``), which each mode's ``fused_ops`` says; so the default mode list
-  has them on CUDA only;
+- ``graphs+fused``, ``chunk-graph+fused``: the GPU default path, ``graphs+inductor`` and
+  ``chunk-graph+inductor`` on the model built with ``kernels="fused"`` (graphrt's fused custom ops
+  between inductor's kernels; every other mode uses ``kernels="aten"``, like for like on the same
+  weights). On CUDA the fused ops run their Triton kernels; on the CPU inductor traces each one as
+  its aten reference and fuses it itself (each mode's ``fused_ops`` says which), so the default mode
+  list has them on CUDA only;
 - ``graphs+inductor``: ``graphs`` with each bucket compiled by inductor before capture;
 - ``chunk-graph+inductor``: ``chunk-graph`` with each whole chunk compiled by inductor: on the
   CPU one AOTInductor package per bucket (no Python between kernels), kept in a disk cache; on

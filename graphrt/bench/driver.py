@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 from typing import Callable
 
 import torch
 
-from graphrt.bench.presets import INDUCTOR_MODES, PEERS, BenchConfig, kernels_for
+from graphrt.bench.presets import FUSED_MODES, INDUCTOR_MODES, PEERS, BenchConfig, kernels_for
 from graphrt.capture import HostReadRecorder
 from graphrt.models.wan import CausalWan, ReferenceWan
 from graphrt.pipeline import Engine, FlowMatchSchedule, reference_stream
@@ -33,9 +32,9 @@ class Driver:
         self.kernel_path = causal.kernel_path
         if self.kernel_path == "fused":
             self.fused_ops = fused_ops_run(next(causal.parameters()).device)
-            if self.fused_ops == "aten reference":
-                self.notes.append("fused ops ran their aten reference (Triton runs on CUDA, or on the CPU under "
-                                  "TRITON_INTERPRET=1): the same math as aten, through one custom op per chain")
+            if self.fused_ops != "triton":
+                self.notes.append("fused ops traced as their aten reference and fused by inductor (their Triton "
+                                  "kernels run on CUDA): the same math as aten")
         engine_mode = {"eager": "eager", "graphs": "forward", "chunk-graph": "chunk", "graphs+inductor": "forward",
                        "chunk-graph+inductor": "chunk", "graphs+fused": "forward", "chunk-graph+fused": "chunk",
                        "compile": "eager", "compile-chunk": "eager"}[mode]
@@ -75,8 +74,16 @@ class Driver:
     def _engine(self, model, engine_mode: str) -> Engine:
         batch = self.cfg.batch
         return Engine(model, max_sessions=batch, batch_sizes=(batch,), mode=engine_mode, schedule=self.schedule,
-                      inductor=self.mode in INDUCTOR_MODES, progress=self.cfg.progress, kv_dtype=self.kv_dtype,
+                      inductor=self.inductor(model), progress=self.cfg.progress, kv_dtype=self.kv_dtype,
                       cache_dir=self.cfg.cache_dir, kv_buckets=self.cfg.kv_buckets, linear_dtype=self.linear_dtype)
+
+    def inductor(self, model) -> bool | str:
+        """The mode's ``Engine(inductor=...)``: the fused modes run the Engine's CUDA default
+        (``"once"``: one compile for every bucket) on CUDA and an AOTInductor package per bucket on
+        the CPU, as the ``+inductor`` modes do (``True``: a compile per bucket); the rest none."""
+        if self.mode in FUSED_MODES and next(model.parameters()).is_cuda:
+            return "once"
+        return self.mode in INDUCTOR_MODES
 
     def warm_start(self, context, seed) -> tuple[float, int, torch.Tensor]:
         """Start a second engine of this mode on the same disk cache, as a second process would:
@@ -130,15 +137,12 @@ def with_kernels(model: CausalWan, kernels: str) -> CausalWan:
 
 
 def fused_ops_run(device: torch.device) -> str:
-    """What the fused ops run on ``device``: ``"triton"`` (CUDA), ``"triton interpreter"`` (the
-    CPU under ``TRITON_INTERPRET=1``: a correctness run, not a speed) or ``"aten reference"``."""
+    """What the fused ops of a fused mode (inductor-compiled) run on ``device``: ``"triton"``
+    (CUDA: their kernels, between inductor's) or ``"aten reference in inductor"`` (the CPU:
+    inductor traces each op as its reference and fuses it, :func:`graphrt.capture.decompose_on_cpu`)."""
     from graphrt.kernels import triton_available
 
-    if not triton_available():
-        return "aten reference"
-    if device.type == "cuda":
-        return "triton"
-    return "triton interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "aten reference"
+    return "triton" if device.type == "cuda" and triton_available() else "aten reference in inductor"
 
 
 def host_reads_per_chunk(driver: Driver, context, seed, chunks: int) -> tuple[float, float | None] | None:

@@ -20,7 +20,8 @@ MODES = ("reference", "eager", "graphs", "chunk-graph", *FUSED_MODES, "graphs+in
          "compile", "compile-chunk")
 GRAPH_MODES = ("graphs", "chunk-graph", *FUSED_MODES, "graphs+inductor", "chunk-graph+inductor")
 PEERS = ("compile", "compile-chunk")
-INDUCTOR_MODES = ("graphs+inductor", "chunk-graph+inductor")
+# the fused modes are graphrt's GPU default: inductor's kernels with the fused ops, in the graph
+INDUCTOR_MODES = ("graphs+inductor", "chunk-graph+inductor", *FUSED_MODES)
 # the published comparison point: the 6th chunk of a video (KV 18 latent frames at 480p, 3 per chunk)
 COMPARISON_CHUNK = 6
 
@@ -33,8 +34,9 @@ def kernels_for(mode: str) -> str:
 
 def default_modes(device: torch.device) -> tuple[str, ...]:
     """The modes a run without ``--modes`` measures: all of them on CUDA; on the CPU all but the
-    fused ones, whose ops run their aten reference there (Triton runs on CUDA, or under
-    ``TRITON_INTERPRET=1``), so they would time the same math again; ask for them by name."""
+    fused ones: there inductor traces each fused op as its aten reference and fuses it itself, so
+    they compile and time what the ``+inductor`` modes do again (``bench/results/fused-cpu.md``
+    compares them); ask for them by name."""
     return MODES if device.type == "cuda" else tuple(m for m in MODES if m not in FUSED_MODES)
 
 

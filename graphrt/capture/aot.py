@@ -47,6 +47,8 @@ from graphrt.errors import BackendUnavailableError, CaptureError, InputError
 WRAPPERS = ("aoti", "cpp-wrapper", "python")
 # settings that pick inductor's tuning (with the device's default wrapper, as ``True``)
 TUNINGS = ("max-autotune",)
+# one torch.compile of the function for every bucket, no per-bucket trace (graphrt/replay/once.py)
+ONCE = "once"
 # options every compile here runs with: freezing folds runtime state (see the module docstring);
 # graphrt's own CUDA graph captures the compiled code, so inductor must not capture its own
 _OPTIONS = {"freezing": False, "triton.cudagraphs": False}
@@ -56,8 +58,9 @@ PASSES = "functionalize+cse/1"     # the graph passes before inductor (part of t
 
 def resolve_wrapper(inductor, device: torch.device) -> str | None:
     """``False``/``None``: no inductor; ``True``: the fastest wrapper for the device ("aoti" on
-    the CPU, "python" on CUDA, where the CUDA graph removes the wrapper's cost); or a name."""
-    if inductor is None or inductor is False:
+    the CPU, "python" on CUDA, where the CUDA graph removes the wrapper's cost); or a name.
+    ``"once"`` traces no bucket (the function is compiled as a whole): None here."""
+    if inductor is None or inductor is False or inductor == ONCE:
         return None
     if inductor is True or inductor in TUNINGS:
         return "aoti" if torch.device(device).type == "cpu" else "python"
@@ -66,7 +69,7 @@ def resolve_wrapper(inductor, device: torch.device) -> str | None:
             raise BackendUnavailableError(f"inductor={inductor!r} is a CPU wrapper; on CUDA graphrt's CUDA graph "
                                           "captures torch.compile's kernels", fix="use inductor=True on CUDA")
         return inductor
-    raise InputError(f"unknown inductor setting {inductor!r}", expected=(True, False) + WRAPPERS + TUNINGS,
+    raise InputError(f"unknown inductor setting {inductor!r}", expected=(True, False, ONCE) + WRAPPERS + TUNINGS,
                      got=inductor)
 
 

@@ -57,8 +57,21 @@ def _one_fake_mode():
         return contextlib.nullcontext()
 
 
+# Custom ops that an inductor build on the CPU sees through: op -> its reference in plain aten ops.
+# A fused op's compiled kernel runs on CUDA; on the CPU it would be one opaque call between the
+# kernels inductor generates, so the trace records its reference there and inductor fuses that with
+# its neighbours (:func:`decompose_on_cpu`).
+CPU_DECOMPOSITIONS: dict = {}
+
+
+def decompose_on_cpu(op, reference) -> None:
+    """Have CPU inductor builds trace ``op`` (an ``OpOverload``) as ``reference`` (same signature and
+    results, plain aten ops). Eager runs and graphs without inductor still call ``op``."""
+    CPU_DECOMPOSITIONS[op] = reference
+
+
 def trace(flat_fn, inputs, inductor: bool, frozen_on_host=None, sandbox: Sandbox | None = None,
-          options: dict | None = None):
+          options: dict | None = None, decompositions: dict | None = None):
     """The aten ops of one call over ``inputs``, every Python value frozen (``make_fx``, real
     tensors: it runs once), optionally compiled by inductor. Each bucket gets its own GraphModule,
     so compiling many buckets never hits dynamo's recompile limit.
@@ -70,11 +83,13 @@ def trace(flat_fn, inputs, inductor: bool, frozen_on_host=None, sandbox: Sandbox
     Inductor's own CUDA graphs stay off: the trace runs inside graphrt's graph; so does freezing,
     which would fold runtime state read as attributes (caches, positions) into constants.
     ``options``: inductor's (``capture.aot.inductor_options``; default those two off).
+    ``decompositions``: ops traced as their references (``make_fx``'s decomposition table).
     """
     from torch.fx.experimental.proxy_tensor import make_fx
 
     with _one_fake_mode():
-        gm = (sandbox or Sandbox({})).run(make_fx(flat_fn, tracing_mode="real"), *inputs)
+        traced = make_fx(flat_fn, decomposition_table=decompositions or None, tracing_mode="real")
+        gm = (sandbox or Sandbox({})).run(traced, *inputs)
     if frozen_on_host is not None:
         for name, t in list(gm.named_buffers()):
             if "." not in name and frozen_on_host(t):
@@ -89,7 +104,8 @@ class CpuGraph:
     def __init__(self, flat_fn, inputs, runtime, frozen_on_host=None, sandbox=None):
         sandbox = sandbox or Sandbox({})
         self.inputs = inputs
-        self.run = trace(flat_fn, inputs, False, frozen_on_host, sandbox)
+        self.run = trace(flat_fn, inputs, False, frozen_on_host, sandbox,
+                         decompositions=CPU_DECOMPOSITIONS if runtime.inductor else None)
         if runtime.inductor:
             self.run = CompiledTrace(self.run, inputs, runtime.inductor, runtime.disk, options=runtime.options)
         self.disk_hit = getattr(self.run, "disk_hit", None)       # True/False: loaded from / stored to disk
@@ -133,10 +149,13 @@ class CudaGraph:
         sandbox = sandbox or Sandbox({})
         self.device = runtime.device
         self.inputs = inputs
-        warm = sandbox.run_opaque if runtime.inductor else sandbox.run
+        compiled = runtime.inductor or runtime.opaque
+        warm = sandbox.run_opaque if compiled else sandbox.run
         with torch.cuda.device(self.device):
             # keep the compiled callable: the graph replays its kernels and reads its constants
             self.fn = trace(flat_fn, inputs, True, None, sandbox, runtime.options) if runtime.inductor else flat_fn
+            if runtime.opaque:        # compiled inside: one watched (uncompiled) run records what it writes
+                sandbox.run(flat_fn, *inputs)
             caller = torch.cuda.current_stream()
             stream = runtime.side_stream()
             stream.wait_stream(caller)

@@ -34,6 +34,7 @@ class Runtime:
     backend: str                     # "cuda-graph" | "cpu-graph" | "eager"
     inductor: bool | str = False     # False, or inductor's wrapper: "aoti" | "cpp-wrapper" | "python" (capture/aot.py)
     options: dict | None = None      # inductor's options (capture/aot.py inductor_options); None: graphrt's own
+    opaque: bool = False             # the function runs compiled code (replay/once.py): watched runs see its eager twin
     warmup: int = 2                  # eager runs before a CUDA capture (allocator, cuBLAS, autotune)
     check_host_reads: bool = True
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))

@@ -19,6 +19,12 @@ def gate_residual_reference(x, y, gate):
     return x + y if gate is None else (x.float() + y * gate).type_as(x)
 
 
+def gate_residual_norm_reference(x, y, gate, weight, bias, scale, shift, eps: float):
+    """The unfused ops: :func:`gate_residual_reference`, then the modulated norm of its result."""
+    xn = gate_residual_reference(x, y, gate)
+    return xn, layer_norm_mod_reference(xn, weight, bias, scale, shift, eps)
+
+
 @torch.library.custom_op("graphrt::gate_residual", mutates_args=())
 def gate_residual(x: torch.Tensor, y: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:
     """``x + y * gate`` in float32, rounded to ``x``'s dtype (``x + y`` without a gate): one kernel."""
@@ -39,8 +45,7 @@ def gate_residual_norm(x: torch.Tensor, y: torch.Tensor, gate: Optional[torch.Te
     """(new ``x``, the next branch's input): :func:`gate_residual` then
     :func:`~graphrt.kernels.layer_norm_mod` of the rounded result, one kernel."""
     if not use_triton(x):
-        xn = gate_residual_reference(x, y, gate)
-        return xn, layer_norm_mod_reference(xn, weight, bias, scale, shift, eps)
+        return gate_residual_norm_reference(x, y, gate, weight, bias, scale, shift, eps)
     xn, h = residual_norm(x, y, gate, weight, bias, scale, shift, eps, norm=True)
     return xn.view(x.shape), h.view(x.shape)
 
