@@ -156,6 +156,7 @@ class CacheStep:
     positions: torch.Tensor          # int [B] first frame this forward writes, per row
     seqlens: torch.Tensor            # int32 [B] view of the cache's seqlens
     kv_exact: bool                   # every row has exactly kv_tokens valid: attend unmasked
+    in_place: bool = False           # read K/V as a view of slab 0 (SlabKVCache.read_in_place)
 
 
 class SlabKVCache:
@@ -213,6 +214,8 @@ class SlabKVCache:
         self._arange = torch.arange(self.slab_tokens, device=self.device)
         self._free = list(range(num_slabs))
         self._pending: dict[int, torch.cuda.Event] = {}    # slab -> its wipe on a copy stream
+        # one slab, one row: attend the slab in place instead of gathering it (see :meth:`read`)
+        self.read_in_place = False
 
     @classmethod
     def for_model(cls, model, **kw):
@@ -443,7 +446,8 @@ class SlabKVCache:
             seqlens.fill_(kv_tokens)
         else:
             seqlens.copy_(self._filled(start[:, 0] + query_frames * T))
-        return CacheStep(batch, kv_tokens, write_index, read_index, bt, pos, seqlens, kv_exact)
+        in_place = self.read_in_place and self.num_slabs == 1 and batch == 1 and not self.quantized
+        return CacheStep(batch, kv_tokens, write_index, read_index, bt, pos, seqlens, kv_exact, in_place)
 
     def write(self, layer: int, step: CacheStep, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write this forward's K/V ([B, query_tokens, H, D]) at the step's device indices
@@ -460,8 +464,17 @@ class SlabKVCache:
 
     def read(self, layer: int, step: CacheStep) -> tuple[torch.Tensor, torch.Tensor]:
         """Gathered K/V [B, kv_tokens, H, D] for the step's rows, in the model dtype (dequantized
-        here when the cache is quantized: only the tokens this bucket reads)."""
+        here when the cache is quantized: only the tokens this bucket reads).
+
+        With :attr:`read_in_place` set on a one-slab, unquantized cache, a one-row step reads a view
+        of the slab's first ``kv_tokens`` rows instead: no gather copy per layer, the same values
+        (the row's read index is exactly that range), bit-identical attention. It reads the slab
+        whatever the block table says, so set it only where the one row is always the slab when
+        its output is used (an :class:`~graphrt.pipeline.Engine` of one session slab: its warm-ups
+        point the row at scratch, and their outputs are discarded)."""
         out = (step.batch, step.kv_tokens, self.num_heads, self.head_dim)
+        if step.in_place:
+            return self.k[layer][:step.kv_tokens].view(out), self.v[layer][:step.kv_tokens].view(out)
         if not self.quantized:
             return (self.k[layer].index_select(0, step.read_index).view(out),
                     self.v[layer].index_select(0, step.read_index).view(out))

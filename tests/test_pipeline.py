@@ -244,3 +244,31 @@ def test_a_failing_step_runs_nothing(models, cfg, ctx):
     with pytest.raises(CacheError, match=rf"\[{b.id}\] at the end of the slab"):
         engine.step([a, b])
     assert a.chunk == 0 and b.chunk == 7
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("window", [None, (9, 3)], ids=["static", "rolling"])
+@torch.no_grad()
+def test_one_slab_attends_in_place_bit_for_bit(cfg, dtype, window):
+    """An engine of one session slab reads each layer's K/V as a view of the slab (no gather copy);
+    the video equals the gathering engine's bit for bit, eager and captured whole chunks alike."""
+    cfg = cfg.replace(max_frames=3 * cfg.chunk_frames)
+    causal = CausalWan(cfg, attention="sdpa").to(dtype).eval()
+    ctx = torch.randn(1, cfg.text_len, cfg.text_dim, dtype=dtype)
+    videos = {}
+    for mode in ("eager", "chunk"):
+        for in_place in (True, False):
+            engine = Engine(causal, mode=mode, window=window, progress=False)
+            assert engine.cache.read_in_place            # one slab: on by default
+            engine.cache.read_in_place = in_place
+            videos[mode, in_place] = engine.generate(ctx, 4 if window else 3, seed=3)
+    step = engine.cache.step(1, cfg.chunk_frames, cfg.frame_tokens, 2 * cfg.chunk_frames, True)
+    assert not step.in_place and engine.cache.read(0, step)[0].untyped_storage().data_ptr() != \
+        engine.cache.k[0].untyped_storage().data_ptr()
+    engine.cache.read_in_place = True
+    step = engine.cache.step(1, cfg.chunk_frames, cfg.frame_tokens, 2 * cfg.chunk_frames, True)
+    k, _ = engine.cache.read(0, step)
+    assert step.in_place and k.data_ptr() == engine.cache.k[0].data_ptr() and k.shape[1] == step.kv_tokens
+    for (mode, in_place), video in videos.items():
+        assert torch.equal(video, videos["eager", False]), (mode, in_place)
+    assert not Engine(causal, max_sessions=2, mode="eager", progress=False).cache.read_in_place

@@ -99,6 +99,14 @@ def open_sessions(sessions, session_type: type, open_ones: dict, where: str) -> 
         seen.add(id(s))
 
 
+def engine_inductor(inductor, device: torch.device, backend: str = "auto"):
+    """An Engine's ``inductor`` setting: ``"auto"`` is ``"once"`` on CUDA graphs (one compile for
+    every bucket, inside the graphs) and ``False`` elsewhere (the CPU emulation replays the ops)."""
+    if inductor != "auto":
+        return inductor
+    return "once" if torch.device(device).type == "cuda" and backend in ("auto", "cuda-graph") else False
+
+
 def parallel_inductor(inductor, model, device: torch.device):
     """The ``inductor`` setting for a sequence-parallel model on the CPU: inductor's C++ wrappers
     (an AOTInductor package, ``cpp_wrapper``) cannot call torch's functional collectives, so

@@ -118,12 +118,19 @@ class Engine:
     (``"per-length"``); a compiled graph is captured once and kept on disk, so its cost is paid
     once, while the compute is paid every chunk.
 
-    ``inductor=True`` compiles each graph with inductor: with ``mode="chunk"`` on the CPU one
-    AOTInductor package per whole chunk (no Python between its kernels; minutes to compile, so
-    packages are kept in ``cache_dir`` across processes: None is ``$GRAPHRT_CACHE_DIR`` or
-    ``~/.cache/graphrt``, False keeps none), on CUDA inductor's kernels inside the CUDA graph. A
-    sequence-parallel model on the CPU compiles with inductor's Python wrapper (its C++ wrappers
-    cannot call the collectives).
+    ``inductor`` picks the kernels inside the graphs. ``"auto"`` (the default) is ``"once"`` on
+    CUDA and ``False`` on the CPU. ``"once"``: the chunk function (``mode="chunk"``) or the model
+    (``"forward"``) compiled by ``torch.compile`` once for every bucket, the KV length (and batch)
+    dynamic after the first bucket, so an engine compiles 2-3 graphs, not one per bucket; each bucket
+    is warmed (compile and tuning) before its capture, and inductor's own caches (FX graph, Triton
+    kernels) make a second start a retrace (:mod:`graphrt.replay.once`). With the model's fused
+    kernels (``CausalWan(kernels="auto")``: fused on CUDA) this is graphrt's GPU path.
+    ``True`` compiles each bucket's trace on its own: on the CPU one AOTInductor package per
+    whole chunk (no Python between its kernels; minutes to compile, so packages are kept in
+    ``cache_dir`` across processes: None is ``$GRAPHRT_CACHE_DIR`` or ``~/.cache/graphrt``, False
+    keeps none), on CUDA inductor's kernels inside the CUDA graph. ``False``: the model's own
+    kernels, as eager runs them. A sequence-parallel model on the CPU compiles with inductor's
+    Python wrapper (its C++ wrappers cannot call the collectives).
 
     ``window=(frames, sink_frames)`` uses a :class:`RollingKVCache` for videos past
     ``max_frames``. Without it the cache is static: each slab holds ``max_frames`` from the start,
@@ -165,7 +172,7 @@ class Engine:
 
     def __init__(self, model, *, max_sessions: int | None = None, batch_sizes: Sequence[int] | None = None,
                  mode: str = "chunk", schedule: FlowMatchSchedule | None = None, window: tuple[int, int] | None = None,
-                 backend: str = "auto", inductor: bool | str = False, verify: int = 0, progress: bool = True,
+                 backend: str = "auto", inductor: bool | str = "auto", verify: int = 0, progress: bool = True,
                  kv_dtype: str | torch.dtype | None = None, memory_budget: int | float | None = None,
                  cache_dir=None, kv_buckets: str = "auto", prompt_cache: int = 256, linear_dtype: str | None = None,
                  prompt_cache_bytes: int | None = None):
@@ -209,6 +216,8 @@ class Engine:
         max_sessions = num_slabs(self._new_cache, self.device, max_sessions, memory_budget, batch_sizes)
         self.batch_sizes = batch_sizes or powers_of_two(max_sessions)
         self.cache = self._new_cache(num_slabs=max_sessions, max_batch=self.batch_sizes[-1])
+        # one slab: the one row is always it (or, in a warm-up, scratch): attend it in place
+        self.cache.read_in_place = max_sessions == 1
         self._suspended = HostSlabs(self.device)
         self.shape = (cfg.out_dim, cfg.chunk_frames, cfg.height, cfg.width)
         n, slabs = len(self.schedule.steps), max_sessions + 1
@@ -229,7 +238,8 @@ class Engine:
             self.kv_choices = tuple(sorted({min(c * frames, limit) for c in range(1, -(-limit // frames) + 1)}))
             kv_exact = (True, False) if self.batch_sizes[-1] > 1 else (True,)
         self.kv_exact_choices = kv_exact
-        inductor = checks.parallel_inductor(inductor, model, self.device)
+        inductor = self.inductor = checks.parallel_inductor(checks.engine_inductor(inductor, self.device, backend),
+                                                            model, self.device)
         opts = dict(backend=backend, inductor=inductor, verify=verify, progress=progress, cache_dir=cache_dir)
         self._forward = model
         self._chunk_fn = self._chunk

@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.progress import Progress
 
 from graphrt.capture import mark_internal
-from graphrt.capture.aot import inductor_options, resolve_wrapper
+from graphrt.capture.aot import ONCE, inductor_options, resolve_wrapper
 from graphrt.capture.backends import BACKENDS
 from graphrt.capture.capture import Captured, Runtime, capture, resolve_backend
 from graphrt.capture.diskcache import DiskCache
@@ -31,6 +31,7 @@ from graphrt.errors import (BackendUnavailableError, CaptureError, InputError, R
                             WeightsMovedError)
 from graphrt.replay.buckets import BucketKey, Buckets, Request, StateRef, TensorSpec
 from graphrt.replay.dispatch import Dispatcher
+from graphrt.replay.once import compiled_once
 from graphrt.threads import OneThread, one_thread
 from graphrt.tolerance import max_rel_err, tolerance
 
@@ -98,7 +99,11 @@ class GraphedModule:
         if buckets is not None and not isinstance(buckets, Buckets):
             raise InputError("buckets must be a graphrt.Buckets spec (or None)", got=type(buckets).__name__,
                              fix="buckets=graphrt.Buckets((1, 2, 4), batch_args=(\"x\",))")
-        self._disk = DiskCache.resolve(cache_dir) if inductor else None
+        if inductor == ONCE and backend == "cpu-graph":
+            raise _once_on_cpu_graph()
+        self._disk = DiskCache.resolve(cache_dir) if inductor and inductor != ONCE else None
+        if inductor == ONCE:          # one torch.compile for every bucket, captured per bucket
+            fn = compiled_once(fn, inductor_options(inductor))
         self.fn = fn
         self._one_thread = OneThread(f"GraphedModule({getattr(fn, '__qualname__', type(fn).__name__)})")
         self.module = fn if isinstance(fn, torch.nn.Module) else None
@@ -267,9 +272,13 @@ class GraphedModule:
         _check_arguments(req, key)
         if self.runtime is None:
             device = self._device(req)
-            self.runtime = Runtime(resolve_backend(self.backend, device), check_host_reads=self.check, device=device,
+            backend = resolve_backend(self.backend, device)
+            if self.inductor == ONCE and backend == "cpu-graph":
+                raise _once_on_cpu_graph()
+            self.runtime = Runtime(backend, check_host_reads=self.check, device=device,
                                    inductor=resolve_wrapper(self.inductor, device) or False, disk=self._disk,
-                                   options=inductor_options(self.inductor) if self.inductor else None)
+                                   options=inductor_options(self.inductor) if self.inductor else None,
+                                   opaque=self.inductor == ONCE)
         frozen = dict(key.statics) | dict(key.signature)
         leaves = []
         for path in req.paths:
@@ -346,7 +355,7 @@ class GraphedModule:
         wrote = log.contents()
         log.rollback()
         outs = entry.captured.graph.replay()
-        exact = not self.runtime.inductor
+        exact = not (self.runtime.inductor or self.runtime.opaque)
         names = Bindings(roots_of(self.fn, {type(s).__name__: s for s in states} | _object_roots(entry.request))).names()
         pairs = [(f"output {i}", g, e) for i, (g, e) in enumerate(zip(outs, eager))]
         pairs += [(f"{_region_name(r.tensor, names)} ({r.op})", now, e)
@@ -444,6 +453,13 @@ def _check_arguments(req: Request, key: BucketKey) -> None:
                 c.check(obj, path, key.batch, call)
 
 
+def _once_on_cpu_graph() -> BackendUnavailableError:
+    return BackendUnavailableError(
+        "inductor='once' runs compiled code inside a CUDA graph; the CPU emulation traces the function's ops "
+        "instead, so nothing compiled would run", expected="backend 'cuda-graph' (or 'eager')", got="cpu-graph",
+        fix="on the CPU use inductor=True (an AOTInductor package per bucket)")
+
+
 def _region_name(t: torch.Tensor, names: dict[int, str]) -> str:
     base = t._base if t._base is not None else t
     return names.get(id(t)) or names.get(id(base)) or \
@@ -467,6 +483,10 @@ def compile(model_or_fn: Callable, *, buckets: Buckets | None = None, backend: s
       ``torch.compile(mode="max-autotune")`` sets, less its CUDA graphs: graphrt's graph captures
       the tuned kernels; :func:`graphrt.capture.aot.inductor_options`). Tuning runs in the compile,
       before the warm-up and the capture; longer first starts, kept by the caches as any compile.
+      ``"once"``: no per-bucket trace: ``torch.compile`` of the whole function, once, with
+      automatic dynamic shapes (buckets that differ in a size, a KV length, share one compile;
+      :mod:`graphrt.replay.once`), warmed per bucket and captured in graphrt's CUDA graph: the
+      CUDA default of :class:`~graphrt.pipeline.Engine`. CUDA graphs (or ``backend="eager"``) only.
     - ``cache_dir``: where compiled AOTInductor packages are kept across processes (None:
       ``$GRAPHRT_CACHE_DIR`` or ``~/.cache/graphrt``; False: nowhere). A second process that
       compiles the same buckets loads them instead (``stats.disk_hits``).
