@@ -423,7 +423,8 @@ class SlabKVCache:
         if query_frames * self.frame_tokens > self._ring_tokens():
             raise InputError("chunk longer than the slab's ring", expected=f"<= {self._ring_tokens() // frame_tokens} "
                              "frames", got=query_frames, fix="use a larger window (minus sink) than a chunk")
-        kv_frames = self.slab_frames if kv_frames is None else min(kv_frames, self.slab_frames)
+        if kv_frames is None or kv_frames > self.slab_frames:     # (not min(): a compile with the KV
+            kv_frames = self.slab_frames                            # length symbolic then serves the slab's)
         if kv_frames < query_frames:
             raise InputError("kv_frames is shorter than the chunk it must include",
                              expected=f">= {query_frames}", got=kv_frames)

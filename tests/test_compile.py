@@ -793,8 +793,9 @@ def test_a_failed_cuda_capture_restores_the_stream_and_names_the_first_error(mon
 
     fake = _FakeCuda(monkeypatch)
     side = _FakeCuda.Stream()
-    runtime = SimpleNamespace(device=torch.device("cpu", 0), inductor=False, warmup=1, side_stream=lambda: side,
-                              memory_pool=lambda: (0, 7), output_slots=Runtime("cpu-graph").output_slots)
+    runtime = SimpleNamespace(device=torch.device("cpu", 0), inductor=False, opaque=False, warmup=1,
+                              side_stream=lambda: side, memory_pool=lambda: (0, 7),
+                              output_slots=Runtime("cpu-graph").output_slots)
 
     def syncs(x):
         fake.sync()

@@ -21,9 +21,12 @@ def _compiles() -> int:
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
+    """No compiled frame and no shape profile from earlier compiles (dynamo's profile-guided dynamism
+    would mark sizes dynamic from the first compile), so the counts are this test's own."""
     torch._dynamo.reset()
     counters.clear()
-    yield
+    with torch._dynamo.config.patch(automatic_dynamic_local_pgo=False):
+        yield
     torch._dynamo.reset()
 
 

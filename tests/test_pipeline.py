@@ -246,8 +246,8 @@ def test_a_failing_step_runs_nothing(models, cfg, ctx):
     assert a.chunk == 0 and b.chunk == 7
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("window", [None, (9, 3)], ids=["static", "rolling"])
+@pytest.mark.parametrize("dtype,window", [(torch.float32, None), (torch.bfloat16, (9, 3))],
+                         ids=["static-fp32", "rolling-bf16"])
 @torch.no_grad()
 def test_one_slab_attends_in_place_bit_for_bit(cfg, dtype, window):
     """An engine of one session slab reads each layer's K/V as a view of the slab (no gather copy);

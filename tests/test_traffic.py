@@ -15,6 +15,18 @@ def test_fused_moves_less_and_launches_fewer_kernels():
     assert any("rms_norm_rope" in line for line in fused.kernels)               # counted by the line that issued it
 
 
+def test_one_slab_reads_in_place_and_several_gather():
+    """One session slab attends its K/V in place, as the Engine does: the gather's bytes are gone;
+    ``gather=True`` (several slabs) counts them, one index_select per K and V per layer."""
+    cfg = traffic.PRESETS["tiny"].config()
+    place, gather = (traffic.count("tiny", "fused", kv_frames=6, gather=g) for g in (False, True))
+    reads = [line for line in gather.kernels if "kv.py" in line and "index_select(0, step.read_index)" in line]
+    assert reads and sum(gather.kernels[r] for r in reads) == 2 * cfg.num_layers
+    assert not any(line in place.kernels for line in reads)
+    moved = sum(gather.bytes[r] for r in reads)
+    assert abs((gather.gb - place.gb) * 1e9 - moved) < 1e-6 * moved and place.total_kernels < gather.total_kernels
+
+
 def test_cli_prints_a_table_and_json_last(capsys):
     assert traffic.main(["--preset", "tiny", "--kv-frames", "3", "--top", "3"]) == 0
     out = capsys.readouterr().out.strip().splitlines()

@@ -20,7 +20,9 @@ Eager aten does not fuse: each aten op is one kernel, as PyTorch launches it on 
 path's count assumes each ``graphrt::`` custom op is one kernel, as its Triton implementation is.
 Ops inside a torch module (the FFN's GELU) count at the graphrt line that called the module.
 Inductor would fuse the aten path further; this counts what runs without it (eager and plain
-graph replay). The table groups ops by the line of graphrt code that issued them; the last line
+graph replay). The cache is the one an :class:`~graphrt.pipeline.Engine` of ``--batch`` session
+slabs builds: with one slab each layer attends the slab in place (no K/V gather; ``--gather``
+counts the gathering read that several slabs need). The table groups ops by the line of graphrt code that issued them; the last line
 is JSON: ``{"aten": {"kernels": n, "gb": x}, "fused": {...}}`` per forward (GB = 1e9 bytes).
 """
 from __future__ import annotations
@@ -144,14 +146,16 @@ class _Count(TorchDispatchMode):
 
 
 def count(preset: str, path: str, kv_frames: int = 15, dtype: torch.dtype = torch.bfloat16,
-          batch: int = 1) -> Tally:
+          batch: int = 1, gather: bool = False) -> Tally:
     """One cached forward of ``preset``'s model on the meta device with ``kernels=path``, at
-    ``kv_frames`` latent frames of context (the chunk included), counted."""
+    ``kv_frames`` latent frames of context (the chunk included), counted. The cache reads as an
+    Engine's of ``batch`` slabs does (one slab: in place), or gathers with ``gather=True``."""
     cfg = PRESETS[preset].config()
     with torch.device("meta"):
         model = CausalWan(cfg, attention="sdpa", kernels=path).to(dtype).eval()
     cache = StaticKVCache.for_model(model, num_slabs=batch)
     cache.bind([cache.acquire() for _ in range(batch)])
+    cache.read_in_place = batch == 1 and not gather
     f = cfg.chunk_frames
     x = torch.empty(batch, cfg.in_dim, f, cfg.height, cfg.width, dtype=dtype, device="meta")
     t = torch.empty(batch, device="meta")
@@ -195,6 +199,8 @@ def main(argv=None) -> int:
     p.add_argument("--kv-frames", type=int, default=15, help="latent frames attended (the chunk's included)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--gather", action="store_true",
+                   help="gather each layer's K/V (as several session slabs do) instead of reading one slab in place")
     p.add_argument("--top", type=int, default=15, help="source lines shown per path")
     o = p.parse_args(argv)
     cfg = PRESETS[o.preset].config()
@@ -202,9 +208,10 @@ def main(argv=None) -> int:
         p.error(f"--kv-frames must be in [{cfg.chunk_frames}, {cfg.max_frames}] for {o.preset}, got {o.kv_frames}")
     if o.batch < 1:
         p.error(f"--batch must be >= 1, got {o.batch}")
-    tallies = {path: count(o.preset, path, o.kv_frames, getattr(torch, o.dtype), o.batch) for path in PATHS}
+    tallies = {path: count(o.preset, path, o.kv_frames, getattr(torch, o.dtype), o.batch, o.gather) for path in PATHS}
+    read = "gathered" if o.gather or o.batch > 1 else "read in place (one slab)"
     print(f"{o.preset}, {o.dtype}, batch {o.batch}, KV {o.kv_frames} latent frames, one forward "
-          f"({cfg.chunk_frames} frames x {cfg.frame_tokens} tokens)")
+          f"({cfg.chunk_frames} frames x {cfg.frame_tokens} tokens), K/V {read}")
     print(report(tallies, o.top))
     print(json.dumps(summary(tallies)))
     return 0
