@@ -247,13 +247,15 @@ def test_torchrun_bench_two_ranks_runs_every_default_mode(tmp_path):
     (shortened: one layer, one step, two chunks, no repeats) finishes with every default mode run
     and equal to the reference: the inductor modes and the ``torch.compile`` peers compile with
     inductor's Python wrapper there (an AOTInductor package hung in its all-to-all; cpp_wrapper
-    refused the collectives). Minutes: four inductor compiles on each rank."""
+    refused the collectives). One graph per graphrt mode (``--kv-buckets max``): still minutes, the
+    inductor compiles on each rank."""
     from graphrt.bench.presets import default_modes
 
     out = tmp_path / "sp.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
            "graphrt.bench", "--sp", "2", "--threads", "1", "--preset", "tiny", "--layers", "1", "--chunks", "2",
-           "--steps", "1", "--repeats", "0", "--no-head-to-head", "--no-progress", "--json", str(out)]
+           "--steps", "1", "--repeats", "0", "--kv-buckets", "max", "--no-head-to-head", "--no-progress",
+           "--json", str(out)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=base_env())
     except subprocess.TimeoutExpired:
