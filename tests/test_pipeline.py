@@ -246,19 +246,14 @@ def test_a_failing_step_runs_nothing(models, cfg, ctx):
     assert a.chunk == 0 and b.chunk == 7
 
 
-@pytest.mark.parametrize("dtype,window", [(torch.float32, None), (torch.bfloat16, (9, 3))],
-                         ids=["static-fp32", "rolling-bf16"])
-@torch.no_grad()
-def test_one_slab_attends_in_place_bit_for_bit(cfg, dtype, window):
-    """An engine of one session slab reads each layer's K/V as a view of the slab (no gather copy);
-    the video equals the gathering engine's bit for bit, eager and captured whole chunks alike."""
+def _in_place_equals_gather(cfg, dtype, window, device, **engine_kw):
     cfg = cfg.replace(max_frames=3 * cfg.chunk_frames)
-    causal = CausalWan(cfg, attention="sdpa").to(dtype).eval()
-    ctx = torch.randn(1, cfg.text_len, cfg.text_dim, dtype=dtype)
+    causal = CausalWan(cfg, attention="sdpa").to(device, dtype).eval()
+    ctx = torch.randn(1, cfg.text_len, cfg.text_dim, dtype=dtype, device=device)
     videos = {}
     for mode in ("eager", "chunk"):
         for in_place in (True, False):
-            engine = Engine(causal, mode=mode, window=window, progress=False)
+            engine = Engine(causal, mode=mode, window=window, progress=False, **engine_kw)
             assert engine.cache.read_in_place            # one slab: on by default
             engine.cache.read_in_place = in_place
             videos[mode, in_place] = engine.generate(ctx, 4 if window else 3, seed=3)
@@ -272,3 +267,21 @@ def test_one_slab_attends_in_place_bit_for_bit(cfg, dtype, window):
     for (mode, in_place), video in videos.items():
         assert torch.equal(video, videos["eager", False]), (mode, in_place)
     assert not Engine(causal, max_sessions=2, mode="eager", progress=False).cache.read_in_place
+
+
+@pytest.mark.parametrize("dtype,window", [(torch.float32, None), (torch.bfloat16, (9, 3))],
+                         ids=["static-fp32", "rolling-bf16"])
+@torch.no_grad()
+def test_one_slab_attends_in_place_bit_for_bit(cfg, dtype, window):
+    """An engine of one session slab reads each layer's K/V as a view of the slab (no gather copy);
+    the video equals the gathering engine's bit for bit, eager and captured whole chunks alike."""
+    _in_place_equals_gather(cfg, dtype, window, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,window", [(torch.float32, None), (torch.bfloat16, (9, 3))],
+                         ids=["static-fp32", "rolling-bf16"])
+@torch.no_grad()
+def test_one_slab_attends_in_place_bit_for_bit_on_cuda(cfg, dtype, window):
+    """The same on CUDA graphs (the model's own kernels: compiled graphs are not bit-comparable)."""
+    _in_place_equals_gather(cfg, dtype, window, "cuda", inductor=False)
