@@ -64,8 +64,10 @@ def finite_context(context: torch.Tensor, where: str) -> None:
         return
     finite = call_unwatched(lambda c: bool(torch.isfinite(c).all()), context)   # host-read-ok: a host tensor
     if not finite:
-        rows = call_unwatched(lambda c: (~torch.isfinite(c)).flatten(1).any(1).nonzero().flatten().tolist(),
-                              context)     # host-read-ok: a host tensor, for the error message
+        def bad_rows(c):
+            return (~torch.isfinite(c)).flatten(1).any(1).nonzero().flatten().tolist()   # host-read-ok: a host tensor, for the error
+
+        rows = call_unwatched(bad_rows, context)
         raise InputError(f"{where}: the text context holds NaN or inf (row(s) {rows}): its video would be NaN",
                          expected="finite embeddings", got="non-finite values",
                          fix="check the text encoder's output (its dtype: fp16 overflows; its weights)")

@@ -40,8 +40,8 @@ def encode_jpeg(frame: torch.Tensor, quality: int) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
-    # host-read-ok: decoded frames (already on the host) encoded for the client
-    Image.fromarray(frame.numpy()).save(buf, format="JPEG", quality=quality)
+    frame = frame.numpy()       # host-read-ok: a decoded frame, already on the host, encoded for the client
+    Image.fromarray(frame).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 
