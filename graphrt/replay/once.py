@@ -45,5 +45,4 @@ def compiled_once(fn: Callable, options: dict | None = None) -> Callable:
     owner = fn if module else getattr(fn, "__self__", None)
     if owner is not None:
         call.__self__ = owner
-    call.compiled = compiled
     return call
